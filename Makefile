@@ -1,0 +1,43 @@
+# Steward: `make run` starts the whole suite, `make test` runs every check.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+BUF := node_modules/.bin/buf
+
+.PHONY: install run test lint protos check-protos clean bench
+
+$(INSTALLED): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+$(BUF): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+install: $(INSTALLED) $(BUF)
+
+## Starts all four services in one process on localhost:50051 (SQLite under ./data).
+run: $(INSTALLED)
+	$(BIN)/steward keys init
+	$(BIN)/steward serve
+
+## Regenerates the Python code of the protos into services/_proto/.
+protos: $(INSTALLED)
+	$(PY) tools/gen_protos.py
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BUF) lint protos
+
+## Lint, types, proto lint, the stale-codegen check (a test) and the whole test suite.
+test: lint
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache
