@@ -1,0 +1,220 @@
+"""Process settings, read from the environment once and passed down explicitly.
+
+Nothing here runs at import time: a service calls ``Settings.from_env()`` in its entry point and
+hands the result to whatever needs it, so tests build settings from a plain dict and never leak
+state between each other. Every setting has a default that is safe on a developer's machine;
+``STEWARD_ENV=production`` additionally refuses development secrets (see
+``Settings.validate_for_production``). An empty variable counts as unset, because orchestrators
+often pass ``NAME=`` for "not configured".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal, TypeVar, cast, get_args
+
+from services.common.keyring import DEV_MARKER
+
+Environment = Literal["development", "production"]
+LogFormat = Literal["auto", "json", "text"]
+Transport = Literal["embedded", "jetstream"]
+
+DEV_ADMIN_TOKEN: Final = "dev-admin-token"
+"""The admin token a development setup runs with; refused when ``STEWARD_ENV=production``."""
+
+SERVICE_DATABASES: Final = ("consent", "identity", "tagging", "recommend", "keystore")
+"""Every database a Steward process may open; ``keystore`` is consent's separate key store."""
+
+_LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+_DEVELOPMENT_SECRETS: Final = (("admin_token", "STEWARD_ADMIN_TOKEN", DEV_ADMIN_TOKEN),)
+"""(field, variable, development default) of every secret that must be replaced in production."""
+
+_T = TypeVar("_T")
+
+
+class ConfigError(ValueError):
+    """The environment describes a configuration the process must not start with."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """Everything a Steward process needs to know about its surroundings.
+
+    Paths and database URLs derived from ``data_dir`` have no default here: build settings with
+    ``from_env`` (or ``dataclasses.replace`` on an existing instance) so they stay consistent.
+    """
+
+    env: Environment = "development"
+    host: str = "127.0.0.1"
+    port: int = 50051
+    data_dir: Path = Path("data")
+    keys_dir: Path
+    consent_db_url: str
+    identity_db_url: str
+    tagging_db_url: str
+    recommend_db_url: str
+    keystore_db_url: str
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_batch: int = 1000
+    grace_seconds: float = 5.0
+    log_level: str = "INFO"
+    log_format: LogFormat = "auto"
+    otlp_endpoint: str | None = None
+    transport: Transport = "embedded"
+    nats_url: str = "nats://127.0.0.1:4222"
+    phone_default_region: str = "GB"
+    admin_token: str = field(default=DEV_ADMIN_TOKEN, repr=False)
+    callers_file: Path | None = None
+    keyring_json: str | None = field(default=None, repr=False)
+    """Keyring contents from ``STEWARD_KEYRING_JSON``; when set it wins over ``keys_dir``."""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read settings from ``environ`` (default: the process environment).
+
+        Raises ConfigError naming the offending variable, and runs the production checks when
+        ``STEWARD_ENV=production``.
+        """
+        source = os.environ if environ is None else environ
+        values = {name: value for name, value in source.items() if value != ""}
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+
+        def read(name: str, variable: str, parse: Callable[[str, str], _T]) -> _T:
+            raw = values.get(variable)
+            return cast(_T, defaults[name]) if raw is None else parse(variable, raw)
+
+        data_dir = read("data_dir", "STEWARD_DATA_DIR", _parse_path)
+        shared_db_url = values.get("STEWARD_DATABASE_URL")
+
+        def db_url(service: str) -> str:
+            specific = values.get(f"STEWARD_{service.upper()}_DB_URL")
+            return specific or shared_db_url or f"sqlite:///{data_dir.as_posix()}/{service}.db"
+
+        callers_file = values.get("STEWARD_CALLERS_FILE")
+        settings = cls(
+            env=read("env", "STEWARD_ENV", _choice(Environment)),
+            host=read("host", "STEWARD_HOST", _parse_text),
+            port=read("port", "STEWARD_PORT", _parse_port),
+            data_dir=data_dir,
+            keys_dir=Path(values.get("STEWARD_KEYS_DIR") or data_dir / "keys"),
+            consent_db_url=db_url("consent"),
+            identity_db_url=db_url("identity"),
+            tagging_db_url=db_url("tagging"),
+            recommend_db_url=db_url("recommend"),
+            keystore_db_url=db_url("keystore"),
+            max_message_bytes=read("max_message_bytes", "STEWARD_MAX_MESSAGE_BYTES", _positive),
+            max_batch=read("max_batch", "STEWARD_MAX_BATCH", _positive),
+            grace_seconds=read("grace_seconds", "STEWARD_GRACE_SECONDS", _non_negative_float),
+            log_level=read("log_level", "STEWARD_LOG_LEVEL", _parse_log_level),
+            log_format=read("log_format", "STEWARD_LOG_FORMAT", _choice(LogFormat)),
+            otlp_endpoint=values.get("OTEL_EXPORTER_OTLP_ENDPOINT"),
+            transport=read("transport", "STEWARD_TRANSPORT", _choice(Transport)),
+            nats_url=read("nats_url", "STEWARD_NATS_URL", _parse_text),
+            phone_default_region=read(
+                "phone_default_region", "STEWARD_PHONE_REGION", _parse_region
+            ),
+            admin_token=read("admin_token", "STEWARD_ADMIN_TOKEN", _parse_text),
+            callers_file=None if callers_file is None else Path(callers_file),
+            keyring_json=values.get("STEWARD_KEYRING_JSON"),
+        )
+        if settings.env == "production":
+            settings.validate_for_production()
+        return settings
+
+    def db_url(self, service: str) -> str:
+        """The database URL of ``service`` (one of ``SERVICE_DATABASES``)."""
+        if service not in SERVICE_DATABASES:
+            known = ", ".join(SERVICE_DATABASES)
+            raise ConfigError(f"unknown service database {service!r}; known: {known}")
+        return cast(str, getattr(self, f"{service}_db_url"))
+
+    def validate_for_production(self) -> None:
+        """Refuse development secrets and development keys.
+
+        A production process that quietly runs on the documented admin token or on keys made
+        by ``steward keys init --dev`` would look healthy while being open to anyone who has
+        read the README, so it must not start at all.
+        """
+        problems = [
+            f"{variable} is still the development default; set a real secret"
+            for name, variable, development_default in _DEVELOPMENT_SECRETS
+            if getattr(self, name) == development_default
+        ]
+        if (self.keys_dir / DEV_MARKER).exists():
+            problems.append(
+                f"STEWARD_KEYS_DIR ({self.keys_dir}) holds development keys "
+                f"(found {DEV_MARKER}); run `steward keys init` for production keys"
+            )
+        if problems:
+            raise ConfigError("refusing to start in production: " + "; ".join(problems))
+
+
+def _parse_text(variable: str, raw: str) -> str:
+    return raw
+
+
+def _parse_path(variable: str, raw: str) -> Path:
+    return Path(raw)
+
+
+def _parse_int(variable: str, raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{variable} must be an integer, got {raw!r}") from None
+
+
+def _parse_port(variable: str, raw: str) -> int:
+    port = _parse_int(variable, raw)
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{variable} must be a port between 0 and 65535, got {port}")
+    return port
+
+
+def _positive(variable: str, raw: str) -> int:
+    value = _parse_int(variable, raw)
+    if value <= 0:
+        raise ConfigError(f"{variable} must be a positive integer, got {value}")
+    return value
+
+
+def _non_negative_float(variable: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{variable} must be a number of seconds, got {raw!r}") from None
+    if not value >= 0:  # also rejects NaN
+        raise ConfigError(f"{variable} must not be negative, got {raw!r}")
+    return value
+
+
+def _parse_log_level(variable: str, raw: str) -> str:
+    level = raw.upper()
+    if level not in _LOG_LEVELS:
+        raise ConfigError(f"{variable} must be one of {', '.join(_LOG_LEVELS)}, got {raw!r}")
+    return level
+
+
+def _parse_region(variable: str, raw: str) -> str:
+    region = raw.upper()
+    if len(region) != 2 or not region.isalpha():
+        raise ConfigError(f"{variable} must be a two-letter region code such as GB, got {raw!r}")
+    return region
+
+
+def _choice(options: object) -> Callable[[str, str], Any]:
+    """A parser accepting only the members of the ``Literal`` type ``options``."""
+    allowed: tuple[str, ...] = get_args(options)
+
+    def parse(variable: str, raw: str) -> str:
+        value = raw.lower()
+        if value not in allowed:
+            raise ConfigError(f"{variable} must be one of {', '.join(allowed)}, got {raw!r}")
+        return value
+
+    return parse

@@ -1,0 +1,1 @@
+"""Consent: purposes, decisions, signals, consented collection, the ledger, erasure, access."""

@@ -1,0 +1,1 @@
+"""Identity: one pseudonymous person across departments and channels, with reversible merges."""

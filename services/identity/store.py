@@ -1,0 +1,733 @@
+"""The identity service's tables and the queries on them.
+
+Only keyed hashes of identifiers are stored (``kid:hexdigest``), never raw values. Every change
+to the graph runs in one transaction holding the graph's write lock (``BEGIN IMMEDIATE`` on
+SQLite, a transaction-scoped advisory lock on PostgreSQL), so concurrent Resolve calls can
+neither lose a merge nor create two persons for one identifier. The event-log outbox lives in
+the same database, so a merge and its PersonsMerged envelope commit together.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import registry
+from sqlmodel import Field, SQLModel
+from steward.events.v1 import events_pb2
+from steward.identity.v1 import identity_pb2
+
+from services.common.db import for_writes, is_postgres
+from services.common.identifiers import IdentifierType
+from services.common.outbox import Outbox, outbox_tables
+from services.identity.graph import (
+    Evidence,
+    HistoryRecord,
+    KnownIdentifier,
+    MergeRecord,
+    NewIdentifier,
+    PersonGroup,
+    new_record_id,
+)
+from services.identity.rules import MergeRules, rules_document, rules_from_document
+
+PRODUCER: Final = "identity"
+_LOCK_KEY: Final = zlib.crc32(b"steward.identity.graph")
+_CHUNK: Final = 900
+"""Rows per IN (...) list: below SQLite's default limit on bound parameters."""
+
+
+class IdentityTable(SQLModel, registry=registry()):
+    """Base of the identity service's tables: their own metadata, apart from other services."""
+
+
+class Person(IdentityTable, table=True):
+    __tablename__ = "persons"
+    person_id: str = Field(primary_key=True, max_length=40)
+    root_id: str = Field(index=True, max_length=40)
+    alias_of: str | None = Field(default=None, max_length=40)
+    merged_by: str | None = Field(default=None, max_length=40)
+    created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class IdentifierRow(IdentityTable, table=True):
+    __tablename__ = "identifiers"
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(
+            BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+        ),
+    )
+    digest: str = Field(unique=True, max_length=96)
+    type: int
+    namespace: str = Field(default="", max_length=64)
+    person_id: str = Field(index=True, max_length=40)
+    quarantined: bool = False
+    first_seen: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    last_seen: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class IdentifierSource(IdentityTable, table=True):
+    __tablename__ = "identifier_sources"
+    identifier_id: int = Field(primary_key=True)
+    source: str = Field(primary_key=True, max_length=64)
+
+
+class Copresence(IdentityTable, table=True):
+    __tablename__ = "copresence"
+    identifier_id: int = Field(primary_key=True)
+    other_person_id: str = Field(primary_key=True, max_length=40)
+    observed_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class MergeRow(IdentityTable, table=True):
+    __tablename__ = "merges"
+    merge_id: str = Field(primary_key=True, max_length=40)
+    survivor_id: str = Field(max_length=40, index=True)
+    absorbed: list[str] = Field(sa_column=Column(JSON, nullable=False))
+    actor: str = Field(max_length=128)
+    source: str = Field(max_length=64)
+    reason: str = Field(max_length=1024)
+    rules_version: int
+    merged_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    undone_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+
+
+class MergeEvidence(IdentityTable, table=True):
+    __tablename__ = "merge_evidence"
+    __table_args__ = (Index("ix_merge_evidence_identifier", "identifier_id"),)
+    merge_id: str = Field(primary_key=True, max_length=40)
+    identifier_id: int = Field(primary_key=True)
+    side_person_id: str = Field(max_length=40)
+
+
+class HistoryRow(IdentityTable, table=True):
+    __tablename__ = "history"
+    id: str = Field(primary_key=True, max_length=40)
+    kind: int
+    at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False, index=True))
+    actor: str = Field(max_length=128)
+    source: str = Field(max_length=64)
+    rules_version: int
+    reason: str = Field(max_length=1024)
+    merge_id: str = Field(default="", max_length=40)
+    evidence: list[list[Any]] = Field(sa_column=Column(JSON, nullable=False))
+    """[[type, digest], ...] as they were when the entry was written."""
+
+
+class HistoryPerson(IdentityTable, table=True):
+    __tablename__ = "history_persons"
+    history_id: str = Field(primary_key=True, max_length=40)
+    person_id: str = Field(primary_key=True, max_length=40, index=True)
+
+
+class RulesRow(IdentityTable, table=True):
+    __tablename__ = "merge_rules"
+    version: int = Field(primary_key=True)
+    document: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    actor: str = Field(max_length=128)
+    created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+target_metadata = IdentityTable.metadata
+OUTBOX_TABLES: Final = outbox_tables(target_metadata, prefix="identity_")
+
+persons = Person.__table__  # type: ignore[attr-defined]
+identifiers = IdentifierRow.__table__  # type: ignore[attr-defined]
+sources_table = IdentifierSource.__table__  # type: ignore[attr-defined]
+copresence_table = Copresence.__table__  # type: ignore[attr-defined]
+merges = MergeRow.__table__  # type: ignore[attr-defined]
+evidence_table = MergeEvidence.__table__  # type: ignore[attr-defined]
+history = HistoryRow.__table__  # type: ignore[attr-defined]
+history_persons = HistoryPerson.__table__  # type: ignore[attr-defined]
+rules_table = RulesRow.__table__  # type: ignore[attr-defined]
+
+
+def utc(moment: datetime) -> datetime:
+    """SQLite hands datetimes back naive; everything stored is UTC."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(values), _CHUNK):
+        yield values[start : start + _CHUNK]
+
+
+class IdentityStore:
+    """Opens graph transactions on the identity database."""
+
+    def __init__(self, engine: Engine, outbox: Outbox | None = None) -> None:
+        self.engine = engine
+        self.outbox = outbox or Outbox(PRODUCER, OUTBOX_TABLES)
+
+    @contextmanager
+    def writing(self) -> Iterator[GraphStore]:
+        """A transaction holding the graph's write lock; followers are woken after commit."""
+        with for_writes(self.engine).begin() as connection:
+            if is_postgres(connection):
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK_KEY})
+            yield GraphStore(connection, self.outbox)
+        self.outbox.notify()
+
+    @contextmanager
+    def reading(self) -> Iterator[GraphStore]:
+        with self.engine.connect() as connection:
+            yield GraphStore(connection, self.outbox)
+
+    # Rules ---------------------------------------------------------------------------------------
+
+    def rules(self, version: int = 0) -> MergeRules | None:
+        with self.engine.connect() as connection:
+            query = select(rules_table)
+            query = (
+                query.where(rules_table.c.version == version)
+                if version
+                else query.order_by(rules_table.c.version.desc()).limit(1)
+            )
+            row = connection.execute(query).first()
+        if row is None:
+            return None
+        return rules_from_document(
+            row.document, version=row.version, actor=row.actor, created_at=utc(row.created_at)
+        )
+
+    def put_rules(self, rules: MergeRules, actor: str, now: datetime) -> MergeRules:
+        with for_writes(self.engine).begin() as connection:
+            latest = connection.execute(select(func.max(rules_table.c.version))).scalar()
+            version = int(latest or 0) + 1
+            connection.execute(
+                insert(rules_table).values(
+                    version=version,
+                    document=dict(rules_document(rules)),
+                    actor=actor,
+                    created_at=now,
+                )
+            )
+        return rules_from_document(
+            rules_document(rules), version=version, actor=actor, created_at=now
+        )
+
+
+class GraphStore:
+    """The queries of one transaction; implements ``graph.GraphTransaction``."""
+
+    def __init__(self, connection: Connection, outbox: Outbox) -> None:
+        self.connection = connection
+        self.outbox = outbox
+
+    # Reads ---------------------------------------------------------------------------------------
+
+    def known_identifiers(self, digests: Iterable[str]) -> dict[str, KnownIdentifier]:
+        wanted = sorted(set(digests))
+        found: dict[str, KnownIdentifier] = {}
+        for chunk in _chunks(wanted):
+            rows = self.connection.execute(
+                select(
+                    identifiers.c.id,
+                    identifiers.c.digest,
+                    identifiers.c.type,
+                    identifiers.c.namespace,
+                    identifiers.c.person_id,
+                    identifiers.c.quarantined,
+                ).where(identifiers.c.digest.in_(chunk))
+            )
+            for row in rows:
+                found[row.digest] = KnownIdentifier(
+                    row.id,
+                    row.digest,
+                    row.type,
+                    row.namespace,
+                    row.person_id,
+                    bool(row.quarantined),
+                    set(),
+                )
+        if found:
+            by_id = {known.id: known for known in found.values()}
+            for source_row in self._select_in(
+                sources_table, sources_table.c.identifier_id, list(by_id)
+            ):
+                by_id[source_row.identifier_id].sources.add(source_row.source)
+        return found
+
+    def _select_in(self, table: Any, column: Any, values: Sequence[Any]) -> Iterator[Any]:
+        for chunk in _chunks(values):
+            yield from self.connection.execute(select(table).where(column.in_(chunk)))
+
+    def roots_of(self, persons_: Iterable[str]) -> dict[str, str]:
+        wanted = sorted(set(persons_))
+        return {
+            row.person_id: row.root_id
+            for row in self._select_in(persons, persons.c.person_id, wanted)
+        }
+
+    def groups(self, roots: Iterable[str]) -> dict[str, PersonGroup]:
+        wanted = sorted(set(roots))
+        result: dict[str, PersonGroup] = {}
+        member_root: dict[str, str] = {}
+        for row in self._select_in(persons, persons.c.root_id, wanted):
+            group = result.setdefault(
+                row.root_id, PersonGroup(row.root_id, utc(row.created_at), set(), {})
+            )
+            group.members.add(row.person_id)
+            member_root[row.person_id] = row.root_id
+            if row.person_id == row.root_id:
+                group.created_at = utc(row.created_at)
+        if not member_root:
+            return result
+        ids: dict[int, tuple[str, str, IdentifierType, str]] = {}
+        for row in self._select_in(identifiers, identifiers.c.person_id, sorted(member_root)):
+            ids[row.id] = (member_root[row.person_id], row.digest, row.type, row.namespace)
+        id_sources: dict[int, set[str]] = defaultdict(set)
+        for row in self._select_in(sources_table, sources_table.c.identifier_id, sorted(ids)):
+            id_sources[row.identifier_id].add(row.source)
+        for identifier_id, (root, digest, type_, namespace) in ids.items():
+            result[root].held[digest] = (type_, namespace, frozenset(id_sources[identifier_id]))
+        return result
+
+    def copresence(self, identifier_ids: Iterable[int]) -> dict[int, set[str]]:
+        observed: dict[int, set[str]] = defaultdict(set)
+        table = copresence_table
+        for row in self._select_in(table, table.c.identifier_id, sorted(set(identifier_ids))):
+            observed[row.identifier_id].add(row.other_person_id)
+        return dict(observed)
+
+    def quarantined_digests(self, digests: Iterable[str]) -> set[str]:
+        wanted = sorted(set(digests))
+        found: set[str] = set()
+        for chunk in _chunks(wanted):
+            found.update(
+                self.connection.execute(
+                    select(identifiers.c.digest).where(
+                        identifiers.c.digest.in_(chunk), identifiers.c.quarantined.is_(True)
+                    )
+                ).scalars()
+            )
+        return found
+
+    def merge(self, merge_id: str) -> MergeRecord | None:
+        row = self.connection.execute(select(merges).where(merges.c.merge_id == merge_id)).first()
+        return None if row is None else self._merge_record(row)
+
+    def _merge_record(self, row: Any) -> MergeRecord:
+        evidence = self.connection.execute(
+            select(identifiers.c.digest, identifiers.c.type, evidence_table.c.side_person_id)
+            .join(identifiers, identifiers.c.id == evidence_table.c.identifier_id)
+            .where(evidence_table.c.merge_id == row.merge_id)
+        )
+        return MergeRecord(
+            merge_id=row.merge_id,
+            survivor=row.survivor_id,
+            absorbed=tuple(row.absorbed),
+            actor=row.actor,
+            source=row.source,
+            reason=row.reason,
+            rules_version=row.rules_version,
+            merged_at=utc(row.merged_at),
+            evidence=tuple(Evidence(e.digest, e.type, e.side_person_id) for e in evidence),
+            undone_at=None if row.undone_at is None else utc(row.undone_at),
+        )
+
+    def merges_supported_by(self, identifier_id: int) -> list[MergeRecord]:
+        rows = self.connection.execute(
+            select(merges)
+            .join(evidence_table, evidence_table.c.merge_id == merges.c.merge_id)
+            .where(evidence_table.c.identifier_id == identifier_id, merges.c.undone_at.is_(None))
+            .order_by(merges.c.merged_at.desc())
+        )
+        return [self._merge_record(row) for row in rows]
+
+    # Writes --------------------------------------------------------------------------------------
+
+    def create_persons(self, new_persons: Sequence[tuple[str, datetime]]) -> None:
+        if new_persons:
+            self.connection.execute(
+                insert(persons),
+                [
+                    {
+                        "person_id": p,
+                        "root_id": p,
+                        "alias_of": None,
+                        "merged_by": None,
+                        "created_at": at,
+                    }
+                    for p, at in new_persons
+                ],
+            )
+
+    def link_identifiers(self, new: Sequence[NewIdentifier]) -> dict[str, int]:
+        if not new:
+            return {}
+        self.connection.execute(
+            insert(identifiers),
+            [
+                {
+                    "digest": n.digest,
+                    "type": int(n.type),
+                    "namespace": n.namespace,
+                    "person_id": n.origin,
+                    "quarantined": False,
+                    "first_seen": n.seen_at,
+                    "last_seen": n.seen_at,
+                }
+                for n in new
+            ],
+        )
+        ids: dict[str, int] = {}
+        for chunk in _chunks([n.digest for n in new]):
+            ids.update(
+                (row.digest, row.id)
+                for row in self.connection.execute(
+                    select(identifiers.c.digest, identifiers.c.id).where(
+                        identifiers.c.digest.in_(chunk)
+                    )
+                )
+            )
+        self.connection.execute(
+            insert(sources_table),
+            [{"identifier_id": ids[n.digest], "source": n.source} for n in new],
+        )
+        return ids
+
+    def touch_identifiers(self, seen: dict[int, tuple[datetime, set[str]]]) -> None:
+        if not seen:
+            return
+        self.connection.execute(
+            update(identifiers)
+            .where(
+                identifiers.c.id == bindparam("identifier_id"),
+                identifiers.c.last_seen < bindparam("seen_at"),
+            )
+            .values(last_seen=bindparam("seen_at")),
+            [{"identifier_id": i, "seen_at": at} for i, (at, _) in seen.items()],
+        )
+        new_sources = [
+            {"identifier_id": i, "source": s} for i, (_, sources) in seen.items() for s in sources
+        ]
+        if new_sources:
+            self.connection.execute(insert(sources_table), new_sources)
+
+    def relink_digest(self, identifier_id: int, new_digest: str) -> None:
+        self.connection.execute(
+            update(identifiers).where(identifiers.c.id == identifier_id).values(digest=new_digest)
+        )
+
+    def record_copresence(self, observations: set[tuple[int, str]], at: datetime) -> None:
+        if observations:
+            self.connection.execute(
+                insert(copresence_table),
+                [
+                    {"identifier_id": i, "other_person_id": p, "observed_at": at}
+                    for i, p in sorted(observations)
+                ],
+            )
+
+    def quarantine(self, identifier_id: int) -> KnownIdentifier:
+        self.connection.execute(
+            update(identifiers).where(identifiers.c.id == identifier_id).values(quarantined=True)
+        )
+        row = self.connection.execute(
+            select(identifiers).where(identifiers.c.id == identifier_id)
+        ).one()
+        return KnownIdentifier(
+            row.id, row.digest, row.type, row.namespace, row.person_id, True, set()
+        )
+
+    def apply_merge(self, merge: MergeRecord) -> None:
+        absorbed = list(merge.absorbed)
+        self.connection.execute(
+            update(persons)
+            .where(persons.c.person_id.in_(absorbed))
+            .values(alias_of=merge.survivor, merged_by=merge.merge_id)
+        )
+        self.connection.execute(
+            update(persons).where(persons.c.root_id.in_(absorbed)).values(root_id=merge.survivor)
+        )
+        self.connection.execute(
+            insert(merges).values(
+                merge_id=merge.merge_id,
+                survivor_id=merge.survivor,
+                absorbed=absorbed,
+                actor=merge.actor,
+                source=merge.source,
+                reason=merge.reason,
+                rules_version=merge.rules_version,
+                merged_at=merge.merged_at,
+                undone_at=None,
+            )
+        )
+        if merge.evidence:
+            ids = self._identifier_ids([e.digest for e in merge.evidence])
+            rows = {
+                ids[e.digest]: {
+                    "merge_id": merge.merge_id,
+                    "identifier_id": ids[e.digest],
+                    "side_person_id": e.side,
+                }
+                for e in merge.evidence
+                if e.digest in ids
+            }
+            if rows:
+                self.connection.execute(insert(evidence_table), list(rows.values()))
+        self.add_history(
+            [
+                HistoryRecord(
+                    kind=identity_pb2.HISTORY_KIND_MERGE,
+                    at=merge.merged_at,
+                    actor=merge.actor,
+                    source=merge.source,
+                    person_ids=(merge.survivor, *merge.absorbed),
+                    evidence=tuple((e.type, e.digest) for e in merge.evidence),
+                    rules_version=merge.rules_version,
+                    reason=merge.reason,
+                    merge_id=merge.merge_id,
+                )
+            ]
+        )
+        self.outbox.append(
+            self.connection,
+            [
+                events_pb2.PersonsMerged(
+                    merge_id=merge.merge_id,
+                    surviving_person_id=merge.survivor,
+                    absorbed_person_ids=absorbed,
+                    reason=merge.reason,
+                )
+            ],
+            occurred_at=merge.merged_at,
+        )
+
+    def _identifier_ids(self, digests: Sequence[str]) -> dict[str, int]:
+        ids: dict[str, int] = {}
+        for chunk in _chunks(sorted(set(digests))):
+            ids.update(
+                (row.digest, row.id)
+                for row in self.connection.execute(
+                    select(identifiers.c.digest, identifiers.c.id).where(
+                        identifiers.c.digest.in_(chunk)
+                    )
+                )
+            )
+        return ids
+
+    def undo_merge(self, merge: MergeRecord, at: datetime, actor: str, reason: str) -> list[str]:
+        restored = list(merge.absorbed)
+        self.connection.execute(
+            update(persons)
+            .where(persons.c.person_id.in_(restored), persons.c.merged_by == merge.merge_id)
+            .values(alias_of=None, merged_by=None)
+        )
+        # Recompute roots of everything that resolved through the survivor's current root.
+        current_root = self.connection.execute(
+            select(persons.c.root_id).where(persons.c.person_id == merge.survivor)
+        ).scalar_one()
+        rows = self.connection.execute(
+            select(persons.c.person_id, persons.c.alias_of).where(persons.c.root_id == current_root)
+        ).all()
+        alias_of = {row.person_id: row.alias_of for row in rows}
+
+        def root_of(person: str) -> str:
+            seen = set()
+            while alias_of.get(person) and person not in seen:
+                seen.add(person)
+                person = alias_of[person]  # type: ignore[assignment]
+            return person
+
+        by_root: dict[str, list[str]] = defaultdict(list)
+        for person in alias_of:
+            by_root[root_of(person)].append(person)
+        for root, members in by_root.items():
+            if root != current_root:
+                for chunk in _chunks(members):
+                    self.connection.execute(
+                        update(persons).where(persons.c.person_id.in_(chunk)).values(root_id=root)
+                    )
+        self.connection.execute(
+            update(merges).where(merges.c.merge_id == merge.merge_id).values(undone_at=at)
+        )
+        self.outbox.append(
+            self.connection,
+            [
+                events_pb2.PersonUnmerged(
+                    merge_id=merge.merge_id,
+                    surviving_person_id=merge.survivor,
+                    restored_person_id=person,
+                )
+                for person in restored
+            ],
+            occurred_at=at,
+        )
+        return restored
+
+    def add_history(self, entries: Sequence[HistoryRecord]) -> None:
+        if not entries:
+            return
+        rows: list[dict[str, Any]] = []
+        links: list[dict[str, str]] = []
+        for entry in entries:
+            entry_id = new_record_id("h")
+            rows.append(
+                {
+                    "id": entry_id,
+                    "kind": int(entry.kind),
+                    "at": entry.at,
+                    "actor": entry.actor,
+                    "source": entry.source,
+                    "rules_version": entry.rules_version,
+                    "reason": entry.reason,
+                    "merge_id": entry.merge_id,
+                    "evidence": [[int(t), d] for t, d in entry.evidence],
+                }
+            )
+            links.extend(
+                {"history_id": entry_id, "person_id": p} for p in dict.fromkeys(entry.person_ids)
+            )
+        self.connection.execute(insert(history), rows)
+        if links:
+            self.connection.execute(insert(history_persons), links)
+
+    # Persons -------------------------------------------------------------------------------------
+
+    def person_view(
+        self, person_id: str
+    ) -> tuple[str, datetime, list[str], list[Any], dict[int, list[str]]] | None:
+        """(root, created_at, aliases, identifier rows, sources by identifier id) of a person."""
+        row = self.connection.execute(
+            select(persons).where(persons.c.person_id == person_id)
+        ).first()
+        if row is None:
+            return None
+        root = row.root_id
+        members = self.connection.execute(select(persons).where(persons.c.root_id == root)).all()
+        created_at = next(utc(m.created_at) for m in members if m.person_id == root)
+        aliases = sorted(m.person_id for m in members if m.person_id != root)
+        rows = list(
+            self._select_in(identifiers, identifiers.c.person_id, [m.person_id for m in members])
+        )
+        by_id: dict[int, list[str]] = defaultdict(list)
+        for source_row in self._select_in(
+            sources_table, sources_table.c.identifier_id, [r.id for r in rows]
+        ):
+            by_id[source_row.identifier_id].append(source_row.source)
+        return root, created_at, aliases, rows, by_id
+
+    def history_page(
+        self, person_id: str, limit: int, after: tuple[datetime, str] | None
+    ) -> list[Any]:
+        """History of a person and everyone who resolves to the same root, newest first."""
+        root = self.connection.execute(
+            select(persons.c.root_id).where(persons.c.person_id == person_id)
+        ).scalar_one_or_none()
+        members = [person_id]
+        if root is not None:
+            members = list(
+                self.connection.execute(
+                    select(persons.c.person_id).where(persons.c.root_id == root)
+                ).scalars()
+            )
+        query = (
+            select(history)
+            .where(
+                history.c.id.in_(
+                    select(history_persons.c.history_id).where(
+                        history_persons.c.person_id.in_(members)
+                    )
+                )
+            )
+            .order_by(history.c.at.desc(), history.c.id.desc())
+            .limit(limit)
+        )
+        if after is not None:
+            at, entry_id = after
+            query = query.where(
+                or_(history.c.at < at, and_(history.c.at == at, history.c.id < entry_id))
+            )
+        entries = self.connection.execute(query).all()
+        if not entries:
+            return []
+        people: dict[str, list[str]] = defaultdict(list)
+        for link in self._select_in(
+            history_persons, history_persons.c.history_id, [e.id for e in entries]
+        ):
+            people[link.history_id].append(link.person_id)
+        return [(entry, sorted(people[entry.id])) for entry in entries]
+
+    def forget(self, person_id: str, reason: str) -> tuple[str, list[str], int] | None:
+        """Delete a person, its aliases and their identifiers; returns (root, aliases, count)."""
+        root = self.connection.execute(
+            select(persons.c.root_id).where(persons.c.person_id == person_id)
+        ).scalar_one_or_none()
+        if root is None:
+            return None
+        members = list(
+            self.connection.execute(
+                select(persons.c.person_id).where(persons.c.root_id == root)
+            ).scalars()
+        )
+        ids = list(
+            self.connection.execute(
+                select(identifiers.c.id).where(identifiers.c.person_id.in_(members))
+            ).scalars()
+        )
+        for chunk in _chunks(ids):
+            self.connection.execute(
+                delete(sources_table).where(sources_table.c.identifier_id.in_(chunk))
+            )
+            self.connection.execute(
+                delete(copresence_table).where(copresence_table.c.identifier_id.in_(chunk))
+            )
+            self.connection.execute(
+                delete(evidence_table).where(evidence_table.c.identifier_id.in_(chunk))
+            )
+            self.connection.execute(delete(identifiers).where(identifiers.c.id.in_(chunk)))
+        self.connection.execute(
+            delete(copresence_table).where(copresence_table.c.other_person_id.in_(members))
+        )
+        merge_ids = list(
+            self.connection.execute(
+                select(merges.c.merge_id).where(merges.c.survivor_id.in_(members))
+            ).scalars()
+        )
+        for chunk in _chunks(merge_ids):
+            self.connection.execute(
+                delete(evidence_table).where(evidence_table.c.merge_id.in_(chunk))
+            )
+            self.connection.execute(delete(merges).where(merges.c.merge_id.in_(chunk)))
+        history_ids = list(
+            self.connection.execute(
+                select(history_persons.c.history_id).where(history_persons.c.person_id.in_(members))
+            ).scalars()
+        )
+        for chunk in _chunks(history_ids):
+            self.connection.execute(
+                delete(history_persons).where(history_persons.c.history_id.in_(chunk))
+            )
+            self.connection.execute(delete(history).where(history.c.id.in_(chunk)))
+        self.connection.execute(delete(persons).where(persons.c.person_id.in_(members)))
+        aliases = sorted(m for m in members if m != root)
+        self.outbox.append(
+            self.connection,
+            [events_pb2.PersonForgotten(person_id=root, alias_person_ids=aliases, reason=reason)],
+        )
+        return root, aliases, len(ids)

@@ -1,0 +1,1 @@
+"""Recommend: consent-aware, real-time, diverse and explainable recommendations."""

@@ -1,0 +1,150 @@
+"""Composition root: builds a process of one or all Steward services from settings.
+
+``steward serve`` and the in-process test harness both start the suite through ``start_suite``,
+so there is one way the services are put together.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Final
+
+import grpc
+from grpc_health.v1 import health
+from opentelemetry.sdk.trace.export import SpanExporter
+
+from services.common import eventlog
+from services.common.config import Settings
+from services.common.context import ServiceContext, ServiceParts
+from services.common.keyring import Keyring, KeyringError, init_keys, load_keyring
+from services.common.server import ServiceRegistration, build_server, shutdown
+from services.common.telemetry import Telemetry, server_interceptor, setup_telemetry
+
+logger = logging.getLogger(__name__)
+
+SERVICES: Final = ("consent", "identity", "tagging", "recommend")
+"""Every service, in start order."""
+
+
+def _server_module(service: str) -> ModuleType:
+    # Imported by name so a single-service process loads only its own service.
+    import importlib
+
+    return importlib.import_module(f"services.{service}.server")
+
+
+def ensure_keyring(settings: Settings) -> Keyring:
+    """Load the keyring; outside production, create development keys on first start."""
+    try:
+        return load_keyring(settings)
+    except KeyringError:
+        if settings.env == "production" or settings.keyring_json:
+            raise
+        logger.info("no keys under %s: creating development keys", settings.keys_dir)
+        return init_keys(settings.keys_dir, development=True)
+
+
+@dataclass(slots=True)
+class RunningSuite:
+    """A server hosting some services, with what is needed to start and stop it."""
+
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    telemetry: Telemetry
+    services: tuple[str, ...]
+    grace_seconds: float
+    event_log: eventlog.EventLogServicer | None = None
+    parts: list[ServiceParts] = field(default_factory=list)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        """Start serving, then whatever the services run beside the server (consumers)."""
+        self.server.start()
+        self.started()
+
+    def started(self) -> None:
+        """Run the services' start hooks; for callers that started the server themselves."""
+        for parts in self.parts:
+            for hook in parts.on_start:
+                hook(self.target)
+
+    def stop(self, grace_seconds: float | None = None) -> None:
+        """Stop gracefully (in-flight calls finish), then the services' own parts and telemetry."""
+        grace = self.grace_seconds if grace_seconds is None else grace_seconds
+        if self.event_log is not None:
+            self.event_log.close()
+        shutdown(self.server, self.health, grace).wait()
+        self.closed()
+
+    def closed(self) -> None:
+        """Run the services' stop hooks, newest first; for callers that stopped the server."""
+        for parts in reversed(self.parts):
+            for hook in reversed(parts.on_stop):
+                hook()
+        self.parts = []
+        self.telemetry.shutdown()
+
+
+def select_services(services: Sequence[str]) -> tuple[str, ...]:
+    """``services`` in start order; an empty selection means all. Unknown names are refused."""
+    unknown = sorted(set(services) - set(SERVICES))
+    if unknown:
+        raise ValueError(f"unknown services: {', '.join(unknown)}; known: {', '.join(SERVICES)}")
+    return tuple(service for service in SERVICES if service in services) or SERVICES
+
+
+def build_suite(
+    settings: Settings,
+    services: Sequence[str] = SERVICES,
+    *,
+    span_exporter: SpanExporter | None = None,
+) -> RunningSuite:
+    """Build (not start) a server for ``services`` bound to ``settings.host:settings.port``."""
+    chosen = select_services(services)
+    name = "steward" if len(chosen) == len(SERVICES) else f"steward-{'-'.join(chosen)}"
+    telemetry = setup_telemetry(settings, name, span_exporter=span_exporter)
+    context = ServiceContext(settings, ensure_keyring(settings), telemetry)
+    parts = [_server_module(service).build(context) for service in chosen]
+    registrations: list[ServiceRegistration[Any]] = [r for p in parts for r in p.registrations]
+    logs = {producer: log for p in parts for producer, log in p.logs.items()}
+    event_log = None
+    if logs:
+        registration = eventlog.registration(logs)
+        event_log = registration.servicer
+        registrations.append(registration)
+    built = build_server(
+        registrations,
+        host=settings.host,
+        port=settings.port,
+        max_message_bytes=settings.max_message_bytes,
+        interceptors=[server_interceptor(telemetry)],
+    )
+    return RunningSuite(
+        built.server,
+        built.port,
+        built.health,
+        telemetry,
+        chosen,
+        settings.grace_seconds,
+        event_log,
+        parts,
+    )
+
+
+def start_suite(
+    settings: Settings,
+    services: Sequence[str] = SERVICES,
+    *,
+    span_exporter: SpanExporter | None = None,
+) -> RunningSuite:
+    """Build and start a server for ``services``; stop it with ``RunningSuite.stop``."""
+    suite = build_suite(settings, services, span_exporter=span_exporter)
+    suite.start()
+    return suite

@@ -1,0 +1,1 @@
+"""Tagging: dynamic, explainable tags from behaviour, held in check by guardrails."""

@@ -1,0 +1,77 @@
+"""A consumer in a process of its own, for the crash test in test_consumer.py.
+
+    python consumer_child.py TARGET CONSUMER_DB_URL BATCH_SIZE
+
+Follows the `consent` log at TARGET and applies each envelope by inserting its id into
+``applied`` (UNIQUE, so applying one twice would fail) and bumping ``apply_counter``. Runs until
+SIGTERM, or until the test SIGKILLs it.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+
+import grpc
+from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, insert, update
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Connection
+from steward.events.v1 import events_pb2
+
+from services.common.consumer import Consumer, GrpcEnvelopeSource, consumer_tables
+from services.common.db import for_writes, make_engine
+
+CONSUMER = "crash-test"
+
+
+def main(target: str, db_url: str, batch_size: int) -> None:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    engine = make_engine(db_url)
+    metadata = MetaData()
+    tables = consumer_tables(metadata)
+    applied = Table(
+        "applied",
+        metadata,
+        Column("envelope_id", String(36), primary_key=True),
+        Column("seq", BigInteger, nullable=False, unique=True),
+    )
+    counter = Table(
+        "apply_counter",
+        metadata,
+        Column("id", Integer, primary_key=True),
+        Column("applies", Integer, nullable=False),
+    )
+    metadata.create_all(engine)
+    with for_writes(engine).begin() as connection:
+        connection.execute(sqlite_insert(counter).values(id=1, applies=0).on_conflict_do_nothing())
+
+    def apply(connection: Connection, envelope: events_pb2.Envelope) -> None:
+        connection.execute(insert(applied).values(envelope_id=envelope.id, seq=envelope.seq))
+        connection.execute(update(counter).values(applies=counter.c.applies + 1))
+
+    channel = grpc.insecure_channel(target)
+    source = GrpcEnvelopeSource(channel, "consent", CONSUMER, timeout=5)
+    consumer = Consumer(
+        CONSUMER,
+        "consent",
+        source,
+        engine,
+        apply,
+        tables=tables,
+        batch_size=batch_size,
+        initial_backoff=0.05,
+        max_backoff=0.5,
+    )
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: stopping.set())
+    consumer.start()
+    stopping.wait()
+    consumer.stop()
+    channel.close()
+    engine.dispose()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))

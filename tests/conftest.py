@@ -1,0 +1,96 @@
+"""Shared fixtures: a fresh database per test (SQLite file, PostgreSQL schema) and NATS.
+
+PostgreSQL and NATS tests run only when STEWARD_TEST_POSTGRES_URL / STEWARD_TEST_NATS_URL are set;
+a URL that is set but unreachable fails the tests instead of skipping them silently.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+from sqlalchemy.engine import Engine, make_url
+
+from services.common.db import make_engine
+
+POSTGRES_URL_ENV = "STEWARD_TEST_POSTGRES_URL"
+NATS_URL_ENV = "STEWARD_TEST_NATS_URL"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Lets `-m "not nats"` deselect every test that needs NATS, whichever fixture brings it in.
+    for item in items:
+        if "nats_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.nats)
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url() -> str:
+    """The test database's URL, checked once per session for reachability."""
+    url = os.environ.get(POSTGRES_URL_ENV)
+    if not url:
+        pytest.skip(f"{POSTGRES_URL_ENV} is not set; PostgreSQL tests need a database")
+    try:
+        with psycopg.connect(_libpq_url(url), connect_timeout=5) as connection:
+            connection.execute("SELECT 1")
+    except psycopg.Error as exc:
+        pytest.fail(f"{POSTGRES_URL_ENV}={url} is set but unreachable: {exc}", pytrace=False)
+    return url
+
+
+@pytest.fixture
+def postgres_schema_url(postgres_admin_url: str) -> Iterator[str]:
+    """A URL whose search_path is a fresh schema, dropped with everything in it afterwards."""
+    schema = f"test_{uuid.uuid4().hex[:16]}"
+    admin_url = _libpq_url(postgres_admin_url)
+    with psycopg.connect(admin_url, autocommit=True) as connection:
+        connection.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    url = make_url(postgres_admin_url).update_query_dict({"options": f"-csearch_path={schema}"})
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as connection:
+            # Fail rather than hang if a test leaked a connection holding locks in the schema.
+            connection.execute("SET lock_timeout = '10s'")
+            connection.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("sqlite", id="sqlite"),
+        pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
+    ]
+)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A database of its own for this test, on each backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'test.db'}"
+    url: str = request.getfixturevalue("postgres_schema_url")
+    return url
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    engine = make_engine(db_url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def nats_url() -> str:
+    url = os.environ.get(NATS_URL_ENV)
+    if not url:
+        pytest.skip(f"{NATS_URL_ENV} is not set; NATS tests need a JetStream server")
+    return url
+
+
+def _libpq_url(url: str) -> str:
+    """psycopg wants ``postgresql://``, whatever SQLAlchemy driver suffix the URL carries."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
