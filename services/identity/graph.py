@@ -657,7 +657,10 @@ def merge_persons(
     held = [entry for root in distinct for entry in groups[root].held.values()]
     broken = _new_violation(rules, held, [list(groups[root].held.values()) for root in distinct])
     if broken is not None:
-        raise FailedPrecondition([("RULES", f"rules/{rules.version}", describe_limit(broken))])
+        raise FailedPrecondition(
+            [("RULES", f"rules/{rules.version}", describe_limit(broken))],
+            f"merging would break the {describe_limit(broken)}",
+        )
     survivor = min(distinct, key=lambda root: (groups[root].created_at, root))
     merge = MergeRecord(
         merge_id=new_record_id("m"),

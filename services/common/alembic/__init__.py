@@ -1,0 +1,1 @@
+"""The Alembic environment and revision template that every service shares."""
