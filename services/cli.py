@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Annotated
 
 import grpc
 import typer
+import yaml
+from google.protobuf import json_format
+from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 from rich.console import Console
 from rich.table import Table
+from steward.identity.v1 import identity_pb2, identity_pb2_grpc
 
 from services.common.config import ConfigError, Settings
+from services.common.errors import read_error_details
 from services.common.keyring import Keyring, KeyringError, init_keys, rotate_hmac_key
 from services.common.logging import configure_logging
 from services.common.server import serve as serve_until_stopped
@@ -32,7 +39,12 @@ keys_app = typer.Typer(
     help="Pseudonymisation, signing and key-encryption keys.",
     pretty_exceptions_show_locals=False,
 )
+identity_app = typer.Typer(
+    help="The identity graph: merge rules, persons, history.",
+    pretty_exceptions_show_locals=False,
+)
 app.add_typer(keys_app, name="keys")
+app.add_typer(identity_app, name="identity")
 
 console = Console()
 errors = Console(stderr=True)
@@ -191,6 +203,102 @@ def keys_public(directory: DirOption = None) -> None:
         errors.print(f"[red]{error}[/red]")
         raise typer.Exit(1) from error
     sys.stdout.write(keyring.public_key_pem())
+
+
+@contextmanager
+def _identity_stub(target: str) -> Iterator[identity_pb2_grpc.IdentityServiceStub]:
+    with grpc.insecure_channel(target) as channel:
+        yield identity_pb2_grpc.IdentityServiceStub(channel)
+
+
+def _call(call: Callable[[], Message]) -> Message:
+    """Run one RPC, turning its error into a readable message and exit code 1."""
+    try:
+        return call()
+    except grpc.RpcError as error:
+        details = read_error_details(error)
+        errors.print(f"[red]{error.code().name}[/red]: {details.message}")
+        for field, description in details.field_violations.items():
+            errors.print(f"  {field}: {description}")
+        for _type, subject, description in details.precondition_failures:
+            errors.print(f"  {subject}: {description}")
+        raise typer.Exit(1) from error
+
+
+def _print_json(message: Message) -> None:
+    console.print_json(json_format.MessageToJson(message, preserving_proto_field_name=True))
+
+
+@identity_app.command("put-rules")
+def identity_put_rules(
+    file: Annotated[Path, typer.Argument(help="YAML or JSON MergeRules document.")],
+    target: TargetOption = DEFAULT_TARGET,
+) -> None:
+    """Store a new version of the merge rules from a file (see examples/identity-rules.yaml)."""
+    try:
+        document = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        rules = json_format.ParseDict(document, identity_pb2.MergeRules())
+    except (OSError, yaml.YAMLError, json_format.ParseError) as error:
+        errors.print(f"[red]cannot read {file}:[/red] {error}")
+        raise typer.Exit(2) from error
+    with _identity_stub(target) as stub:
+        answer = _call(lambda: stub.PutRules(identity_pb2.PutRulesRequest(rules=rules), timeout=10))
+    _print_json(answer)
+
+
+@identity_app.command("get-rules")
+def identity_get_rules(
+    version: Annotated[int, typer.Option(help="Version; 0 for the current one.")] = 0,
+    target: TargetOption = DEFAULT_TARGET,
+) -> None:
+    """Print the current (or a given) version of the merge rules."""
+    with _identity_stub(target) as stub:
+        answer = _call(
+            lambda: stub.GetRules(identity_pb2.GetRulesRequest(version=version), timeout=10)
+        )
+    _print_json(answer)
+
+
+@identity_app.command("person")
+def identity_person(person_id: str, target: TargetOption = DEFAULT_TARGET) -> None:
+    """Print a person: hashed identifiers with their sources, and aliases."""
+    with _identity_stub(target) as stub:
+        answer = _call(
+            lambda: stub.GetPerson(identity_pb2.GetPersonRequest(person_id=person_id), timeout=10)
+        )
+    _print_json(answer)
+
+
+@identity_app.command("history")
+def identity_history(
+    person_id: str,
+    target: TargetOption = DEFAULT_TARGET,
+    limit: Annotated[int, typer.Option(help="Entries to show.")] = 50,
+) -> None:
+    """Print a person's merges, unmerges, refusals and quarantines, newest first."""
+    with _identity_stub(target) as stub:
+        answer = _call(
+            lambda: stub.GetHistory(
+                identity_pb2.GetHistoryRequest(person_id=person_id, page_size=limit), timeout=10
+            )
+        )
+    _print_json(answer)
+
+
+@identity_app.command("unmerge")
+def identity_unmerge(
+    merge_id: str,
+    reason: Annotated[str, typer.Option(help="Why the merge was wrong (recorded).")],
+    target: TargetOption = DEFAULT_TARGET,
+) -> None:
+    """Undo one merge exactly: the absorbed persons come back with their own identifiers."""
+    with _identity_stub(target) as stub:
+        answer = _call(
+            lambda: stub.Unmerge(
+                identity_pb2.UnmergeRequest(merge_id=merge_id, reason=reason), timeout=10
+            )
+        )
+    _print_json(answer)
 
 
 def main() -> None:

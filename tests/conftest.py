@@ -22,6 +22,22 @@ POSTGRES_URL_ENV = "STEWARD_TEST_POSTGRES_URL"
 NATS_URL_ENV = "STEWARD_TEST_NATS_URL"
 
 
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Say up front which real backends this run uses, so a skipped backend is never silent."""
+    postgres = os.environ.get(POSTGRES_URL_ENV)
+    nats = os.environ.get(NATS_URL_ENV)
+    return [
+        "storage backends: sqlite, "
+        + (
+            f"postgresql ({postgres})"
+            if postgres
+            else f"postgresql SKIPPED ({POSTGRES_URL_ENV} unset)"
+        ),
+        "event bus: "
+        + (f"nats jetstream ({nats})" if nats else f"nats SKIPPED ({NATS_URL_ENV} unset)"),
+    ]
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # Lets `-m "not nats"` deselect every test that needs NATS, whichever fixture brings it in.
     for item in items:
