@@ -91,7 +91,7 @@ class LedgerEntry(_message.Message):
     SEQ_FIELD_NUMBER: _builtins.int
     RECORDED_AT_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
-    PERSON_ID_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
     PURPOSE_FIELD_NUMBER: _builtins.int
     DECISION_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
@@ -108,8 +108,11 @@ class LedgerEntry(_message.Message):
     """Position, gap-free from 1; the Merkle leaf index is seq - 1."""
     kind: Global___EntryKind.ValueType
     """What it records."""
-    person_id: _builtins.str
-    """The person, if any."""
+    subject: _builtins.str
+    """The ledger subject of the person, if any: HMAC-SHA256 of the person id under the person's own
+    key from consent's key store (`s_<hex>`). It links one person's entries while the person
+    exists; erasure destroys the key, so nothing links the entries to anybody afterwards.
+    """
     purpose: _builtins.str
     """The purpose, if any."""
     decision: _common_pb2.Decision.ValueType
@@ -150,7 +153,7 @@ class LedgerEntry(_message.Message):
         seq: _builtins.int = ...,
         recorded_at: _timestamp_pb2.Timestamp | None = ...,
         kind: Global___EntryKind.ValueType = ...,
-        person_id: _builtins.str = ...,
+        subject: _builtins.str = ...,
         purpose: _builtins.str = ...,
         decision: _common_pb2.Decision.ValueType = ...,
         source: _consent_pb2.ConsentSource.ValueType = ...,
@@ -166,7 +169,7 @@ class LedgerEntry(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "occurred_at", b"occurred_at", "recorded_at", b"recorded_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "canonical_bytes", b"canonical_bytes", "chain_hash", b"chain_hash", "decision", b"decision", "details", b"details", "expires_at", b"expires_at", "kind", b"kind", "leaf_hash", b"leaf_hash", "notice_sha256", b"notice_sha256", "occurred_at", b"occurred_at", "person_id", b"person_id", "policy_version", b"policy_version", "purpose", b"purpose", "recorded_at", b"recorded_at", "seq", b"seq", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "canonical_bytes", b"canonical_bytes", "chain_hash", b"chain_hash", "decision", b"decision", "details", b"details", "expires_at", b"expires_at", "kind", b"kind", "leaf_hash", b"leaf_hash", "notice_sha256", b"notice_sha256", "occurred_at", b"occurred_at", "policy_version", b"policy_version", "purpose", b"purpose", "recorded_at", b"recorded_at", "seq", b"seq", "source", b"source", "subject", b"subject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
