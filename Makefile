@@ -41,3 +41,14 @@ test: lint
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache
+
+BENCH_QUALITY_INSTALLED := $(VENV)/.installed-bench-quality
+
+$(BENCH_QUALITY_INSTALLED): pyproject.toml $(INSTALLED)
+	$(PY) -m pip install --quiet -e '.[bench-quality]'
+	touch $@
+
+.PHONY: bench-identity-quality
+## Pairwise precision/recall/F1 of identity resolution on the FEBRL data sets (figures only).
+bench-identity-quality: $(BENCH_QUALITY_INSTALLED)
+	$(PY) bench/identity_quality.py
