@@ -140,6 +140,11 @@ class MergeRecord:
     merged_at: datetime
     evidence: tuple[Evidence, ...] = ()
     undone_at: datetime | None = None
+    attach: tuple[tuple[str, str], ...] = ()
+    """(absorbed person, the person it becomes an alias of); the survivor when not named."""
+
+    def attach_point(self, absorbed: str) -> str:
+        return dict(self.attach).get(absorbed, self.survivor)
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,7 +256,9 @@ class Resolver:
         self._ids: dict[int, KnownIdentifier] = {}
         self._root: dict[str, str] = {}
         self._groups: dict[str, PersonGroup] = {}
-        self._copresence: dict[int, set[str]] = {}
+        self._copresence: dict[str, set[str]] = {}
+        """digest -> persons it was seen with; by digest, as identifiers linked in this batch
+        have no row id yet."""
         self._pending = _Pending()
         self._new_copresence: dict[str, set[str]] = {}
 
@@ -267,7 +274,10 @@ class Resolver:
         for group in self._groups.values():
             for member in group.members:
                 self._root[member] = group.root
-        self._copresence = self._tx.copresence(self._ids)
+        self._copresence = {
+            self._ids[identifier_id].digest: persons
+            for identifier_id, persons in self._tx.copresence(self._ids).items()
+        }
         self._new_copresence = {}
 
     def run(self, items: Sequence[ItemInput]) -> list[ItemResult]:
@@ -394,7 +404,7 @@ class Resolver:
                 others.add(new_person)
             if not others:
                 continue
-            observed = self._copresence.setdefault(known.id, set())
+            observed = self._copresence.setdefault(known.digest, set())
             fresh = others - observed
             if not fresh:
                 continue
@@ -433,6 +443,9 @@ class Resolver:
             evidence = [Evidence(k.digest, k.type, self._root[k.origin]) for _, k in joined]
             if new_person:
                 evidence += [Evidence(i.digest, i.type, new_person) for i in pending]
+            # Absorbed persons hang off the person whose identifier joined them, not the root,
+            # so undoing an earlier merge of that person takes them along.
+            attach_point = next(k.origin for _, k in joined if self._root[k.origin] == survivor)
             merge = MergeRecord(
                 merge_id=new_record_id("m"),
                 survivor=survivor,
@@ -443,6 +456,7 @@ class Resolver:
                 rules_version=rules.version,
                 merged_at=self._now,
                 evidence=tuple(evidence),
+                attach=tuple((person, attach_point) for person in absorbed),
             )
             self._merge_in_memory(merge)
             self._pending.merges.append(merge)

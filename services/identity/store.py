@@ -456,11 +456,12 @@ class GraphStore:
 
     def apply_merge(self, merge: MergeRecord) -> None:
         absorbed = list(merge.absorbed)
-        self.connection.execute(
-            update(persons)
-            .where(persons.c.person_id.in_(absorbed))
-            .values(alias_of=merge.survivor, merged_by=merge.merge_id)
-        )
+        for person in absorbed:
+            self.connection.execute(
+                update(persons)
+                .where(persons.c.person_id == person)
+                .values(alias_of=merge.attach_point(person), merged_by=merge.merge_id)
+            )
         self.connection.execute(
             update(persons).where(persons.c.root_id.in_(absorbed)).values(root_id=merge.survivor)
         )

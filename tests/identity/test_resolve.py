@@ -243,3 +243,33 @@ def test_concurrent_resolves_lose_no_merge_and_never_duplicate(
     assert len(people) == 1, "one chain of shared identifiers is one person"
     [person] = people
     assert len(identity.person(person).identifiers) == 21, "no identifier was linked twice"
+
+
+def test_identifiers_linked_earlier_in_the_same_batch_are_not_mistaken_for_hubs(
+    identity: IdentityService, item: ItemMaker
+) -> None:
+    pairs = [(("CUSTOM", f"a{n}", "ssn"), ("CUSTOM", f"b{n}", "name_dob")) for n in range(6)]
+    batch = [item(a) for a, _ in pairs] + [item(b) for _, b in pairs] + [item(a, b) for a, b in pairs]
+    results = identity.resolve(batch)
+    assert not [o for r in results for o in r.identifiers if o.status == L.LINK_STATUS_QUARANTINED]
+    for a, b in pairs:
+        assert person_of(identity, item, a) == person_of(identity, item, b)
+
+
+def test_undoing_a_hub_merge_takes_along_what_joined_through_the_absorbed_person(
+    identity: IdentityService, item: ItemMaker, clock: Clock
+) -> None:
+    identity.put_rules(MergeRules(limits=(), hub_threshold=5), "admin")
+    alice = ("CUSTOM", "alice", "ssn")
+    bob = ("CUSTOM", "bob", "ssn")
+    bobs_other_record = ("CUSTOM", "bob-w", "name_dob")
+    tablet = ("DEVICE_ID", "shared-tablet")
+    for spec in [(alice, tablet), (bob, tablet), (bobs_other_record,), (bob, bobs_other_record)]:
+        clock.advance()
+        identity.resolve([item(*spec)])
+    assert person_of(identity, item, bobs_other_record) == person_of(identity, item, alice)
+    for n in range(6):
+        clock.advance()
+        identity.resolve([item(("CUSTOM", f"stranger{n}", "ssn"), tablet)])
+    assert person_of(identity, item, bobs_other_record) == person_of(identity, item, bob)
+    assert person_of(identity, item, bob) != person_of(identity, item, alice)
