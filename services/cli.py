@@ -301,6 +301,184 @@ def identity_unmerge(
     _print_json(answer)
 
 
+# `steward audit`: the consent ledger, exported and verified offline -----------------------------
+
+audit_app = typer.Typer(
+    help="The consent ledger: export it, verify it offline, prove an entry is in it.",
+    pretty_exceptions_show_locals=False,
+)
+app.add_typer(audit_app, name="audit")
+
+PublicKeyOption = Annotated[
+    Path,
+    typer.Option("--public-key", help="The ledger's public key (PEM, `steward keys public`)."),
+]
+
+
+def _read_public_key(path: Path) -> str:
+    """The auditor's copy of the public key; exit 2 when it is not an Ed25519 PEM key."""
+    from rich.markup import escape
+
+    from services.common.keyring import key_id_for_public_key
+
+    try:
+        pem = path.read_text(encoding="ascii")
+        key_id_for_public_key(pem)
+    except (OSError, UnicodeDecodeError, KeyringError) as error:
+        errors.print(
+            f"[red]cannot use the public key {escape(str(path))}:[/red] {escape(str(error))}"
+        )
+        raise typer.Exit(2) from error
+    return pem
+
+
+@audit_app.command("verify")
+def audit_verify(
+    file: Annotated[Path, typer.Argument(help="An export written by `steward audit export`.")],
+    public_key: PublicKeyOption,
+) -> None:
+    """Verify a ledger export offline, trusting nothing but the given public key.
+
+    Exits 0 when every entry and checkpoint verifies (entries after the newest checkpoint are
+    only a warning), 1 naming the first entry that cannot be trusted, 2 when the file or the key
+    cannot be read.
+    """
+    from rich.markup import escape
+
+    from services.common.keyring import key_id_for_public_key
+    from services.consent.audit import AuditFileError, verify_export
+
+    pem = _read_public_key(public_key)
+    try:
+        report = verify_export(file, pem)
+    except AuditFileError as error:
+        errors.print(f"[red]cannot read {escape(str(file))}:[/red] {escape(str(error))}")
+        raise typer.Exit(2) from error
+    verdict = "[green]verified[/green]" if report.ok else "[red]FAILED[/red]"
+    console.print(f"{verdict} {escape(str(file))}", soft_wrap=True)
+    console.print(
+        f"  entries: {report.entries}; checkpoints verified: {report.checkpoints_verified} of "
+        f"{report.checkpoints}; signing key {key_id_for_public_key(pem)}",
+        soft_wrap=True,
+    )
+    if not report.ok:
+        first_bad = "-" if report.first_bad_seq is None else str(report.first_bad_seq)
+        console.print(f"  first bad seq: {first_bad}", soft_wrap=True)
+        for problem in report.problems:
+            console.print(f"  [red]problem:[/red] {escape(problem)}", soft_wrap=True)
+    for warning in report.warnings:
+        console.print(f"  [yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@audit_app.command("check-proof")
+def audit_check_proof(
+    file: Annotated[Path, typer.Argument(help="A proof written by `steward audit prove`.")],
+    public_key: PublicKeyOption,
+) -> None:
+    """Check offline that an entry is in the ledger as signed by the given public key.
+
+    Exits 0 when it is, 1 when the proof fails, 2 when the file or the key cannot be read.
+    """
+    from rich.markup import escape
+
+    from services.consent.audit import AuditFileError, check_inclusion_proof, read_proof
+
+    pem = _read_public_key(public_key)
+    try:
+        proof = read_proof(file)
+    except AuditFileError as error:
+        errors.print(f"[red]cannot read {escape(str(file))}:[/red] {escape(str(error))}")
+        raise typer.Exit(2) from error
+    included, explanation = check_inclusion_proof(
+        proof.entry, proof.leaf_index, proof.tree_size, proof.audit_path, proof.checkpoint, pem
+    )
+    verdict = "[green]included:[/green]" if included else "[red]NOT PROVEN:[/red]"
+    console.print(f"{verdict} {escape(explanation)}", soft_wrap=True)
+    if not included:
+        raise typer.Exit(1)
+
+
+@audit_app.command("export")
+def audit_export(
+    out: Annotated[Path, typer.Option("--out", help="File to write (JSON Lines).")],
+    target: TargetOption = DEFAULT_TARGET,
+    timeout: Annotated[float, typer.Option(help="Seconds the whole export may take.")] = 600.0,
+) -> None:
+    """Download the whole ledger and its signed checkpoints for `steward audit verify`."""
+    from google.protobuf import empty_pb2
+    from rich.markup import escape
+    from steward.consent.v1 import audit_pb2, audit_pb2_grpc
+
+    from services.consent.audit import AuditFileError, write_export_stream
+
+    counts: list[int] = []
+    with grpc.insecure_channel(target) as channel:
+        stub = audit_pb2_grpc.AuditServiceStub(channel)
+
+        def download() -> Message:
+            responses = stub.ExportLedger(audit_pb2.ExportLedgerRequest(), timeout=timeout)
+            counts.extend(write_export_stream(out, responses))
+            return empty_pb2.Empty()
+
+        try:
+            _call(download)
+        except (AuditFileError, OSError) as error:
+            errors.print(f"[red]export failed:[/red] {escape(str(error))}")
+            raise typer.Exit(1) from error
+    entries, checkpoints = counts
+    console.print(
+        f"wrote {entries} entries and {checkpoints} checkpoints to {escape(str(out))}",
+        soft_wrap=True,
+    )
+
+
+@audit_app.command("prove")
+def audit_prove(
+    seq: Annotated[int, typer.Argument(help="The entry's seq.")],
+    target: TargetOption = DEFAULT_TARGET,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="File to write (default: standard output).")
+    ] = None,
+    tree_size: Annotated[
+        int, typer.Option(help="Tree size to prove against; 0 for the newest checkpoint's.")
+    ] = 0,
+) -> None:
+    """Fetch an inclusion proof of one entry against a signed checkpoint, for `check-proof`."""
+    from rich.markup import escape
+    from steward.consent.v1 import audit_pb2, audit_pb2_grpc
+
+    from services.consent.audit import proof_from_response, write_proof
+    from services.consent.ledger import CheckpointNoteError
+
+    request = audit_pb2.GetInclusionProofRequest(seq=seq, tree_size=tree_size)
+    with grpc.insecure_channel(target) as channel:
+        stub = audit_pb2_grpc.AuditServiceStub(channel)
+        answer = _call(lambda: stub.GetInclusionProof(request, timeout=10))
+    assert isinstance(answer, audit_pb2.GetInclusionProofResponse)
+    try:
+        proof = proof_from_response(answer)
+    except CheckpointNoteError as error:
+        errors.print(f"[red]the suite sent a malformed checkpoint:[/red] {escape(str(error))}")
+        raise typer.Exit(1) from error
+    if proof.checkpoint is None:
+        errors.print(
+            f"[red]no checkpoint was signed at tree size {proof.tree_size}[/red]; "
+            "ask for --tree-size 0 (the newest checkpoint)"
+        )
+        raise typer.Exit(1)
+    if out is None:
+        write_proof(sys.stdout, proof)
+        return
+    write_proof(out, proof)
+    console.print(
+        f"wrote the proof of seq {seq} in the ledger of {proof.tree_size} entries to "
+        f"{escape(str(out))}",
+        soft_wrap=True,
+    )
+
+
 def main() -> None:
     """Entry point of the `steward` console script."""
     app()

@@ -70,6 +70,8 @@ class Settings:
     phone_default_region: str = "GB"
     admin_token: str = field(default=DEV_ADMIN_TOKEN, repr=False)
     callers_file: Path | None = None
+    identity_target: str | None = None
+    """Address of the identity service; unset means this process (all-in-one mode)."""
     keyring_json: str | None = field(default=None, repr=False)
     """Keyring contents from ``STEWARD_KEYRING_JSON``; when set it wins over ``keys_dir``."""
 
@@ -120,6 +122,7 @@ class Settings:
             ),
             admin_token=read("admin_token", "STEWARD_ADMIN_TOKEN", _parse_text),
             callers_file=None if callers_file is None else Path(callers_file),
+            identity_target=values.get("STEWARD_IDENTITY_TARGET"),
             keyring_json=values.get("STEWARD_KEYRING_JSON"),
         )
         if settings.env == "production":

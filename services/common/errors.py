@@ -81,6 +81,10 @@ class Conflict(StewardError):
     """A concurrent change got there first; the caller may retry (ABORTED)."""
 
 
+class Unavailable(StewardError):
+    """A service this call depends on cannot be reached now; the caller may retry."""
+
+
 class FieldViolations:
     """Collects validation failures so a caller sees all of them at once, not the first only.
 
@@ -190,6 +194,8 @@ def abort_for(context: grpc.ServicerContext, exc: StewardError) -> NoReturn:
             abort_resource_exhausted(context, exc.message, exc.retry_after)
         case Conflict():
             abort(context, grpc.StatusCode.ABORTED, exc.message)
+        case Unavailable():
+            abort(context, grpc.StatusCode.UNAVAILABLE, exc.message)
         case _:
             abort(context, grpc.StatusCode.UNKNOWN, exc.message)
 

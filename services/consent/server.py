@@ -1,44 +1,502 @@
-"""gRPC servicers of the consent service: map RPCs onto the consent domain.
+"""gRPC servicers of the consent service: validate, resolve the subject, map onto the use cases.
 
-RPCs not built yet answer UNIMPLEMENTED through the generated base classes.
+Collect, EraseSubject, GetErasure and ExportSubjectData are not built yet and answer
+UNIMPLEMENTED through the generated base class.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import re
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
 
-from steward.consent.v1 import audit_pb2_grpc, consent_pb2_grpc
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from steward.common.v1 import common_pb2
+from steward.consent.v1 import audit_pb2, audit_pb2_grpc, consent_pb2, consent_pb2_grpc
 
+from services.common.callers import caller_of
 from services.common.context import ServiceContext, ServiceParts
-from services.common.server import ServiceRegistration
+from services.common.db import make_engine
+from services.common.errors import FieldViolations, InvalidArgument, NotFound
+from services.common.eventlog import ProducerLog
+from services.common.identifiers import (
+    IdentifierError,
+    PseudonymisedIdentifier,
+    pseudonymise_identifier,
+)
+from services.common.migrations import upgrade
+from services.common.server import ServiceRegistration, deadline_remaining
+from services.consent import keystore as keystore_module
+from services.consent import ledger, signals, tcf
+from services.consent.decisions import ConsentState
+from services.consent.identity_client import IdentityClient
+from services.consent.keystore import KeyStore
+from services.consent.purposes import PurposeDefinition
+from services.consent.service import ConsentService, DecisionInput, Receipt, entry_message
+from services.consent.store import PRODUCER, ConsentStore
+
+C = consent_pb2
+A = audit_pb2
+FUTURE_TOLERANCE: Final = timedelta(minutes=5)
+MAX_DECISIONS: Final = 64
+MAX_IDENTIFIERS: Final = 32
+_PERSON_ID: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_LOCALE: Final = re.compile(r"[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8})*")
+SOURCE_NAMES: Final = {
+    C.CONSENT_SOURCE_WEB_BANNER: "web",
+    C.CONSENT_SOURCE_APP: "app",
+    C.CONSENT_SOURCE_STORE: "store",
+    C.CONSENT_SOURCE_CALL_CENTRE: "call_centre",
+    C.CONSENT_SOURCE_IMPORT: "import",
+    C.CONSENT_SOURCE_SIGNAL: "web",
+}
+
+
+def _timestamp(moment: datetime | None) -> Timestamp | None:
+    if moment is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+class SubjectResolver:
+    """Turns a PersonRef into a person id: directly, or through identity for identifiers."""
+
+    def __init__(self, context: ServiceContext) -> None:
+        self._keyring = context.keyring
+        self._region = context.settings.phone_default_region
+        self._lock = threading.Lock()
+        self._client: IdentityClient | None = None
+
+    def connect(self, client: IdentityClient) -> None:
+        with self._lock:
+            self._client = client
+
+    def _identity(self) -> IdentityClient:
+        with self._lock:
+            if self._client is None:
+                raise NotFound("service", "identity", "the identity service is not connected yet")
+            return self._client
+
+    def check(
+        self, subject: common_pb2.PersonRef, violations: FieldViolations, path: str = "subject"
+    ) -> list[PseudonymisedIdentifier]:
+        """Validate a subject into ``violations``; returns its identifiers pseudonymised."""
+        has_person = bool(subject.person_id)
+        violations.check(
+            has_person != bool(subject.identifiers),
+            path,
+            "give exactly one of person_id and identifiers",
+        )
+        if has_person:
+            violations.check(
+                bool(_PERSON_ID.fullmatch(subject.person_id)),
+                f"{path}.person_id",
+                "letters, digits, '_' or '-', at most 64",
+            )
+        violations.check(
+            len(subject.identifiers) <= MAX_IDENTIFIERS,
+            f"{path}.identifiers",
+            f"at most {MAX_IDENTIFIERS}",
+        )
+        hashed = []
+        for index, identifier in enumerate(subject.identifiers[:MAX_IDENTIFIERS]):
+            try:
+                hashed.append(
+                    pseudonymise_identifier(identifier, self._keyring, phone_region=self._region)
+                )
+            except IdentifierError as error:
+                violations.add(f"{path}.identifiers[{index}].{error.field}", error.description)
+        violations.check(
+            not hashed or not all(h.blocked for h in hashed),
+            f"{path}.identifiers",
+            "every identifier is a blocked value (e.g. test@test.com)",
+        )
+        return hashed
+
+    def resolve(
+        self,
+        subject: common_pb2.PersonRef,
+        hashed: list[PseudonymisedIdentifier],
+        source: str,
+        context: grpc.ServicerContext,
+    ) -> str:
+        """The person of a checked subject, created through identity when only identifiers."""
+        if subject.person_id:
+            return subject.person_id
+        [person] = self._identity().resolve([hashed], source, deadline_remaining(context))
+        if not person:
+            raise InvalidArgument({"subject.identifiers": "identity refused every identifier"})
+        return person
+
+    def lookup(self, subject: common_pb2.PersonRef, context: grpc.ServicerContext) -> str:
+        """The person, or "" when the identifiers are unknown (nothing is created)."""
+        violations = FieldViolations()
+        hashed = self.check(subject, violations)
+        violations.raise_if_any()
+        if subject.person_id:
+            return subject.person_id
+        return self._identity().lookup(hashed, deadline_remaining(context))
+
+
+def _occurred_at(request_time: Timestamp, field: str, violations: FieldViolations) -> datetime:
+    now = datetime.now(UTC)
+    if not request_time.seconds and not request_time.nanos:
+        return now
+    moment = request_time.ToDatetime(tzinfo=UTC)
+    violations.check(moment <= now + FUTURE_TOLERANCE, field, "is in the future")
+    return moment
+
+
+def _at(request_time: Timestamp) -> datetime:
+    if not request_time.seconds and not request_time.nanos:
+        return datetime.now(UTC)
+    return request_time.ToDatetime(tzinfo=UTC)
+
+
+def _receipts(receipts: list[Receipt]) -> list[consent_pb2.LedgerReceipt]:
+    return [C.LedgerReceipt(seq=r.seq, leaf_hash=r.leaf_hash, purpose=r.purpose) for r in receipts]
+
+
+def _purpose_message(purpose: PurposeDefinition) -> common_pb2.Purpose:
+    message = common_pb2.Purpose(
+        id=purpose.id,
+        legal_basis=purpose.legal_basis,
+        description=purpose.description,
+        policy_version=purpose.policy_version,
+        notice_sha256=purpose.notice_sha256,
+        retention_days=purpose.retention_days,
+        allowed_fields=list(purpose.allowed_fields),
+        gpc_withdraws=purpose.gpc_withdraws,
+        revision=purpose.revision,
+        updated_at=_timestamp(purpose.updated_at),
+    )
+    message.default_lifetime.FromTimedelta(purpose.default_lifetime)
+    return message
+
+
+def _state_message(state: ConsentState, legal_basis: int) -> consent_pb2.PurposeState:
+    deciding = state.deciding
+    return C.PurposeState(
+        purpose=state.purpose,
+        allowed=state.allowed,
+        reason=state.reason,
+        legal_basis=legal_basis,  # type: ignore[arg-type]
+        decision=deciding.decision if deciding else common_pb2.DECISION_UNSPECIFIED,
+        ledger_seq=deciding.seq if deciding else 0,
+        source=deciding.source if deciding else C.CONSENT_SOURCE_UNSPECIFIED,
+        occurred_at=_timestamp(deciding.occurred_at if deciding else None),
+        expires_at=_timestamp(state.expires_at),
+        policy_version=deciding.policy_version if deciding else "",
+    )
 
 
 class ConsentServicer(consent_pb2_grpc.ConsentServiceServicer):
     """steward.consent.v1.ConsentService."""
 
-    def __init__(self, context: ServiceContext) -> None:
-        self._context = context
+    def __init__(
+        self, service: ConsentService, subjects: SubjectResolver, mapping: signals.TcfMapping
+    ) -> None:
+        self._service = service
+        self._subjects = subjects
+        self._mapping = mapping
+
+    def DefinePurpose(
+        self, request: consent_pb2.DefinePurposeRequest, context: grpc.ServicerContext
+    ) -> consent_pb2.DefinePurposeResponse:
+        p = request.purpose
+        purpose = PurposeDefinition(
+            id=p.id,
+            legal_basis=p.legal_basis,
+            description=p.description,
+            policy_version=p.policy_version,
+            notice_sha256=p.notice_sha256,
+            default_lifetime=p.default_lifetime.ToTimedelta(),
+            retention_days=p.retention_days,
+            allowed_fields=tuple(p.allowed_fields),
+            gpc_withdraws=p.gpc_withdraws,
+        )
+        stored, receipt = self._service.define_purpose(purpose, caller_of(context))
+        return C.DefinePurposeResponse(
+            purpose=_purpose_message(stored),
+            receipt=C.LedgerReceipt(
+                seq=receipt.seq, leaf_hash=receipt.leaf_hash, purpose=stored.id
+            ),
+        )
+
+    def ListPurposes(
+        self, request: consent_pb2.ListPurposesRequest, context: grpc.ServicerContext
+    ) -> consent_pb2.ListPurposesResponse:
+        if not 0 <= request.page_size <= 1000:
+            raise InvalidArgument({"page_size": "0 to 1000"})
+        size = request.page_size or 100
+        purposes = sorted(self._service.purposes().values(), key=lambda p: p.id)
+        page = [p for p in purposes if p.id > request.page_token][: size + 1]
+        token = page[size - 1].id if len(page) > size else ""
+        return C.ListPurposesResponse(
+            purposes=[_purpose_message(p) for p in page[:size]], next_page_token=token
+        )
+
+    def RecordConsent(
+        self, request: consent_pb2.RecordConsentRequest, context: grpc.ServicerContext
+    ) -> consent_pb2.RecordConsentResponse:
+        violations = FieldViolations()
+        violations.check(bool(request.decisions), "decisions", "at least one decision")
+        violations.check(
+            len(request.decisions) <= MAX_DECISIONS, "decisions", f"at most {MAX_DECISIONS}"
+        )
+        violations.check(
+            request.source in SOURCE_NAMES and request.source != C.CONSENT_SOURCE_SIGNAL,
+            "source",
+            "must name where the decision was made (signals go through ApplySignals)",
+        )
+        violations.check(
+            not request.locale or bool(_LOCALE.fullmatch(request.locale)),
+            "locale",
+            "a BCP 47 language tag",
+        )
+        occurred_at = _occurred_at(request.occurred_at, "occurred_at", violations)
+        decisions = []
+        for index, d in enumerate(request.decisions[:MAX_DECISIONS]):
+            path = f"decisions[{index}]"
+            violations.check(bool(d.purpose), f"{path}.purpose", "is required")
+            violations.check(
+                d.decision
+                in (
+                    common_pb2.DECISION_GRANTED,
+                    common_pb2.DECISION_DENIED,
+                    common_pb2.DECISION_WITHDRAWN,
+                ),
+                f"{path}.decision",
+                "must be GRANTED, DENIED or WITHDRAWN",
+            )
+            violations.check(bool(d.policy_version), f"{path}.policy_version", "is required")
+            expires_at = None
+            if d.HasField("expires_at"):
+                expires_at = d.expires_at.ToDatetime(tzinfo=UTC)
+                violations.check(
+                    expires_at > occurred_at, f"{path}.expires_at", "must be after occurred_at"
+                )
+            decisions.append(
+                DecisionInput(
+                    purpose=d.purpose,
+                    decision=d.decision,
+                    expires_at=expires_at,
+                    policy_version=d.policy_version,
+                    notice_sha256=d.notice_sha256,
+                )
+            )
+        hashed = self._subjects.check(request.subject, violations)
+        violations.raise_if_any()
+        person = self._subjects.resolve(
+            request.subject, hashed, SOURCE_NAMES.get(request.source, "consent"), context
+        )
+        receipts = self._service.record(
+            person,
+            decisions,
+            source=request.source,
+            occurred_at=occurred_at,
+            actor=caller_of(context),
+            locale=request.locale,
+            acknowledge_gpc_conflict=request.acknowledge_gpc_conflict,
+        )
+        return C.RecordConsentResponse(person_id=person, receipts=_receipts(receipts))
+
+    def ApplySignals(
+        self, request: consent_pb2.ApplySignalsRequest, context: grpc.ServicerContext
+    ) -> consent_pb2.ApplySignalsResponse:
+        violations = FieldViolations()
+        occurred_at = _occurred_at(request.occurred_at, "occurred_at", violations)
+        violations.check(
+            not request.locale or bool(_LOCALE.fullmatch(request.locale)),
+            "locale",
+            "a BCP 47 language tag",
+        )
+        parsed = None
+        if request.tcf_string:
+            try:
+                parsed = tcf.parse_tc_string(request.tcf_string)
+            except tcf.TCStringError as error:
+                violations.add("tcf_string", str(error))
+        mode = request.consent_mode
+        consent_mode = {
+            name: C.ConsentModeValue.Name(getattr(mode, name))
+            for name in ("ad_storage", "analytics_storage", "ad_user_data", "ad_personalization")
+            if getattr(mode, name) != C.CONSENT_MODE_VALUE_UNSPECIFIED
+        }
+        gpc = request.gpc if request.HasField("gpc") else None
+        violations.check(
+            parsed is not None or gpc is not None or bool(consent_mode) or bool(violations),
+            "tcf_string",
+            "send at least one signal: tcf_string, gpc or consent_mode",
+        )
+        hashed = self._subjects.check(request.subject, violations)
+        violations.raise_if_any()
+        purposes = self._service.purposes()
+        derived = signals.decisions_from_signals(
+            parsed,
+            gpc,
+            consent_mode,
+            {p.id: signals.PurposeInfo(p.legal_basis, p.gpc_withdraws) for p in purposes.values()},
+            self._mapping,
+        )
+        person = self._subjects.resolve(request.subject, hashed, "web", context)
+        receipts: list[Receipt] = []
+        if derived:
+            receipts = self._service.record(
+                person,
+                [
+                    DecisionInput(
+                        purpose=d.purpose,
+                        decision=d.decision,
+                        signal=d.signal,
+                        details=dict(d.detail),
+                    )
+                    for d in derived
+                ],
+                source=C.CONSENT_SOURCE_SIGNAL,
+                occurred_at=occurred_at,
+                actor=caller_of(context),
+                locale=request.locale,
+                kind=A.ENTRY_KIND_SIGNAL,
+            )
+        states = self._service.states(person, datetime.now(UTC))
+        return C.ApplySignalsResponse(
+            person_id=person,
+            receipts=_receipts(receipts),
+            states=[_state_message(s, purposes[s.purpose].legal_basis) for s in states],
+        )
+
+    def GetConsent(
+        self, request: consent_pb2.GetConsentRequest, context: grpc.ServicerContext
+    ) -> consent_pb2.GetConsentResponse:
+        person = self._subjects.lookup(request.subject, context)
+        if not person:
+            raise NotFound("person", "(identifiers)", "no person has these identifiers")
+        purposes = self._service.purposes()
+        states = self._service.states(person, _at(request.at))
+        return C.GetConsentResponse(
+            person_id=person,
+            states=[_state_message(s, purposes[s.purpose].legal_basis) for s in states],
+        )
+
+    def CheckConsent(
+        self, request: consent_pb2.CheckConsentRequest, context: grpc.ServicerContext
+    ) -> consent_pb2.CheckConsentResponse:
+        if not request.purpose:
+            raise InvalidArgument({"purpose": "is required"})
+        person = self._subjects.lookup(request.subject, context)
+        if not person:
+            if request.purpose not in self._service.purposes():
+                raise NotFound("purpose", request.purpose)
+            return C.CheckConsentResponse(allowed=False, reason=C.CONSENT_REASON_UNKNOWN_PERSON)
+        state = self._service.check(person, request.purpose, _at(request.at))
+        return C.CheckConsentResponse(
+            allowed=state.allowed,
+            reason=state.reason,
+            person_id=person,
+            ledger_seq=state.deciding.seq if state.deciding else 0,
+            expires_at=_timestamp(state.expires_at),
+        )
 
 
 class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     """steward.consent.v1.AuditService: read-only access to the consent ledger."""
 
-    def __init__(self, context: ServiceContext) -> None:
-        self._context = context
+    def __init__(self, service: ConsentService) -> None:
+        self._service = service
+
+    def GetCheckpoint(
+        self, request: audit_pb2.GetCheckpointRequest, context: grpc.ServicerContext
+    ) -> audit_pb2.GetCheckpointResponse:
+        checkpoint = self._service.checkpoint(sign_now=request.sign_now)
+        return A.GetCheckpointResponse(checkpoint=ledger.to_checkpoint_message(checkpoint))
+
+    def GetInclusionProof(
+        self, request: audit_pb2.GetInclusionProofRequest, context: grpc.ServicerContext
+    ) -> audit_pb2.GetInclusionProofResponse:
+        if request.seq < 1 or request.tree_size < 0:
+            raise InvalidArgument({"seq": "must be at least 1"})
+        tree_size, leaf, path, checkpoint, row = self._service.inclusion(
+            request.seq, request.tree_size
+        )
+        return A.GetInclusionProofResponse(
+            leaf_index=request.seq - 1,
+            tree_size=tree_size,
+            leaf_hash=leaf,
+            audit_path=path,
+            checkpoint=ledger.to_checkpoint_message(checkpoint) if checkpoint else None,
+            entry=entry_message(row),
+        )
+
+    def GetConsistencyProof(
+        self, request: audit_pb2.GetConsistencyProofRequest, context: grpc.ServicerContext
+    ) -> audit_pb2.GetConsistencyProofResponse:
+        second, proof = self._service.consistency(request.first_tree_size, request.second_tree_size)
+        return A.GetConsistencyProofResponse(
+            first_tree_size=request.first_tree_size, second_tree_size=second, proof=proof
+        )
+
+    def ExportLedger(
+        self, request: audit_pb2.ExportLedgerRequest, context: grpc.ServicerContext
+    ) -> Iterator[audit_pb2.ExportLedgerResponse]:
+        if request.from_seq < 0 or request.to_seq < 0:
+            raise InvalidArgument({"from_seq": "must not be negative"})
+        if request.to_seq and request.to_seq < request.from_seq:
+            raise InvalidArgument({"to_seq": "must not be below from_seq"})
+        yield from self._service.export(request.from_seq, request.to_seq)
 
 
 def build(context: ServiceContext) -> ServiceParts:
-    """The consent service's parts, ready for the process to run."""
+    """The consent service on its database and key store (both migrated first)."""
+    settings = context.settings
+    engine = make_engine(settings.db_url("consent"))
+    upgrade(engine, "consent")
+    keystore_engine = make_engine(settings.db_url("keystore"))
+    keystore_module.migrate(keystore_engine)
+    store = ConsentStore(engine)
+    keyring = context.keyring
+    service = ConsentService(
+        store,
+        KeyStore(keystore_engine, keyring),
+        keyring.sign,
+        keyring.signing_key_id,
+        keyring.public_key_pem(),
+    )
+    service.ensure_default_purposes()
+    subjects = SubjectResolver(context)
+    channels: list[grpc.Channel] = []
+
+    def connect_identity(own_target: str) -> None:
+        channel = grpc.insecure_channel(settings.identity_target or own_target)
+        channels.append(channel)
+        subjects.connect(IdentityClient(channel))
+
+    def close() -> None:
+        for channel in channels:
+            channel.close()
+        engine.dispose()
+        keystore_engine.dispose()
+
     registrations: list[ServiceRegistration[Any]] = [
         ServiceRegistration(
             "steward.consent.v1.ConsentService",
             consent_pb2_grpc.add_ConsentServiceServicer_to_server,
-            ConsentServicer(context),  # type: ignore[abstract]  # RPCs not built yet: UNIMPLEMENTED
+            ConsentServicer(service, subjects, signals.TcfMapping()),  # type: ignore[abstract]
         ),
         ServiceRegistration(
             "steward.consent.v1.AuditService",
             audit_pb2_grpc.add_AuditServiceServicer_to_server,
-            AuditServicer(context),  # type: ignore[abstract]  # RPCs not built yet: UNIMPLEMENTED
+            AuditServicer(service),
         ),
     ]
-    return ServiceParts(registrations)
+    return ServiceParts(
+        registrations,
+        logs={PRODUCER: ProducerLog(store.outbox, engine)},
+        on_start=[connect_identity],
+        on_stop=[close],
+    )

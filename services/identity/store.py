@@ -9,6 +9,8 @@ the same database, so a merge and its PersonsMerged envelope commit together.
 
 from __future__ import annotations
 
+import itertools
+import json
 import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
@@ -23,6 +25,7 @@ from sqlalchemy import (
     DateTime,
     Index,
     Integer,
+    String,
     and_,
     bindparam,
     delete,
@@ -33,8 +36,14 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import Connection, Dialect, Engine
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import registry
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.visitors import InternalTraversal
+from sqlalchemy.types import TypeDecorator, TypeEngine
 from sqlmodel import Field, SQLModel
 from steward.events.v1 import events_pb2
 from steward.identity.v1 import identity_pb2
@@ -47,6 +56,7 @@ from services.identity.graph import (
     HistoryRecord,
     KnownIdentifier,
     MergeRecord,
+    Neighbourhood,
     NewIdentifier,
     PersonGroup,
     new_record_id,
@@ -173,6 +183,59 @@ def utc(moment: datetime) -> datetime:
 def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
     for start in range(0, len(values), _CHUNK):
         yield values[start : start + _CHUNK]
+
+
+class _ValueList(TypeDecorator[Sequence[Any]]):
+    """A list bound as one parameter: a JSON array on SQLite, an array on PostgreSQL."""
+
+    impl = String
+    cache_ok = True
+
+    def __init__(self, element_type: type[TypeEngine[Any]]) -> None:
+        super().__init__()
+        self.element_type = element_type
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(postgresql.ARRAY(self.element_type))
+        return dialect.type_descriptor(String())
+
+    def process_bind_param(self, value: Sequence[Any] | None, dialect: Dialect) -> Any:
+        values = list(value or ())
+        return json.dumps(values) if dialect.name == "sqlite" else values
+
+
+class values_in(ColumnElement[bool]):  # noqa: N801 - reads as an operator, like and_/or_
+    """``column IN (the list bound as parameter name)``, the whole list one parameter.
+
+    The statement text stays the same whatever the list's length, so a statement built once is
+    compiled and prepared once, and no list needs chunking below a bound-parameter limit:
+    ``IN (SELECT value FROM json_each(?))`` on SQLite, ``= ANY(?)`` on PostgreSQL.
+    """
+
+    inherit_cache = True
+    _is_implicitly_boolean = True
+    _traverse_internals = [
+        ("column", InternalTraversal.dp_clauseelement),
+        ("values", InternalTraversal.dp_clauseelement),
+    ]
+
+    def __init__(self, column: ColumnElement[Any], name: str) -> None:
+        self.type = Boolean()
+        self.column = column
+        self.values = bindparam(name, type_=_ValueList(type(column.type)))
+
+
+@compiles(values_in)
+def _values_in_json_each(element: values_in, compiler: SQLCompiler, **kw: Any) -> str:
+    column, values = compiler.process(element.column, **kw), compiler.process(element.values, **kw)
+    return f"{column} IN (SELECT value FROM json_each({values}))"
+
+
+@compiles(values_in, "postgresql")
+def _values_in_any(element: values_in, compiler: SQLCompiler, **kw: Any) -> str:
+    column, values = compiler.process(element.column, **kw), compiler.process(element.values, **kw)
+    return f"{column} = ANY({values})"
 
 
 class IdentityStore:

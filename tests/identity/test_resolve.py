@@ -249,7 +249,9 @@ def test_identifiers_linked_earlier_in_the_same_batch_are_not_mistaken_for_hubs(
     identity: IdentityService, item: ItemMaker
 ) -> None:
     pairs = [(("CUSTOM", f"a{n}", "ssn"), ("CUSTOM", f"b{n}", "name_dob")) for n in range(6)]
-    batch = [item(a) for a, _ in pairs] + [item(b) for _, b in pairs] + [item(a, b) for a, b in pairs]
+    batch = (
+        [item(a) for a, _ in pairs] + [item(b) for _, b in pairs] + [item(a, b) for a, b in pairs]
+    )
     results = identity.resolve(batch)
     assert not [o for r in results for o in r.identifiers if o.status == L.LINK_STATUS_QUARANTINED]
     for a, b in pairs:

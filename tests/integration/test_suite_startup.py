@@ -60,7 +60,7 @@ def test_unbuilt_rpc_answers_unimplemented(suite: RunningSuite) -> None:
     with grpc.insecure_channel(suite.target) as channel:
         stub = consent_pb2_grpc.ConsentServiceStub(channel)
         with pytest.raises(grpc.RpcError) as raised:
-            stub.ListPurposes(consent_pb2.ListPurposesRequest(), timeout=5)
+            stub.Collect(consent_pb2.CollectRequest(), timeout=5)
     assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 

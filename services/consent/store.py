@@ -1,0 +1,430 @@
+"""The consent service's tables and the queries on them.
+
+The ledger table is append-only: UPDATE and DELETE on it are refused by the database itself
+(triggers created by the migration, on SQLite and PostgreSQL). Appends are serialised by the
+``consent_ledger_head`` row, which also holds the last chain hash, so seqs are gap-free and each
+chain hash follows the one before it. Decisions are kept twice: as ledger entries (forever, under
+the person's ledger subject) and in ``consent_decisions`` (by person id, for answering quickly;
+deleted at erasure).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Index,
+    LargeBinary,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import registry
+from sqlmodel import Field, SQLModel
+
+from services.common.db import for_writes, is_postgres
+from services.common.outbox import Outbox, outbox_tables
+from services.consent import ledger
+from services.consent.decisions import DecisionRecord
+from services.consent.purposes import PurposeDefinition
+
+PRODUCER: Final = "consent"
+LEDGER_TABLE: Final = "consent_ledger"
+
+
+class ConsentTable(SQLModel, registry=registry()):
+    """Base of the consent service's tables: their own metadata, apart from other services."""
+
+
+class PurposeRow(ConsentTable, table=True):
+    __tablename__ = "consent_purposes"
+    id: str = Field(primary_key=True, max_length=64)
+    revision: int = Field(primary_key=True)
+    legal_basis: int
+    description: str = Field(max_length=2000)
+    policy_version: str = Field(max_length=64)
+    notice_sha256: str = Field(max_length=64)
+    default_lifetime_seconds: int = Field(sa_column=Column(BigInteger, nullable=False))
+    retention_days: int
+    allowed_fields: list[str] = Field(sa_column=Column(JSON, nullable=False))
+    gpc_withdraws: bool
+    updated_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class LedgerRow(ConsentTable, table=True):
+    __tablename__ = LEDGER_TABLE
+    __table_args__ = (Index("ix_consent_ledger_subject", "subject"),)
+    seq: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    recorded_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    kind: int
+    subject: str = Field(default="", max_length=40)
+    purpose: str = Field(default="", max_length=64)
+    decision: int = 0
+    source: int = 0
+    policy_version: str = Field(default="", max_length=64)
+    notice_sha256: str = Field(default="", max_length=64)
+    expires_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    actor: str = Field(default="", max_length=128)
+    occurred_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    details: dict[str, str] = Field(sa_column=Column(JSON, nullable=False))
+    canonical: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    leaf_hash: bytes = Field(sa_column=Column(LargeBinary(32), nullable=False))
+    chain_hash: bytes = Field(sa_column=Column(LargeBinary(32), nullable=False))
+
+
+class LedgerHeadRow(ConsentTable, table=True):
+    __tablename__ = "consent_ledger_head"
+    id: int = Field(primary_key=True)
+    last_seq: int = Field(sa_column=Column(BigInteger, nullable=False))
+    last_chain_hash: bytes = Field(sa_column=Column(LargeBinary(32), nullable=False))
+
+
+class CheckpointRow(ConsentTable, table=True):
+    __tablename__ = "consent_checkpoints"
+    tree_size: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    root_hash: bytes = Field(sa_column=Column(LargeBinary(32), nullable=False))
+    chain_hash: bytes = Field(sa_column=Column(LargeBinary(32), nullable=False))
+    timestamp: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    key_id: str = Field(max_length=64)
+    signed_bytes: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    signature: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+class DecisionRow(ConsentTable, table=True):
+    __tablename__ = "consent_decisions"
+    __table_args__ = (Index("ix_consent_decisions_person_purpose", "person_id", "purpose"),)
+    seq: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    person_id: str = Field(max_length=40)
+    purpose: str = Field(max_length=64)
+    decision: int
+    occurred_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    expires_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    source: int
+    policy_version: str = Field(max_length=64)
+    signal: str = Field(default="", max_length=16)
+    gpc_conflict_acknowledged: bool = Field(
+        default=False, sa_column=Column(Boolean, nullable=False, default=False)
+    )
+
+
+target_metadata = ConsentTable.metadata
+OUTBOX_TABLES: Final = outbox_tables(target_metadata, prefix="consent_")
+
+purposes_table = PurposeRow.__table__  # type: ignore[attr-defined]
+ledger_table = LedgerRow.__table__  # type: ignore[attr-defined]
+head_table = LedgerHeadRow.__table__  # type: ignore[attr-defined]
+checkpoints_table = CheckpointRow.__table__  # type: ignore[attr-defined]
+decisions_table = DecisionRow.__table__  # type: ignore[attr-defined]
+
+
+def utc(moment: datetime) -> datetime:
+    """SQLite hands datetimes back naive; everything stored is UTC."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _utc_or_none(moment: datetime | None) -> datetime | None:
+    return None if moment is None else utc(moment)
+
+
+@dataclass(frozen=True, slots=True)
+class AppendedEntry:
+    """A ledger entry as written."""
+
+    record: ledger.LedgerRecord
+    canonical: bytes
+    leaf_hash: bytes
+    chain_hash: bytes
+
+
+class ConsentStore:
+    """Transactions and queries on the consent database."""
+
+    def __init__(self, engine: Engine, outbox: Outbox | None = None) -> None:
+        self.engine = engine
+        self.outbox = outbox or Outbox(PRODUCER, OUTBOX_TABLES)
+
+    @contextmanager
+    def writing(self) -> Iterator[Connection]:
+        """A write transaction; event-log followers are woken after it commits."""
+        with for_writes(self.engine).begin() as connection:
+            yield connection
+        self.outbox.notify()
+
+    @contextmanager
+    def reading(self) -> Iterator[Connection]:
+        with self.engine.connect() as connection:
+            yield connection
+
+    # Purposes ------------------------------------------------------------------------------------
+
+    def current_purposes(self, connection: Connection) -> dict[str, PurposeDefinition]:
+        latest = (
+            select(purposes_table.c.id, func.max(purposes_table.c.revision).label("revision"))
+            .group_by(purposes_table.c.id)
+            .subquery()
+        )
+        rows = connection.execute(
+            select(purposes_table).join(
+                latest,
+                (purposes_table.c.id == latest.c.id)
+                & (purposes_table.c.revision == latest.c.revision),
+            )
+        )
+        return {row.id: _purpose(row) for row in rows}
+
+    def save_purpose(self, connection: Connection, purpose: PurposeDefinition) -> PurposeDefinition:
+        current = connection.execute(
+            select(func.max(purposes_table.c.revision)).where(purposes_table.c.id == purpose.id)
+        ).scalar()
+        revision = int(current or 0) + 1
+        connection.execute(
+            insert(purposes_table).values(
+                id=purpose.id,
+                revision=revision,
+                legal_basis=int(purpose.legal_basis),
+                description=purpose.description,
+                policy_version=purpose.policy_version,
+                notice_sha256=purpose.notice_sha256,
+                default_lifetime_seconds=int(purpose.default_lifetime.total_seconds()),
+                retention_days=purpose.retention_days,
+                allowed_fields=list(purpose.allowed_fields),
+                gpc_withdraws=purpose.gpc_withdraws,
+                updated_at=purpose.updated_at,
+            )
+        )
+        return PurposeDefinition(
+            purpose.id,
+            purpose.legal_basis,
+            purpose.description,
+            purpose.policy_version,
+            purpose.notice_sha256,
+            purpose.default_lifetime,
+            purpose.retention_days,
+            purpose.allowed_fields,
+            purpose.gpc_withdraws,
+            revision,
+            purpose.updated_at,
+        )
+
+    # Ledger --------------------------------------------------------------------------------------
+
+    def append_ledger(
+        self, connection: Connection, records: Sequence[ledger.LedgerRecord]
+    ) -> list[AppendedEntry]:
+        """Append entries (their ``seq`` is assigned here), within the caller's transaction."""
+        if not records:
+            return []
+        head = connection.execute(
+            select(head_table).where(head_table.c.id == 1).with_for_update()
+            if is_postgres(connection)
+            else select(head_table).where(head_table.c.id == 1)
+        ).first()
+        if head is None:
+            connection.execute(
+                insert(head_table).values(id=1, last_seq=0, last_chain_hash=ledger.GENESIS)
+            )
+            last_seq, chain = 0, ledger.GENESIS
+            if is_postgres(connection):
+                connection.execute(select(head_table).where(head_table.c.id == 1).with_for_update())
+        else:
+            last_seq, chain = int(head.last_seq), bytes(head.last_chain_hash)
+        appended: list[AppendedEntry] = []
+        rows: list[dict[str, Any]] = []
+        for offset, record in enumerate(records, start=1):
+            record = _with_seq(record, last_seq + offset)
+            canonical = ledger.canonical_bytes(record)
+            leaf = ledger.leaf_hash(canonical)
+            chain = ledger.chain_hash(chain, leaf)
+            appended.append(AppendedEntry(record, canonical, leaf, chain))
+            rows.append(
+                {
+                    "seq": record.seq,
+                    "recorded_at": record.recorded_at,
+                    "kind": int(record.kind),
+                    "subject": record.subject,
+                    "purpose": record.purpose,
+                    "decision": int(record.decision),
+                    "source": int(record.source),
+                    "policy_version": record.policy_version,
+                    "notice_sha256": record.notice_sha256,
+                    "expires_at": record.expires_at,
+                    "actor": record.actor,
+                    "occurred_at": record.occurred_at,
+                    "details": dict(record.details),
+                    "canonical": canonical,
+                    "leaf_hash": leaf,
+                    "chain_hash": chain,
+                }
+            )
+        connection.execute(insert(ledger_table), rows)
+        connection.execute(
+            update(head_table)
+            .where(head_table.c.id == 1)
+            .values(last_seq=appended[-1].record.seq, last_chain_hash=appended[-1].chain_hash)
+        )
+        return appended
+
+    def ledger_size(self, connection: Connection) -> int:
+        return int(
+            connection.execute(select(func.coalesce(func.max(ledger_table.c.seq), 0))).scalar_one()
+        )
+
+    def leaf_hashes(self, connection: Connection, after_seq: int) -> list[bytes]:
+        rows = connection.execute(
+            select(ledger_table.c.leaf_hash)
+            .where(ledger_table.c.seq > after_seq)
+            .order_by(ledger_table.c.seq)
+        )
+        return [bytes(row[0]) for row in rows]
+
+    def chain_hash_at(self, connection: Connection, seq: int) -> bytes:
+        if seq == 0:
+            return ledger.GENESIS
+        value = connection.execute(
+            select(ledger_table.c.chain_hash).where(ledger_table.c.seq == seq)
+        ).scalar_one()
+        return bytes(value)
+
+    def entries(
+        self, connection: Connection, from_seq: int, to_seq: int, limit: int = 1000
+    ) -> list[Any]:
+        return list(
+            connection.execute(
+                select(ledger_table)
+                .where(ledger_table.c.seq >= from_seq, ledger_table.c.seq <= to_seq)
+                .order_by(ledger_table.c.seq)
+                .limit(limit)
+            )
+        )
+
+    def entry(self, connection: Connection, seq: int) -> Any:
+        return connection.execute(select(ledger_table).where(ledger_table.c.seq == seq)).first()
+
+    # Checkpoints ---------------------------------------------------------------------------------
+
+    def save_checkpoint(self, connection: Connection, checkpoint: ledger.SignedCheckpoint) -> None:
+        connection.execute(
+            insert(checkpoints_table).values(
+                tree_size=checkpoint.tree_size,
+                root_hash=checkpoint.root,
+                chain_hash=checkpoint.chain_hash,
+                timestamp=checkpoint.timestamp,
+                key_id=checkpoint.key_id,
+                signed_bytes=checkpoint.signed_bytes,
+                signature=checkpoint.signature,
+            )
+        )
+
+    def checkpoint(
+        self, connection: Connection, tree_size: int = 0
+    ) -> ledger.SignedCheckpoint | None:
+        """The checkpoint of ``tree_size``, or the newest when 0."""
+        query = select(checkpoints_table)
+        query = (
+            query.where(checkpoints_table.c.tree_size == tree_size)
+            if tree_size
+            else query.order_by(checkpoints_table.c.tree_size.desc()).limit(1)
+        )
+        row = connection.execute(query).first()
+        return None if row is None else _checkpoint(row)
+
+    def checkpoints(self, connection: Connection, up_to: int) -> list[ledger.SignedCheckpoint]:
+        rows = connection.execute(
+            select(checkpoints_table)
+            .where(checkpoints_table.c.tree_size <= up_to)
+            .order_by(checkpoints_table.c.tree_size)
+        )
+        return [_checkpoint(row) for row in rows]
+
+    # Decisions -----------------------------------------------------------------------------------
+
+    def save_decisions(
+        self, connection: Connection, decisions: Sequence[tuple[DecisionRecord, bool]]
+    ) -> None:
+        """Store decisions with whether each acknowledged a GPC conflict."""
+        if decisions:
+            connection.execute(
+                insert(decisions_table),
+                [
+                    {
+                        "seq": d.seq,
+                        "person_id": d.person_id,
+                        "purpose": d.purpose,
+                        "decision": int(d.decision),
+                        "occurred_at": d.occurred_at,
+                        "expires_at": d.expires_at,
+                        "source": int(d.source),
+                        "policy_version": d.policy_version,
+                        "signal": d.signal,
+                        "gpc_conflict_acknowledged": acknowledged,
+                    }
+                    for d, acknowledged in decisions
+                ],
+            )
+
+    def decisions_of(
+        self, connection: Connection, person_id: str, purpose: str | None = None
+    ) -> list[DecisionRecord]:
+        query = select(decisions_table).where(decisions_table.c.person_id == person_id)
+        if purpose is not None:
+            query = query.where(decisions_table.c.purpose == purpose)
+        rows = connection.execute(query.order_by(decisions_table.c.seq))
+        return [
+            DecisionRecord(
+                seq=row.seq,
+                person_id=row.person_id,
+                purpose=row.purpose,
+                decision=row.decision,
+                occurred_at=utc(row.occurred_at),
+                expires_at=_utc_or_none(row.expires_at),
+                source=row.source,
+                policy_version=row.policy_version,
+                signal=row.signal,
+            )
+            for row in rows
+        ]
+
+
+def _with_seq(record: ledger.LedgerRecord, seq: int) -> ledger.LedgerRecord:
+    from dataclasses import replace
+
+    return replace(record, seq=seq)
+
+
+def _purpose(row: Any) -> PurposeDefinition:
+    return PurposeDefinition(
+        id=row.id,
+        legal_basis=row.legal_basis,
+        description=row.description,
+        policy_version=row.policy_version,
+        notice_sha256=row.notice_sha256,
+        default_lifetime=timedelta(seconds=row.default_lifetime_seconds),
+        retention_days=row.retention_days,
+        allowed_fields=tuple(row.allowed_fields),
+        gpc_withdraws=bool(row.gpc_withdraws),
+        revision=row.revision,
+        updated_at=utc(row.updated_at),
+    )
+
+
+def _checkpoint(row: Any) -> ledger.SignedCheckpoint:
+    return ledger.SignedCheckpoint(
+        tree_size=row.tree_size,
+        root=bytes(row.root_hash),
+        timestamp=utc(row.timestamp),
+        key_id=row.key_id,
+        signed_bytes=bytes(row.signed_bytes),
+        signature=bytes(row.signature),
+        chain_hash=bytes(row.chain_hash),
+    )
