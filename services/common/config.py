@@ -70,6 +70,10 @@ class Settings:
     phone_default_region: str = "GB"
     admin_token: str = field(default=DEV_ADMIN_TOKEN, repr=False)
     callers_file: Path | None = None
+    checkpoint_every: int = 1000
+    """Sign a ledger checkpoint once this many entries have gathered since the last one."""
+    checkpoint_seconds: float = 60.0
+    """…or once this many seconds have passed with new entries."""
     identity_target: str | None = None
     """Address of the identity service; unset means this process (all-in-one mode)."""
     keyring_json: str | None = field(default=None, repr=False)
@@ -123,6 +127,10 @@ class Settings:
             admin_token=read("admin_token", "STEWARD_ADMIN_TOKEN", _parse_text),
             callers_file=None if callers_file is None else Path(callers_file),
             identity_target=values.get("STEWARD_IDENTITY_TARGET"),
+            checkpoint_every=read("checkpoint_every", "STEWARD_CHECKPOINT_EVERY", _positive),
+            checkpoint_seconds=read(
+                "checkpoint_seconds", "STEWARD_CHECKPOINT_SECONDS", _non_negative_float
+            ),
             keyring_json=values.get("STEWARD_KEYRING_JSON"),
         )
         if settings.env == "production":

@@ -55,9 +55,14 @@ DEFAULT_BLOCKED_VALUES: Final = frozenset(
 DEFAULT_BLOCKED_PATTERNS: Final = (
     re.compile(r"0+"),  # all zeros: unset device ids, placeholder card numbers
     re.compile(r"\+?0*1234567890?"),  # keyboard-walk phone numbers
-    re.compile(r"(.)\1{7,}"),  # one character repeated: 11111111, xxxxxxxx
+    re.compile(r"(?P<repeated>.)(?P=repeated){7,}"),  # one character repeated: 11111111, xxxxxxxx
 )
 """Patterns over normalised values that never identify anybody."""
+
+_ANY_BLOCKED_PATTERN: Final = re.compile(
+    "|".join(f"(?:{pattern.pattern})" for pattern in DEFAULT_BLOCKED_PATTERNS)
+)
+"""All of them in one, as every identifier of every Resolve is checked."""
 
 _CASE_FOLDED: Final = frozenset(
     {
@@ -66,6 +71,15 @@ _CASE_FOLDED: Final = frozenset(
         common_pb2.IDENTIFIER_TYPE_LOYALTY_CARD,
     }
 )
+
+
+_IDENTIFIER_TYPES: Final = frozenset(common_pb2.IdentifierType.values()) - {
+    common_pb2.IDENTIFIER_TYPE_UNSPECIFIED
+}
+_TYPE_NAMES: Final = {
+    type_: common_pb2.IdentifierType.Name(type_).removeprefix("IDENTIFIER_TYPE_")
+    for type_ in _IDENTIFIER_TYPES
+}
 
 
 class IdentifierError(ValueError):
@@ -93,7 +107,10 @@ class PseudonymisedIdentifier:
 
 def type_name(identifier_type: IdentifierType) -> str:
     """``EMAIL`` for IDENTIFIER_TYPE_EMAIL."""
-    return common_pb2.IdentifierType.Name(identifier_type).removeprefix("IDENTIFIER_TYPE_")
+    name = _TYPE_NAMES.get(identifier_type)
+    if name is None:
+        return common_pb2.IdentifierType.Name(identifier_type).removeprefix("IDENTIFIER_TYPE_")
+    return name
 
 
 def normalise(identifier_type: IdentifierType, value: str, *, phone_region: str = "GB") -> str:
@@ -118,7 +135,7 @@ def normalise(identifier_type: IdentifierType, value: str, *, phone_region: str 
         text = re.sub(r"[\s-]+", "", text)
     if identifier_type in _CASE_FOLDED:
         return text.casefold()
-    if identifier_type in common_pb2.IdentifierType.values() and identifier_type != 0:
+    if identifier_type in _IDENTIFIER_TYPES:
         return text
     raise IdentifierError("type", "must be a known identifier type")
 
@@ -164,9 +181,7 @@ def check_namespace(identifier_type: IdentifierType, namespace: str) -> str:
 def is_junk(normalised: str) -> bool:
     """Whether a normalised value is one of the values that never identify anybody."""
     bare = normalised.casefold()
-    return bare in DEFAULT_BLOCKED_VALUES or any(
-        pattern.fullmatch(bare) for pattern in DEFAULT_BLOCKED_PATTERNS
-    )
+    return bare in DEFAULT_BLOCKED_VALUES or _ANY_BLOCKED_PATTERN.fullmatch(bare) is not None
 
 
 def hash_message(identifier_type: IdentifierType, namespace: str, normalised: str) -> bytes:
@@ -188,9 +203,7 @@ def pseudonymise_identifier(
     report them as blocked. Pre-hashed values cannot be checked here; identity compares them
     with the digests of its blocked values.
     """
-    if identifier.type == common_pb2.IDENTIFIER_TYPE_UNSPECIFIED or (
-        identifier.type not in common_pb2.IdentifierType.values()
-    ):
+    if identifier.type not in _IDENTIFIER_TYPES:
         raise IdentifierError("type", "must be a known identifier type")
     namespace = check_namespace(identifier.type, identifier.namespace)
     if identifier.pseudonymised:

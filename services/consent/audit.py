@@ -16,7 +16,7 @@ import re
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Final, Literal, TypeAlias
@@ -217,7 +217,7 @@ class VerificationReport:
     """Seqs covered by the first failing checkpoint since the last good one."""
     problems: tuple[str, ...] = ()
     """Every failure found, the one in ``problem`` first."""
-    warnings: tuple[str, ...] = field(default_factory=tuple)
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -371,7 +371,6 @@ def _misplaced_entry(entries: _Entries, position: int, seq: int, claimed_chain: 
             f"is already on line {entries.line(seq)}",
             position,
         )
-    later = [p for p in range(position + 1, len(entries) + 1) if entries.seq(p) == position]
     occurrences = entries.seqs.count(seq)
     if occurrences > 1:
         return _Failure(
@@ -379,24 +378,26 @@ def _misplaced_entry(entries: _Entries, position: int, seq: int, claimed_chain: 
             f"appears {occurrences} times",
             position,
         )
-    if not later:
-        missing = range(position, seq)
-        if all(entries.seqs.count(s) == 0 for s in missing) and len(missing) > 1:
+    try:
+        later = entries.seqs.index(position, position) + 1
+    except ValueError:
+        present = set(entries.seqs)
+        if seq - position > 1 and not any(s in present for s in range(position, seq)):
             what = f"seqs {position}-{seq - 1} were removed"
         else:
             what = f"seq {position} was removed"
         return _Failure(
             f"{what}: line {line} holds seq {seq} where seq {position} belongs", position
         )
-    if later[0] == position + 1 and seq != position + 1:
+    if later == position + 1 and seq != position + 1:
         return _Failure(
             f"an entry was inserted at seq {position} (line {line}): it claims seq {seq}, and "
-            f"seq {position} follows on line {entries.line(later[0])}",
+            f"seq {position} follows on line {entries.line(later)}",
             position,
         )
     return _Failure(
         f"entries were reordered: line {line} holds seq {seq} where seq {position} belongs; "
-        f"seq {position} is on line {entries.line(later[0])}",
+        f"seq {position} is on line {entries.line(later)}",
         position,
     )
 
@@ -421,21 +422,21 @@ def _conclude(
     roots = _roots_at(entries, {size for item in placed if (size := _tree_size(item)) is not None})
 
     verified: list[int] = []
-    failures: list[tuple[ExportedCheckpoint | UnreadableLine, str, int]] = []
+    failures: list[tuple[_CheckpointFault, str, int, int]] = []
     for item in placed:
         size = _tree_size(item) or 0
-        last_good = max(verified, default=0)
-        problem = _checkpoint_failure(item, public_key_pem, entries, roots)
-        if problem is None:
+        verdict = _checkpoint_failure(item, public_key_pem, entries, roots)
+        if verdict is None:
             verified.append(size)
         else:
-            failures.append((item, problem, last_good))
+            failures.append((*verdict, size, max(verified, default=0)))
 
     checkpoint_failure: _Failure | None = None
     if failures:
-        item, problem, last_good = failures[0]
-        size = _tree_size(item) or 0
-        checkpoint_failure = _range_failure(item, size, problem, last_good, count, verified)
+        fault, problem, size, last_good = failures[0]
+        checkpoint_failure = _range_failure(
+            fault, problem, size, last_good, count, verified, entry_failure is None
+        )
         if len(failures) > 1:
             more = _count(len(failures) - 1, "later checkpoint fails", "later checkpoints fail")
             checkpoint_failure = _Failure(
@@ -463,14 +464,10 @@ def _conclude(
 
     newest = max(verified, default=0)
     uncovered_from = newest + 1 if count > newest else None
-    warnings = (
-        (
-            f"entries after seq {newest} are not covered by a signed checkpoint: seqs "
-            f"{newest + 1}-{count} are chained, but no signature vouches for them yet",
-        )
-        if uncovered_from is not None
-        else ()
-    )
+    warnings: tuple[str, ...] = ()
+    if uncovered_from is not None:
+        which = f"entries after seq {newest} are not" if newest else "no entry is"
+        warnings = (f"{which} covered by a signed checkpoint (seqs {newest + 1}-{count})",)
     primary = ordered[0] if ordered else None
     return VerificationReport(
         ok=primary is None,
@@ -486,66 +483,71 @@ def _conclude(
     )
 
 
+_CheckpointFault: TypeAlias = Literal["unreadable", "unsigned", "beyond the end", "mismatch"]
+
+
 def _checkpoint_failure(
     item: ExportedCheckpoint | UnreadableLine,
     public_key_pem: str,
     entries: _Entries,
     roots: dict[int, bytes],
-) -> str | None:
+) -> tuple[_CheckpointFault, str] | None:
     size = _tree_size(item) or 0
     where = f"checkpoint at tree size {size} (line {item.line})"
     if isinstance(item, UnreadableLine):
-        return f"{where} is unreadable ({item.problem})"
+        return "unreadable", f"{where} is unreadable ({item.problem})"
     checkpoint = item.checkpoint
     problem = checkpoint_problem(public_key_pem, checkpoint)
     if problem is not None:
-        return f"{where}: {problem}"
+        return "unsigned", f"{where}: {problem}"
     if size > len(entries):
-        return (
+        return "beyond the end", (
             f"{where} covers seqs 1-{size}, but the export ends at seq {len(entries)}: "
             f"seqs {len(entries) + 1}-{size} were removed"
         )
     if checkpoint.root != roots[size]:
-        return f"{where}: the Merkle root of seqs 1-{size} does not match the signed root"
+        return (
+            "mismatch",
+            f"{where}: the Merkle root of seqs 1-{size} does not match the signed root",
+        )
     if checkpoint.chain_hash != entries.chain(size):
-        return f"{where}: the chain hash of seq {size} does not match the signed one"
+        return "mismatch", f"{where}: the chain hash of seq {size} does not match the signed one"
     return None
 
 
 def _range_failure(
-    item: ExportedCheckpoint | UnreadableLine,
-    size: int,
+    fault: _CheckpointFault,
     problem: str,
+    size: int,
     last_good: int,
     count: int,
     verified: Sequence[int],
+    entries_consistent: bool,
 ) -> _Failure:
-    signed = isinstance(item, ExportedCheckpoint) and problem.endswith("were removed")
-    if signed and size > count:
+    """The first failing checkpoint as a failure of the seqs it covers since the last good one."""
+    if fault == "beyond the end":
         return _Failure(problem, count + 1, size, (count + 1, size))
     if last_good >= size:
         return _Failure(
             f"{problem}; the checkpoint at tree size {last_good} verifies and covers the same "
             "entries, so only this checkpoint was altered",
             None,
-            None,
         )
-    since = (
-        f"since the last good checkpoint at tree size {last_good}" if last_good else "from seq 1"
-    )
+    since = f" (since the last good checkpoint at tree size {last_good})" if last_good else ""
+    seqs = f"seqs {last_good + 1}-{size}"
     confirming = [good for good in verified if good >= size]
     if confirming:
         consequence = (
-            f"; the later checkpoint at tree size {confirming[0]} verifies and covers seqs "
-            f"{last_good + 1}-{size}, so only this checkpoint was altered"
+            f"; the later checkpoint at tree size {confirming[0]} verifies and covers {seqs}, "
+            "so only this checkpoint was altered"
         )
-    elif "does not match" in problem:
+    elif fault == "mismatch":
         consequence = (
-            f": an entry among seqs {last_good + 1}-{size} ({since}) was altered, removed, "
-            "inserted or reordered, and the hashes after it were recomputed to hide it"
+            f": an entry among {seqs}{since} was altered, removed, inserted or reordered"
+            + (", and the hashes after it were recomputed to hide it" if entries_consistent else "")
         )
     else:
-        consequence = f"; seqs {last_good + 1}-{size} ({since}) are not confirmed by a signature"
+        consequence = f"; {seqs}{since} are not confirmed by a signature"
     return _Failure(problem + consequence, last_good + 1, size, (last_good + 1, size))
 
 
@@ -716,7 +718,7 @@ def _open_for_reading(source: Source) -> Iterator[Iterator[tuple[int, str]]]:
         try:
             handle = open(source, "rb")  # noqa: SIM115 - closed below
         except OSError as error:
-            raise AuditFileError(f"cannot read {os.fspath(source)}: {error.strerror}") from None
+            raise AuditFileError(f"the file cannot be opened ({error.strerror})") from None
         with handle:
             yield (
                 (number, raw.decode("utf-8", errors="replace"))

@@ -6,6 +6,7 @@ UNIMPLEMENTED through the generated base class.
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections.abc import Iterator
@@ -40,6 +41,7 @@ from services.consent.store import PRODUCER, ConsentStore
 
 C = consent_pb2
 A = audit_pb2
+logger = logging.getLogger(__name__)
 FUTURE_TOLERANCE: Final = timedelta(minutes=5)
 MAX_DECISIONS: Final = 64
 MAX_IDENTIFIERS: Final = 32
@@ -451,6 +453,34 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         yield from self._service.export(request.from_seq, request.to_seq)
 
 
+class CheckpointTimer:
+    """Signs a checkpoint every ``interval`` seconds while new entries keep arriving."""
+
+    def __init__(self, service: ConsentService, interval: float) -> None:
+        self._service = service
+        self._interval = interval
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._interval <= 0 or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="ledger-checkpoints", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self._interval):
+            try:
+                self._service.checkpoint_if_grown()
+            except Exception:
+                logger.exception("signing a ledger checkpoint failed; trying again later")
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
 def build(context: ServiceContext) -> ServiceParts:
     """The consent service on its database and key store (both migrated first)."""
     settings = context.settings
@@ -466,9 +496,11 @@ def build(context: ServiceContext) -> ServiceParts:
         keyring.sign,
         keyring.signing_key_id,
         keyring.public_key_pem(),
+        checkpoint_every=settings.checkpoint_every,
     )
     service.ensure_default_purposes()
     subjects = SubjectResolver(context)
+    timer = CheckpointTimer(service, settings.checkpoint_seconds)
     channels: list[grpc.Channel] = []
 
     def connect_identity(own_target: str) -> None:
@@ -477,6 +509,7 @@ def build(context: ServiceContext) -> ServiceParts:
         subjects.connect(IdentityClient(channel))
 
     def close() -> None:
+        timer.stop()
         for channel in channels:
             channel.close()
         engine.dispose()
@@ -497,6 +530,6 @@ def build(context: ServiceContext) -> ServiceParts:
     return ServiceParts(
         registrations,
         logs={PRODUCER: ProducerLog(store.outbox, engine)},
-        on_start=[connect_identity],
+        on_start=[connect_identity, lambda _target: timer.start()],
         on_stop=[close],
     )

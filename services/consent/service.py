@@ -377,6 +377,15 @@ class ConsentService:
                 raise FailedPrecondition([("LEDGER", "ledger", "the ledger is empty")])
             return self._sign_checkpoint(connection, size)
 
+    def checkpoint_if_grown(self) -> ledger.SignedCheckpoint | None:
+        """Sign a checkpoint when entries were appended since the last one (the timer's job)."""
+        with self.store.writing() as connection:
+            latest = self.store.checkpoint(connection)
+            size = self.store.ledger_size(connection)
+            if size == 0 or (latest is not None and latest.tree_size >= size):
+                return None
+            return self._sign_checkpoint(connection, size)
+
     def inclusion(
         self, seq: int, tree_size: int
     ) -> tuple[int, bytes, list[bytes], ledger.SignedCheckpoint | None, object]:

@@ -121,6 +121,20 @@ class PersonGroup:
 
 
 @dataclass(frozen=True, slots=True)
+class Neighbourhood:
+    """What Resolve needs to know about the identifiers of a batch, loaded together."""
+
+    known: dict[str, KnownIdentifier]
+    """digest -> the identifiers already in the graph."""
+    roots: dict[str, str]
+    """person -> root, for every member of ``groups``."""
+    groups: dict[str, PersonGroup]
+    """root -> every group holding a known identifier."""
+    copresence: dict[int, set[str]]
+    """identifier id -> persons a known identifier was seen with."""
+
+
+@dataclass(frozen=True, slots=True)
 class Evidence:
     digest: str
     type: IdentifierType
@@ -173,6 +187,8 @@ class NewIdentifier:
 class GraphTransaction(Protocol):
     """One database transaction of the identity store, holding the graph's write lock."""
 
+    def neighbourhood(self, digests: Iterable[str]) -> Neighbourhood: ...
+
     def known_identifiers(self, digests: Iterable[str]) -> dict[str, KnownIdentifier]: ...
 
     def groups(self, roots: Iterable[str]) -> dict[str, PersonGroup]: ...
@@ -195,8 +211,8 @@ class GraphTransaction(Protocol):
         """Mark an identifier as a hub; returns it."""
         ...
 
-    def apply_merge(self, merge: MergeRecord) -> None:
-        """Make the absorbed persons aliases of the survivor; record and publish the merge."""
+    def apply_merges(self, merges: Sequence[MergeRecord]) -> None:
+        """In order, make each merge's absorbed persons aliases; record and publish the merges."""
         ...
 
     def merges_supported_by(self, identifier_id: int) -> list[MergeRecord]: ...
@@ -266,17 +282,14 @@ class Resolver:
 
     def _load(self, items: Sequence[ItemInput]) -> None:
         digests = {c for item in items for ident in item.identifiers for c in ident.candidates}
-        self._known = self._tx.known_identifiers(digests)
+        loaded = self._tx.neighbourhood(digests)
+        self._known = loaded.known
         self._ids = {known.id: known for known in self._known.values()}
-        origins = {known.origin for known in self._known.values()}
-        self._root = self._tx.roots_of(origins)
-        self._groups = self._tx.groups(set(self._root.values()))
-        for group in self._groups.values():
-            for member in group.members:
-                self._root[member] = group.root
+        self._root = loaded.roots
+        self._groups = loaded.groups
         self._copresence = {
             self._ids[identifier_id].digest: persons
-            for identifier_id, persons in self._tx.copresence(self._ids).items()
+            for identifier_id, persons in loaded.copresence.items()
         }
         self._new_copresence = {}
 
@@ -553,8 +566,7 @@ class Resolver:
             if digest in self._known and self._known[digest].id
         }
         self._tx.touch_identifiers(touched)
-        for merge in pending.merges:
-            self._tx.apply_merge(merge)
+        self._tx.apply_merges(pending.merges)
         observations = {
             (self._known[digest].id, other)
             for digest, others in self._new_copresence.items()
@@ -686,7 +698,7 @@ def merge_persons(
         rules_version=rules.version,
         merged_at=now,
     )
-    transaction.apply_merge(merge)
+    transaction.apply_merges([merge])
     return merge
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
@@ -55,22 +56,23 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         self,
         identifier: common_pb2.Identifier,
         index: int,
-        path: str,
+        list_path: str,
         violations: FieldViolations,
+        is_blocked: Callable[[str], bool],
     ) -> IdentifierInput:
         try:
             pseudonymised = pseudonymise_identifier(
                 identifier,
                 self._service.keyring,
                 phone_region=self._phone_region,
-                is_blocked=self._service.rules.is_blocked,
+                is_blocked=is_blocked,
             )
         except IdentifierError as error:
             if error.field == "value" and not identifier.pseudonymised:
                 return IdentifierInput(
                     index, identifier.type, identifier.namespace, invalid=error.description
                 )
-            violations.add(f"{path}.{error.field}", error.description)
+            violations.add(f"{list_path}[{index}].{error.field}", error.description)
             return IdentifierInput(index, identifier.type, identifier.namespace, invalid="refused")
         return IdentifierInput(
             index,
@@ -96,22 +98,22 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         )
         violations.raise_if_any()
         now = datetime.now(UTC)
+        is_blocked = self._service.rules.is_blocked
+        default_source = request.source or "unknown"
         items = []
         for item_index, item in enumerate(request.items):
             path = f"items[{item_index}]"
-            violations.check(
-                bool(item.identifiers), f"{path}.identifiers", "at least one identifier"
-            )
-            violations.check(
-                len(item.identifiers) <= MAX_IDENTIFIERS_PER_ITEM,
-                f"{path}.identifiers",
-                f"at most {MAX_IDENTIFIERS_PER_ITEM} identifiers",
-            )
-            violations.check(
-                len(item.source) <= MAX_SOURCE_LENGTH,
-                f"{path}.source",
-                f"at most {MAX_SOURCE_LENGTH} characters",
-            )
+            count = len(item.identifiers)
+            if not 0 < count <= MAX_IDENTIFIERS_PER_ITEM:
+                violations.check(count > 0, f"{path}.identifiers", "at least one identifier")
+                violations.check(
+                    count <= MAX_IDENTIFIERS_PER_ITEM,
+                    f"{path}.identifiers",
+                    f"at most {MAX_IDENTIFIERS_PER_ITEM} identifiers",
+                )
+            source = item.source
+            if len(source) > MAX_SOURCE_LENGTH:
+                violations.add(f"{path}.source", f"at most {MAX_SOURCE_LENGTH} characters")
             seen_at = now
             if item.HasField("seen_at"):
                 seen_at = item.seen_at.ToDatetime(tzinfo=UTC)
@@ -120,18 +122,16 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
                 )
             identifiers = tuple(
                 self._identifier_input(
-                    identifier, index, f"{path}.identifiers[{index}]", violations
+                    identifier, index, f"{path}.identifiers", violations, is_blocked
                 )
                 for index, identifier in enumerate(item.identifiers[:MAX_IDENTIFIERS_PER_ITEM])
             )
-            items.append(
-                ItemInput(
-                    item_index, identifiers, item.source or request.source or "unknown", seen_at
-                )
-            )
+            items.append(ItemInput(item_index, identifiers, source or default_source, seen_at))
         violations.raise_if_any()
-        results = self._service.resolve(items)
-        return identity_pb2.ResolveResponse(results=[_result_message(r) for r in results])
+        response = identity_pb2.ResolveResponse()
+        for result in self._service.resolve(items):
+            _add_result(response, result)
+        return response
 
     def Lookup(
         self, request: identity_pb2.LookupRequest, context: grpc.ServicerContext
@@ -144,8 +144,9 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
             f"at most {self._max_batch} identifiers",
         )
         violations.raise_if_any()
+        is_blocked = self._service.rules.is_blocked
         inputs = [
-            self._identifier_input(identifier, index, f"identifiers[{index}]", violations)
+            self._identifier_input(identifier, index, "identifiers", violations, is_blocked)
             for index, identifier in enumerate(request.identifiers)
         ]
         violations.raise_if_any()
@@ -323,24 +324,21 @@ def _check_reason(reason: str, violations: FieldViolations) -> None:
     )
 
 
-def _result_message(result: ItemResult) -> identity_pb2.ResolveResult:
-    return identity_pb2.ResolveResult(
+def _add_result(response: identity_pb2.ResolveResponse, result: ItemResult) -> None:
+    # Built in place: a message passed to a constructor is copied.
+    message = response.results.add(
         index=result.index,
         person_id=result.person_id,
         created=result.created,
-        merged_person_ids=result.merged_person_ids,
         merge_id=result.merge_id,
-        identifiers=[
-            identity_pb2.IdentifierOutcome(
-                index=o.index,
-                type=o.type,
-                hashed_value=o.hashed_value,
-                status=o.status,
-                detail=o.detail,
-            )
-            for o in result.identifiers
-        ],
     )
+    if result.merged_person_ids:
+        message.merged_person_ids.extend(result.merged_person_ids)
+    add_outcome = message.identifiers.add
+    for o in result.identifiers:
+        add_outcome(
+            index=o.index, type=o.type, hashed_value=o.hashed_value, status=o.status, detail=o.detail
+        )
 
 
 def _merge_message(merge: MergeRecord) -> identity_pb2.MergeRecord:

@@ -21,6 +21,7 @@ from typing import Any, Final
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Index,
@@ -238,6 +239,54 @@ def _values_in_any(element: values_in, compiler: SQLCompiler, **kw: Any) -> str:
     return f"{column} = ANY({values})"
 
 
+# Statements of the Resolve path, built once (parameters are named after no column, as UPDATE
+# ... SET reserves the column names for itself).
+_known = identifiers.alias("known")
+_origin = persons.alias("origin")
+_NEIGHBOURHOOD: Final = (
+    select(
+        persons.c.root_id,
+        persons.c.person_id,
+        persons.c.created_at,
+        identifiers.c.id,
+        identifiers.c.digest,
+        identifiers.c.type,
+        identifiers.c.namespace,
+        identifiers.c.quarantined,
+        sources_table.c.source,
+    )
+    .select_from(
+        persons.outerjoin(identifiers, identifiers.c.person_id == persons.c.person_id).outerjoin(
+            sources_table, sources_table.c.identifier_id == identifiers.c.id
+        )
+    )
+    .where(
+        persons.c.root_id.in_(
+            select(_origin.c.root_id)
+            .join_from(_known, _origin, _origin.c.person_id == _known.c.person_id)
+            .where(values_in(_known.c.digest, "digests"))
+        )
+    )
+)
+_COPRESENCE: Final = select(
+    copresence_table.c.identifier_id, copresence_table.c.other_person_id
+).where(values_in(copresence_table.c.identifier_id, "ids"))
+_IDS_OF_DIGESTS: Final = select(identifiers.c.digest, identifiers.c.id).where(
+    values_in(identifiers.c.digest, "digests")
+)
+_LINK: Final = insert(identifiers).returning(identifiers.c.id, identifiers.c.digest)
+_ATTACH: Final = (
+    update(persons)
+    .where(persons.c.person_id == bindparam("absorbed"))
+    .values(alias_of=bindparam("attach_to"), merged_by=bindparam("by_merge"))
+)
+_REROOT: Final = (
+    update(persons)
+    .where(persons.c.root_id == bindparam("absorbed"))
+    .values(root_id=bindparam("survivor"))
+)
+
+
 class IdentityStore:
     """Opens graph transactions on the identity database."""
 
@@ -301,6 +350,43 @@ class GraphStore:
         self.outbox = outbox
 
     # Reads ---------------------------------------------------------------------------------------
+
+    def neighbourhood(self, digests: Iterable[str]) -> Neighbourhood:
+        """Every group holding one of ``digests``, in one query, and what its identifiers saw."""
+        wanted = set(digests)
+        result = Neighbourhood({}, {}, {}, {})
+        if not wanted:
+            return result
+        groups, roots = result.groups, result.roots
+        # id -> [root, person, digest, type, namespace, quarantined, sources]
+        held: dict[int, list[Any]] = {}
+        rows = self.connection.execute(_NEIGHBOURHOOD, {"digests": list(wanted)})
+        for root, person, created_at, identifier_id, digest, type_, namespace, hub, source in rows:
+            group = groups.get(root)
+            if group is None:
+                group = groups[root] = PersonGroup(root, utc(created_at), set(), {})
+            if person == root:
+                group.created_at = utc(created_at)
+            group.members.add(person)
+            roots[person] = root
+            if identifier_id is None:
+                continue
+            entry = held.get(identifier_id)
+            if entry is None:
+                entry = held[identifier_id] = [root, person, digest, type_, namespace, hub, set()]
+            if source is not None:
+                entry[6].add(source)
+        for identifier_id, (root, person, digest, type_, namespace, hub, sources) in held.items():
+            groups[root].held[digest] = (type_, namespace, frozenset(sources))
+            if digest in wanted:
+                result.known[digest] = KnownIdentifier(
+                    identifier_id, digest, type_, namespace, person, bool(hub), sources
+                )
+        if result.known:
+            ids = [known.id for known in result.known.values()]
+            for identifier_id, other in self.connection.execute(_COPRESENCE, {"ids": ids}):
+                result.copresence.setdefault(identifier_id, set()).add(other)
+        return result
 
     def known_identifiers(self, digests: Iterable[str]) -> dict[str, KnownIdentifier]:
         wanted = sorted(set(digests))
@@ -442,8 +528,8 @@ class GraphStore:
     def link_identifiers(self, new: Sequence[NewIdentifier]) -> dict[str, int]:
         if not new:
             return {}
-        self.connection.execute(
-            insert(identifiers),
+        rows = self.connection.execute(
+            _LINK,
             [
                 {
                     "digest": n.digest,
@@ -457,16 +543,7 @@ class GraphStore:
                 for n in new
             ],
         )
-        ids: dict[str, int] = {}
-        for chunk in _chunks([n.digest for n in new]):
-            ids.update(
-                (row.digest, row.id)
-                for row in self.connection.execute(
-                    select(identifiers.c.digest, identifiers.c.id).where(
-                        identifiers.c.digest.in_(chunk)
-                    )
-                )
-            )
+        ids = {digest: identifier_id for identifier_id, digest in rows}
         self.connection.execute(
             insert(sources_table),
             [{"identifier_id": ids[n.digest], "source": n.source} for n in new],
@@ -517,43 +594,55 @@ class GraphStore:
             row.id, row.digest, row.type, row.namespace, row.person_id, True, set()
         )
 
-    def apply_merge(self, merge: MergeRecord) -> None:
-        absorbed = list(merge.absorbed)
-        for person in absorbed:
-            self.connection.execute(
-                update(persons)
-                .where(persons.c.person_id == person)
-                .values(alias_of=merge.attach_point(person), merged_by=merge.merge_id)
-            )
+    def apply_merges(self, applied: Sequence[MergeRecord]) -> None:
+        """Apply merges in order, each statement once for all of them; record and publish them."""
+        if not applied:
+            return
+        absorbed = [(merge, person) for merge in applied for person in merge.absorbed]
         self.connection.execute(
-            update(persons).where(persons.c.root_id.in_(absorbed)).values(root_id=merge.survivor)
-        )
-        self.connection.execute(
-            insert(merges).values(
-                merge_id=merge.merge_id,
-                survivor_id=merge.survivor,
-                absorbed=absorbed,
-                actor=merge.actor,
-                source=merge.source,
-                reason=merge.reason,
-                rules_version=merge.rules_version,
-                merged_at=merge.merged_at,
-                undone_at=None,
-            )
-        )
-        if merge.evidence:
-            ids = self._identifier_ids([e.digest for e in merge.evidence])
-            rows = {
-                ids[e.digest]: {
-                    "merge_id": merge.merge_id,
-                    "identifier_id": ids[e.digest],
-                    "side_person_id": e.side,
+            _ATTACH,
+            [
+                {
+                    "absorbed": person,
+                    "attach_to": merge.attach_point(person),
+                    "by_merge": merge.merge_id,
                 }
-                for e in merge.evidence
-                if e.digest in ids
-            }
-            if rows:
-                self.connection.execute(insert(evidence_table), list(rows.values()))
+                for merge, person in absorbed
+            ],
+        )
+        # In order: a later merge may absorb an earlier one's survivor.
+        self.connection.execute(
+            _REROOT,
+            [{"absorbed": person, "survivor": merge.survivor} for merge, person in absorbed],
+        )
+        self.connection.execute(
+            insert(merges),
+            [
+                {
+                    "merge_id": merge.merge_id,
+                    "survivor_id": merge.survivor,
+                    "absorbed": list(merge.absorbed),
+                    "actor": merge.actor,
+                    "source": merge.source,
+                    "reason": merge.reason,
+                    "rules_version": merge.rules_version,
+                    "merged_at": merge.merged_at,
+                    "undone_at": None,
+                }
+                for merge in applied
+            ],
+        )
+        digests = {e.digest for merge in applied for e in merge.evidence}
+        ids = self._identifier_ids(list(digests)) if digests else {}
+        evidence = [
+            {"merge_id": merge.merge_id, "identifier_id": identifier_id, "side_person_id": side}
+            for merge in applied
+            for identifier_id, side in {
+                ids[e.digest]: e.side for e in merge.evidence if e.digest in ids
+            }.items()
+        ]
+        if evidence:
+            self.connection.execute(insert(evidence_table), evidence)
         self.add_history(
             [
                 HistoryRecord(
@@ -567,33 +656,27 @@ class GraphStore:
                     reason=merge.reason,
                     merge_id=merge.merge_id,
                 )
+                for merge in applied
             ]
         )
-        self.outbox.append(
-            self.connection,
-            [
-                events_pb2.PersonsMerged(
-                    merge_id=merge.merge_id,
-                    surviving_person_id=merge.survivor,
-                    absorbed_person_ids=absorbed,
-                    reason=merge.reason,
-                )
-            ],
-            occurred_at=merge.merged_at,
-        )
+        for merged_at, same_time in itertools.groupby(applied, key=lambda m: m.merged_at):
+            self.outbox.append(
+                self.connection,
+                [
+                    events_pb2.PersonsMerged(
+                        merge_id=merge.merge_id,
+                        surviving_person_id=merge.survivor,
+                        absorbed_person_ids=list(merge.absorbed),
+                        reason=merge.reason,
+                    )
+                    for merge in same_time
+                ],
+                occurred_at=merged_at,
+            )
 
     def _identifier_ids(self, digests: Sequence[str]) -> dict[str, int]:
-        ids: dict[str, int] = {}
-        for chunk in _chunks(sorted(set(digests))):
-            ids.update(
-                (row.digest, row.id)
-                for row in self.connection.execute(
-                    select(identifiers.c.digest, identifiers.c.id).where(
-                        identifiers.c.digest.in_(chunk)
-                    )
-                )
-            )
-        return ids
+        rows = self.connection.execute(_IDS_OF_DIGESTS, {"digests": sorted(set(digests))})
+        return {digest: identifier_id for digest, identifier_id in rows}
 
     def undo_merge(self, merge: MergeRecord, at: datetime, actor: str, reason: str) -> list[str]:
         restored = list(merge.absorbed)

@@ -417,3 +417,62 @@ def test_no_raw_identifier_in_any_consent_table(
                         assert needle not in blob, f"{needle} in {table}"
     finally:
         engine.dispose()
+
+
+def test_gpc_acknowledgement_is_recorded_and_signals_cannot_override_gpc(
+    consent: consent_pb2_grpc.ConsentServiceStub, auditor: audit_pb2_grpc.AuditServiceStub
+) -> None:
+    from tests.consent.test_tcf import Core
+
+    consent.ApplySignals(C.ApplySignalsRequest(subject=by_email(), gpc=True), timeout=10)
+    # A TC string granting marketing arrives later: it cannot undo the GPC withdrawal.
+    answer = consent.ApplySignals(
+        C.ApplySignalsRequest(subject=by_email(), tcf_string=Core().encode()), timeout=10
+    )
+    states = {s.purpose: s for s in answer.states}
+    assert states["marketing"].reason == C.CONSENT_REASON_WITHDRAWN
+    assert states["analytics"].allowed, "purposes GPC does not cover follow the TC string"
+    granted = record(
+        consent, by_email(), {"marketing": T.DECISION_GRANTED}, acknowledge_gpc_conflict=True
+    )
+    checkpoint = auditor.GetCheckpoint(A.GetCheckpointRequest(sign_now=True), timeout=10)
+    proof = auditor.GetInclusionProof(
+        A.GetInclusionProofRequest(
+            seq=granted.receipts[0].seq, tree_size=checkpoint.checkpoint.tree_size
+        ),
+        timeout=10,
+    )
+    assert proof.entry.details["gpc_conflict_acknowledged"] == "true"
+    assert proof.entry.subject.startswith("s_") and proof.entry.kind == A.ENTRY_KIND_DECISION
+
+
+def test_checkpoints_are_signed_every_n_entries_and_every_t_seconds(
+    tmp_path: Path, db_url: str
+) -> None:
+    settings = Settings.from_env(
+        {
+            "STEWARD_DATA_DIR": str(tmp_path / "data"),
+            "STEWARD_DATABASE_URL": db_url,
+            "STEWARD_CHECKPOINT_EVERY": "3",
+            "STEWARD_CHECKPOINT_SECONDS": "0.2",
+        }
+    )
+    running = start_suite(dataclasses.replace(settings, port=0), ["consent", "identity"])
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            consent = consent_pb2_grpc.ConsentServiceStub(channel)
+            auditor = audit_pb2_grpc.AuditServiceStub(channel)
+            # The four default purposes were recorded at start: one checkpoint at 3 entries.
+            first = auditor.GetCheckpoint(A.GetCheckpointRequest(), timeout=10).checkpoint
+            assert first.tree_size >= 3
+            record(consent, by_email(), {"analytics": T.DECISION_GRANTED})
+            size = first.tree_size
+            deadline = datetime.now(UTC) + timedelta(seconds=5)
+            while datetime.now(UTC) < deadline:
+                latest = auditor.GetCheckpoint(A.GetCheckpointRequest(), timeout=10).checkpoint
+                if latest.tree_size > size:
+                    break
+            # Four default purposes and one decision: the timer signed what was left over.
+            assert latest.tree_size == 5
+    finally:
+        running.stop(0)

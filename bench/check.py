@@ -1,0 +1,777 @@
+"""CheckConsent latency under an open-loop load, and RecordConsent throughput onto the ledger.
+
+Target (consent issue, DESIGN.md): CheckConsent at 2,000 calls/s offered, p50 <= 1.5 ms and
+p99 <= 5 ms, on the 2-core machine with client and server on it.
+
+The consent and identity services run together in their own process (``steward serve --service
+consent --service identity``) on a temporary data directory: SQLite files there, or a fresh
+PostgreSQL database that this script creates and drops. The run has four parts:
+
+1. Warm-up: ``--persons`` persons get consents through RecordConsent, nine in ten by person id
+   (``p_<32 hex>``, as identity issues them; consent accepts any well-formed id) and one in ten
+   by an email and a cookie, so identity resolves them. A quarter get a second, later decision.
+2. CheckConsent by person id (the fast path: no identity call) at ``--rate`` calls/s for
+   ``--seconds``, open-loop: each call has a scheduled send time, ``--senders`` threads issue it
+   then as a future whatever the answers so far, so queueing shows in the figures. Latency is
+   printed from the scheduled time (what a caller on a fixed schedule sees) and from the actual
+   send (the server and transport alone); the gap between the two is the client falling behind.
+   3% of the questions name a person with no decisions.
+3. The same by identifiers (consent asks identity's Lookup first); 5% are unknown identifiers.
+4. RecordConsent, closed-loop from ``--record-clients`` threads for ``--record-seconds`` each,
+   with 1 and with 4 decisions per call: calls/s, decisions/s (each decision is one ledger
+   append, confirmed by the ledger's size before and after) and p50/p99 latency.
+
+Printed: the machine, the figures and their ratio to the target, the server's resident set
+(VmRSS from /proc/<pid>/status; VmHWM is the peak) at start and end, and the CPU used by server
+and client in each part. Figures only: nothing about time is asserted. Run from the repository
+root::
+
+    .venv/bin/python bench/check.py --backend sqlite
+    .venv/bin/python bench/check.py --backend postgres \\
+        --postgres-url postgresql://postgres@127.0.0.1:5432/postgres
+
+``STEWARD_BENCH_PY_SPY=out.svg`` (or ``.txt`` for raw folded stacks) records the server with
+py-spy during each CheckConsent part, one file per part (``out-by-person-id.svg``, ...);
+``STEWARD_BENCH_PY_SPY_ARGS`` adds py-spy options (``--gil`` samples only the thread holding the
+GIL, which is where a saturated Python server spends its time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import resource
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Final
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from steward.common.v1 import common_pb2
+from steward.consent.v1 import audit_pb2, consent_pb2
+
+T = common_pb2
+C = consent_pb2
+
+TARGET_RATE: Final = 2_000.0
+TARGET_P50_MS: Final = 1.5
+TARGET_P99_MS: Final = 5.0
+CONSENT: Final = "steward.consent.v1.ConsentService"
+CHECK_METHOD: Final = f"/{CONSENT}/CheckConsent"
+RECORD_METHOD: Final = f"/{CONSENT}/RecordConsent"
+LIST_PURPOSES_METHOD: Final = f"/{CONSENT}/ListPurposes"
+CHECKPOINT_METHOD: Final = "/steward.consent.v1.AuditService/GetCheckpoint"
+METADATA: Final = (("x-steward-caller", "bench-check"),)
+CALL_DEADLINE_SECONDS: Final = 10.0
+BY_IDENTIFIERS_EVERY: Final = 10
+UNKNOWN_PERSON_SHARE: Final = 0.03
+UNKNOWN_IDENTIFIERS_SHARE: Final = 0.05
+DECISIONS: Final = (
+    (0.6, T.DECISION_GRANTED),
+    (0.25, T.DECISION_DENIED),
+    (0.15, T.DECISION_WITHDRAWN),
+)
+
+
+def new_person_id() -> str:
+    return f"p_{uuid.uuid4().hex}"
+
+
+# The server process -------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    target: str
+    log: Path
+
+    def status(self, name: str) -> int:
+        """A figure of /proc/<pid>/status in kB (VmRSS, VmHWM)."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith(f"{name}:"):
+                return int(line.split()[1])
+        return 0
+
+    def cpu_seconds(self) -> float:
+        stat = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@contextmanager
+def consent_server(data_dir: Path, database_url: str | None) -> Iterator[Server]:
+    """``steward serve --service consent --service identity`` on a free port, until SERVING."""
+    port = free_port()
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not (name.startswith("STEWARD_") and name.endswith("_DB_URL"))
+        and name not in ("OTEL_EXPORTER_OTLP_ENDPOINT", "STEWARD_IDENTITY_TARGET")
+    }
+    env |= {"STEWARD_DATA_DIR": str(data_dir), "STEWARD_LOG_LEVEL": "WARNING"}
+    if database_url is not None:
+        env["STEWARD_DATABASE_URL"] = database_url
+    else:
+        env.pop("STEWARD_DATABASE_URL", None)
+    log = data_dir / "server.log"
+    steward = Path(sys.executable).with_name("steward")
+    command = [str(steward), "serve", "--service", "consent", "--service", "identity"]
+    command += ["--port", str(port)]
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+    server = Server(process, f"127.0.0.1:{port}", log)
+    try:
+        wait_serving(server)
+        yield server
+    except BaseException:
+        if process.poll() is not None:
+            print(f"the server exited with {process.returncode}:", file=sys.stderr)
+            print(log.read_text()[-5000:], file=sys.stderr)
+        raise
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def wait_serving(server: Server, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(server.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if server.process.poll() is not None:
+                raise SystemExit(f"the server exited:\n{server.log.read_text()}")
+            try:
+                answer = stub.Check(health_pb2.HealthCheckRequest(service=CONSENT), timeout=1)
+                if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                time.sleep(0.2)
+    raise SystemExit(f"the server did not start within {timeout:.0f} s")
+
+
+@contextmanager
+def postgres_database(admin_url: str) -> Iterator[tuple[str, str]]:
+    """A fresh database for the run, dropped afterwards; yields (its URL, server version)."""
+    import psycopg
+    from psycopg import sql
+    from sqlalchemy.engine import make_url
+
+    libpq_url = make_url(admin_url).set(drivername="postgresql")
+    admin = libpq_url.render_as_string(hide_password=False)
+    name = f"steward_bench_check_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin, autocommit=True) as connection:
+        connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        version = str(connection.info.parameter_status("server_version"))
+    try:
+        url = libpq_url.set(drivername="postgresql+psycopg", database=name)
+        yield url.render_as_string(hide_password=False), version
+    finally:
+        with psycopg.connect(admin, autocommit=True) as connection:
+            connection.execute(
+                sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+@contextmanager
+def py_spy(pid: int, part: str) -> Iterator[None]:
+    """Record the server with py-spy while the block runs, when STEWARD_BENCH_PY_SPY says so."""
+    requested = os.environ.get("STEWARD_BENCH_PY_SPY")
+    spy = Path(sys.executable).with_name("py-spy")
+    if not requested or not spy.exists():
+        yield
+        return
+    path = Path(requested)
+    output = path.with_name(f"{path.stem}-{part}{path.suffix}")
+    command = [str(spy), "record", "--pid", str(pid), "--output", str(output), "--nonblocking"]
+    if output.suffix == ".txt":
+        command += ["--format", "raw"]
+    command += os.environ.get("STEWARD_BENCH_PY_SPY_ARGS", "").split()
+    recorder = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        recorder.send_signal(signal.SIGINT)
+        recorder.wait(timeout=60)
+        print(f"  (py-spy profile of the server: {output})")
+
+
+# The shop's persons -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Purpose:
+    id: str
+    policy_version: str
+
+
+@dataclass
+class Population:
+    """The warm persons: every person id, and the identifiers of those recorded by them."""
+
+    person_ids: list[str] = field(default_factory=list)
+    by_identifiers: list[list[common_pb2.Identifier]] = field(default_factory=list)
+
+
+def identifiers_of(tag: str) -> list[common_pb2.Identifier]:
+    return [
+        T.Identifier(type=T.IDENTIFIER_TYPE_EMAIL, value=f"shopper.{tag}@shop.example"),
+        T.Identifier(type=T.IDENTIFIER_TYPE_COOKIE_ID, value=f"ck-{tag}"),
+    ]
+
+
+def random_decision(rng: random.Random) -> int:
+    draw = rng.random()
+    for share, decision in DECISIONS:
+        if draw < share:
+            return decision
+        draw -= share
+    return DECISIONS[-1][1]
+
+
+def record_request(
+    subject: common_pb2.PersonRef,
+    purposes: Sequence[Purpose],
+    rng: random.Random,
+    *,
+    source: int = C.CONSENT_SOURCE_WEB_BANNER,
+) -> bytes:
+    return C.RecordConsentRequest(
+        subject=subject,
+        decisions=[
+            C.DecisionInput(
+                purpose=p.id,
+                decision=random_decision(rng),  # type: ignore[arg-type]
+                policy_version=p.policy_version,
+            )
+            for p in purposes
+        ],
+        source=source,  # type: ignore[arg-type]
+        locale="en-GB",
+    ).SerializeToString()
+
+
+def warm(target: str, persons: int, purposes: Sequence[Purpose], clients: int) -> Population:
+    """Record every warm person's consents (1-4 purposes), then a later decision for a quarter."""
+    run_tag = uuid.uuid4().hex[:8]
+    rng = random.Random(1)
+    subjects: list[common_pb2.PersonRef] = []
+    for k in range(persons):
+        if k % BY_IDENTIFIERS_EVERY == 0:
+            subjects.append(T.PersonRef(identifiers=identifiers_of(f"{run_tag}-{k}")))
+        else:
+            subjects.append(T.PersonRef(person_id=new_person_id()))
+    first = [
+        record_request(subject, rng.sample(purposes, rng.randint(1, len(purposes))), rng)
+        for subject in subjects
+    ]
+    person_ids = [""] * persons
+
+    def record(call: grpc.UnaryUnaryMultiCallable, k: int, request: bytes) -> None:
+        answer = C.RecordConsentResponse.FromString(
+            call(request, timeout=CALL_DEADLINE_SECONDS * 6, metadata=METADATA)
+        )
+        person_ids[k] = answer.person_id
+
+    run_in_threads(target, RECORD_METHOD, list(enumerate(first)), record, clients)
+    second = [
+        (k, record_request(T.PersonRef(person_id=person_ids[k]), [rng.choice(purposes)], rng))
+        for k in rng.sample(range(persons), persons // 4)
+    ]
+    run_in_threads(
+        target,
+        RECORD_METHOD,
+        second,
+        lambda call, k, request: call(
+            request, timeout=CALL_DEADLINE_SECONDS * 6, metadata=METADATA
+        ),
+        clients,
+    )
+    return Population(
+        person_ids=person_ids,
+        by_identifiers=[
+            list(subjects[k].identifiers) for k in range(0, persons, BY_IDENTIFIERS_EVERY)
+        ],
+    )
+
+
+def run_in_threads(
+    target: str,
+    method: str,
+    work: list[tuple[int, bytes]],
+    handle: Callable[[grpc.UnaryUnaryMultiCallable, int, bytes], Any],
+    clients: int,
+) -> None:
+    """Call ``handle`` on every item of ``work`` from ``clients`` threads, each on its channel."""
+    items = iter(work)
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def client() -> None:
+        with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+            call = channel.unary_unary(method)
+            while not errors:
+                with lock:
+                    item = next(items, None)
+                if item is None:
+                    return
+                try:
+                    handle(call, *item)
+                except grpc.RpcError as error:
+                    errors.append(error)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise SystemExit(f"{method} failed: {errors[0]}")
+
+
+CHANNEL_OPTIONS: Final = [("grpc.use_local_subchannel_pool", 1)]
+"""Each client thread gets its own connection instead of sharing the process-wide one."""
+
+
+# Open-loop CheckConsent ---------------------------------------------------------------------
+
+
+@dataclass
+class OpenLoopResult:
+    offered_rate: float
+    scheduled: list[float]
+    sent: list[float]
+    done: list[float]
+    answered: list[bool]
+    answers: Counter[str]
+    errors: Counter[str]
+
+    def completed(self) -> list[int]:
+        """The calls answered without an error."""
+        return [i for i, answered in enumerate(self.answered) if answered]
+
+    def from_scheduled_ms(self) -> list[float]:
+        return [(self.done[i] - self.scheduled[i]) * 1000 for i in self.completed()]
+
+    def from_sent_ms(self) -> list[float]:
+        return [(self.done[i] - self.sent[i]) * 1000 for i in self.completed()]
+
+    def send_lag_ms(self) -> list[float]:
+        return [(s - t) * 1000 for s, t in zip(self.sent, self.scheduled, strict=True) if s]
+
+    def achieved_rate(self) -> float:
+        finished = self.completed()
+        if not finished:
+            return 0.0
+        span = max(self.done[i] for i in finished) - self.scheduled[0]
+        return len(finished) / span
+
+
+def open_loop(
+    target: str, requests: Sequence[bytes], rate: float, seconds: float, senders: int
+) -> OpenLoopResult:
+    """Send ``requests`` (cycled) at ``rate`` calls/s on a fixed schedule, as futures."""
+    total = int(rate * seconds)
+    channels = [grpc.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(senders)]
+    for channel in channels:
+        grpc.channel_ready_future(channel).result(timeout=10)
+    calls = [channel.unary_unary(CHECK_METHOD) for channel in channels]
+    start = time.perf_counter() + 0.2
+    scheduled = [start + i / rate for i in range(total)]
+    sent = [0.0] * total
+    done = [0.0] * total
+    futures: list[Any] = [None] * total
+    clock = time.perf_counter
+
+    def finished(index: int, _future: Any) -> None:
+        done[index] = clock()
+
+    def sender(which: int) -> None:
+        call = calls[which]
+        for index in range(which, total, senders):
+            delay = scheduled[index] - clock()
+            if delay > 0:
+                time.sleep(delay)
+            sent[index] = clock()
+            future = call.future(
+                requests[index % len(requests)], timeout=CALL_DEADLINE_SECONDS, metadata=METADATA
+            )
+            futures[index] = future
+            future.add_done_callback(partial(finished, index))
+
+    threads = [threading.Thread(target=sender, args=(which,)) for which in range(senders)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    answered = [False] * total
+    answers: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    for index, future in enumerate(futures):
+        try:
+            answer = C.CheckConsentResponse.FromString(future.result())
+        except grpc.RpcError as error:
+            errors[error.code().name] += 1  # type: ignore[attr-defined]
+            continue
+        answered[index] = True
+        answers[C.ConsentReason.Name(answer.reason)] += 1
+    for channel in channels:
+        channel.close()
+    return OpenLoopResult(rate, scheduled, sent, done, answered, answers, errors)
+
+
+def check_requests_by_person(
+    population: Population, purposes: Sequence[Purpose], count: int, seed: int
+) -> list[bytes]:
+    rng = random.Random(seed)
+    requests = []
+    for _ in range(count):
+        person = (
+            new_person_id()
+            if rng.random() < UNKNOWN_PERSON_SHARE
+            else rng.choice(population.person_ids)
+        )
+        requests.append(
+            C.CheckConsentRequest(
+                subject=T.PersonRef(person_id=person), purpose=rng.choice(purposes).id
+            ).SerializeToString()
+        )
+    return requests
+
+
+def check_requests_by_identifiers(
+    population: Population, purposes: Sequence[Purpose], count: int, seed: int
+) -> list[bytes]:
+    rng = random.Random(seed)
+    requests = []
+    for index in range(count):
+        if rng.random() < UNKNOWN_IDENTIFIERS_SHARE:
+            identifiers = identifiers_of(f"unknown-{seed}-{index}")
+        else:
+            identifiers = rng.choice(population.by_identifiers)
+        requests.append(
+            C.CheckConsentRequest(
+                subject=T.PersonRef(identifiers=identifiers), purpose=rng.choice(purposes).id
+            ).SerializeToString()
+        )
+    return requests
+
+
+# Closed-loop RecordConsent ------------------------------------------------------------------
+
+
+@dataclass
+class RecordResult:
+    seconds: float
+    calls: int
+    decisions: int
+    latencies_ms: list[float]
+    ledger_before: int
+    ledger_after: int
+
+
+def ledger_size(target: str) -> int:
+    """The ledger's size, from a checkpoint signed now."""
+    with grpc.insecure_channel(target) as channel:
+        call = channel.unary_unary(
+            CHECKPOINT_METHOD, response_deserializer=audit_pb2.GetCheckpointResponse.FromString
+        )
+        answer = call(
+            audit_pb2.GetCheckpointRequest(sign_now=True).SerializeToString(),
+            timeout=CALL_DEADLINE_SECONDS,
+            metadata=METADATA,
+        )
+        return int(answer.checkpoint.tree_size)
+
+
+def record_throughput(
+    target: str,
+    population: Population,
+    purposes: Sequence[Purpose],
+    batch: int,
+    seconds: float,
+    clients: int,
+) -> RecordResult:
+    """RecordConsent for warm persons, ``batch`` decisions per call, as fast as answered."""
+    before = ledger_size(target)
+    barrier = threading.Barrier(clients + 1)
+    stop_at = [float("inf")]
+    lock = threading.Lock()
+    latencies: list[float] = []
+    totals = [0, 0]
+    errors: list[BaseException] = []
+
+    def client(seed: int) -> None:
+        rng = random.Random(seed)
+        pool = [
+            record_request(
+                T.PersonRef(person_id=rng.choice(population.person_ids)),
+                rng.sample(purposes, batch)
+                if batch <= len(purposes)
+                else [rng.choice(purposes) for _ in range(batch)],
+                rng,
+            )
+            for _ in range(2_000)
+        ]
+        mine: list[float] = []
+        calls = decisions = 0
+        with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+            call = channel.unary_unary(
+                RECORD_METHOD, response_deserializer=C.RecordConsentResponse.FromString
+            )
+            grpc.channel_ready_future(channel).result(timeout=10)
+            barrier.wait()
+            while time.perf_counter() < stop_at[0] and not errors:
+                began = time.perf_counter()
+                try:
+                    answer = call(
+                        pool[calls % len(pool)], timeout=CALL_DEADLINE_SECONDS, metadata=METADATA
+                    )
+                except grpc.RpcError as error:
+                    errors.append(error)
+                    break
+                mine.append((time.perf_counter() - began) * 1000)
+                calls += 1
+                decisions += len(answer.receipts)
+        with lock:
+            latencies.extend(mine)
+            totals[0] += calls
+            totals[1] += decisions
+
+    threads = [threading.Thread(target=client, args=(seed,)) for seed in range(clients)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    began = time.perf_counter()
+    stop_at[0] = began + seconds
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - began
+    if errors:
+        raise SystemExit(f"RecordConsent failed: {errors[0]}")
+    return RecordResult(elapsed, totals[0], totals[1], latencies, before, ledger_size(target))
+
+
+# Figures ------------------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def list_purposes(target: str) -> list[Purpose]:
+    with grpc.insecure_channel(target) as channel:
+        call = channel.unary_unary(
+            LIST_PURPOSES_METHOD, response_deserializer=C.ListPurposesResponse.FromString
+        )
+        answer = call(
+            C.ListPurposesRequest().SerializeToString(),
+            timeout=CALL_DEADLINE_SECONDS,
+            metadata=METADATA,
+        )
+    return [Purpose(p.id, p.policy_version) for p in answer.purposes]
+
+
+def machine() -> str:
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor() or "unknown CPU",
+    )
+    memory_kb = next(
+        int(line.split()[1])
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemTotal:")
+    )
+    return (
+        f"{os.cpu_count()} cores ({model}), {memory_kb / 1024 / 1024:.0f} GiB; "
+        f"Python {platform.python_version()}, grpcio {grpc.__version__}"
+    )
+
+
+class Usage:
+    """CPU used by the server and by this (client) process since creation."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.server_cpu = server.cpu_seconds()
+        self.client_cpu = self._client()
+        self.began = time.perf_counter()
+
+    @staticmethod
+    def _client() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    def line(self) -> str:
+        wall = time.perf_counter() - self.began
+        server = (self.server.cpu_seconds() - self.server_cpu) / wall * 100
+        client = (self._client() - self.client_cpu) / wall * 100
+        return f"CPU: server {server:.0f}%, client {client:.0f}% of one core"
+
+
+def print_open_loop(title: str, result: OpenLoopResult, usage: str) -> None:
+    scheduled, sent = result.from_scheduled_ms(), result.from_sent_ms()
+    lag = result.send_lag_ms()
+    p50, p99 = percentile(scheduled, 0.5), percentile(scheduled, 0.99)
+    print(f"CheckConsent {title}")
+    print(
+        f"  offered {result.offered_rate:,.0f}/s for {len(result.scheduled):,} calls; "
+        f"answered {len(scheduled):,} at {result.achieved_rate():,.0f}/s"
+        + (f"; errors {dict(result.errors)}" if result.errors else "")
+    )
+    print(f"  answers:          {dict(result.answers.most_common())}")
+    print(
+        f"  from scheduled:   p50 {p50:.2f} ms ({p50 / TARGET_P50_MS:.2f} x target "
+        f"{TARGET_P50_MS} ms), p99 {p99:.2f} ms ({p99 / TARGET_P99_MS:.2f} x target "
+        f"{TARGET_P99_MS:.0f} ms), p99.9 {percentile(scheduled, 0.999):.2f} ms, "
+        f"max {max(scheduled, default=float('nan')):.1f} ms"
+    )
+    print(
+        f"  from actual send: p50 {percentile(sent, 0.5):.2f} ms, "
+        f"p99 {percentile(sent, 0.99):.2f} ms, p99.9 {percentile(sent, 0.999):.2f} ms"
+    )
+    print(
+        f"  send lag (actual - scheduled): p50 {percentile(lag, 0.5):.2f} ms, "
+        f"p99 {percentile(lag, 0.99):.2f} ms"
+    )
+    print(f"  {usage}")
+
+
+def print_record(batch: int, clients: int, result: RecordResult, usage: str) -> None:
+    appended = result.ledger_after - result.ledger_before
+    print(f"RecordConsent, {batch} decision{'s' if batch > 1 else ''} per call, {clients} clients")
+    print(
+        f"  {result.calls / result.seconds:,.0f} calls/s, "
+        f"{result.decisions / result.seconds:,.0f} decisions/s "
+        f"({result.calls:,} calls in {result.seconds:.1f} s); "
+        f"p50 {percentile(result.latencies_ms, 0.5):.2f} ms, "
+        f"p99 {percentile(result.latencies_ms, 0.99):.2f} ms"
+    )
+    print(
+        f"  ledger: {result.ledger_before:,} -> {result.ledger_after:,} entries "
+        f"(+{appended:,}, {appended / result.seconds:,.0f} appends/s; "
+        f"{'equal to' if appended == result.decisions else 'NOT equal to'} the "
+        f"{result.decisions:,} receipts)"
+    )
+    print(f"  {usage}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
+    parser.add_argument(
+        "--postgres-url",
+        default=os.environ.get(
+            "STEWARD_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+        ),
+        help="an account that may create databases; the run's database is created and dropped",
+    )
+    parser.add_argument("--rate", type=float, default=TARGET_RATE, help="CheckConsent calls/s")
+    parser.add_argument("--seconds", type=float, default=20.0, help="per CheckConsent part")
+    parser.add_argument("--persons", type=int, default=10_000)
+    parser.add_argument("--senders", type=int, default=2, help="threads issuing CheckConsent")
+    parser.add_argument("--record-seconds", type=float, default=10.0, help="per batch size")
+    parser.add_argument("--record-clients", type=int, default=4)
+    parser.add_argument(
+        "--record-batches", type=int, nargs="+", default=[1, 4], help="decisions per call"
+    )
+    parser.add_argument("--warm-clients", type=int, default=4)
+    args = parser.parse_args()
+
+    print(f"machine: {machine()}")
+    with ExitStack() as stack:
+        data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="steward-bench-")))
+        if args.backend == "sqlite":
+            database_url, backend = None, f"SQLite {sqlite3.sqlite_version} (WAL) in {data_dir}"
+        else:
+            database_url, version = stack.enter_context(postgres_database(args.postgres_url))
+            backend = f"PostgreSQL {version}, fresh database for the run"
+        server = stack.enter_context(consent_server(data_dir, database_url))
+        rss_start = server.status("VmRSS")
+        print(f"server: consent + identity in one process (pid {server.process.pid}), {backend}")
+        print(f"  RSS at start {rss_start / 1024:,.0f} MiB")
+        purposes = list_purposes(server.target)
+
+        warm_began = time.perf_counter()
+        usage = Usage(server)
+        population = warm(server.target, args.persons, purposes, args.warm_clients)
+        warm_seconds = time.perf_counter() - warm_began
+        calls = args.persons + args.persons // 4
+        print(
+            f"warm-up: {args.persons:,} persons ({len(population.by_identifiers):,} by "
+            f"identifiers through identity), {calls:,} RecordConsent calls in "
+            f"{warm_seconds:.1f} s ({calls / warm_seconds:,.0f} calls/s, "
+            f"{args.warm_clients} clients); ledger {ledger_size(server.target):,} entries; "
+            f"RSS {server.status('VmRSS') / 1024:,.0f} MiB"
+        )
+        print(f"  {usage.line()}")
+
+        count = int(args.rate * args.seconds)
+        for title, part, make in (
+            ("by person id (no identity call)", "by-person-id", check_requests_by_person),
+            (
+                "by identifiers (identity Lookup first)",
+                "by-identifiers",
+                check_requests_by_identifiers,
+            ),
+        ):
+            requests = make(population, purposes, min(count, 50_000), 7)
+            with py_spy(server.process.pid, part):
+                usage = Usage(server)
+                result = open_loop(server.target, requests, args.rate, args.seconds, args.senders)
+                line = usage.line()
+            print_open_loop(title, result, line)
+
+        for batch in args.record_batches:
+            usage = Usage(server)
+            recorded = record_throughput(
+                server.target,
+                population,
+                purposes,
+                batch,
+                args.record_seconds,
+                args.record_clients,
+            )
+            print_record(batch, args.record_clients, recorded, usage.line())
+
+        print(
+            f"server RSS: {rss_start / 1024:,.0f} MiB at start, "
+            f"{server.status('VmRSS') / 1024:,.0f} MiB at end, "
+            f"peak {server.status('VmHWM') / 1024:,.0f} MiB"
+        )
+
+
+if __name__ == "__main__":
+    main()
