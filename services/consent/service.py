@@ -390,15 +390,14 @@ class ConsentService:
         self, seq: int, tree_size: int
     ) -> tuple[int, bytes, list[bytes], ledger.SignedCheckpoint | None, object]:
         """(tree size, leaf hash, audit path, checkpoint at that size, entry row) for ``seq``."""
+        if tree_size == 0:
+            # Against the newest checkpoint; one is signed now if none covers the entry yet.
+            latest = self.checkpoint(sign_now=False)
+            if latest.tree_size < seq:
+                latest = self.checkpoint(sign_now=True)
+            tree_size = latest.tree_size
         with self.store.reading() as connection:
             size = self.tree.sync(self.store, connection)
-            if tree_size == 0:
-                latest = self.store.checkpoint(connection)
-                if latest is None:
-                    raise FailedPrecondition(
-                        [("CHECKPOINT", "ledger", "no checkpoint yet; ask for one first")]
-                    )
-                tree_size = latest.tree_size
             if not 0 < tree_size <= size:
                 raise InvalidArgument({"tree_size": f"must be between 1 and {size}"})
             if not 0 < seq <= tree_size:
