@@ -479,6 +479,37 @@ def audit_prove(
     )
 
 
+maintenance_app = typer.Typer(
+    help="Housekeeping that also runs inside the services.", pretty_exceptions_show_locals=False
+)
+app.add_typer(maintenance_app, name="maintenance")
+
+
+@maintenance_app.command("sweep")
+def maintenance_sweep() -> None:
+    """Delete collected events past their purposes' retention (consent's database)."""
+    from datetime import UTC, datetime
+
+    from services.common.db import make_engine
+    from services.common.migrations import upgrade
+    from services.consent.store import CollectionStore, ConsentStore
+
+    settings = _settings()
+    engine = make_engine(settings.db_url("consent"))
+    try:
+        upgrade(engine, "consent")
+        store = ConsentStore(engine)
+        with store.writing() as connection:
+            removed = CollectionStore(store).sweep(connection, datetime.now(UTC))
+    finally:
+        engine.dispose()
+    total = sum(removed.values())
+    if not total:
+        console.print("nothing past its retention")
+        return
+    console.print(f"removed {total} event{'s' if total != 1 else ''} past their retention")
+
+
 def main() -> None:
     """Entry point of the `steward` console script."""
     app()

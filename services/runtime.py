@@ -14,6 +14,7 @@ from typing import Any, Final
 
 import grpc
 from grpc_health.v1 import health
+from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace.export import SpanExporter
 
 from services.common import eventlog
@@ -105,11 +106,14 @@ def build_suite(
     services: Sequence[str] = SERVICES,
     *,
     span_exporter: SpanExporter | None = None,
+    metric_reader: MetricReader | None = None,
 ) -> RunningSuite:
     """Build (not start) a server for ``services`` bound to ``settings.host:settings.port``."""
     chosen = select_services(services)
     name = "steward" if len(chosen) == len(SERVICES) else f"steward-{'-'.join(chosen)}"
-    telemetry = setup_telemetry(settings, name, span_exporter=span_exporter)
+    telemetry = setup_telemetry(
+        settings, name, span_exporter=span_exporter, metric_reader=metric_reader
+    )
     context = ServiceContext(settings, ensure_keyring(settings), telemetry)
     parts = [_server_module(service).build(context) for service in chosen]
     registrations: list[ServiceRegistration[Any]] = [r for p in parts for r in p.registrations]
@@ -143,8 +147,11 @@ def start_suite(
     services: Sequence[str] = SERVICES,
     *,
     span_exporter: SpanExporter | None = None,
+    metric_reader: MetricReader | None = None,
 ) -> RunningSuite:
     """Build and start a server for ``services``; stop it with ``RunningSuite.stop``."""
-    suite = build_suite(settings, services, span_exporter=span_exporter)
+    suite = build_suite(
+        settings, services, span_exporter=span_exporter, metric_reader=metric_reader
+    )
     suite.start()
     return suite

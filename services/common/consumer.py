@@ -216,7 +216,10 @@ class _GrpcEnvelopeStream:
         with self._lock:
             self._cancelled = True
             if self._call is not None:
-                self._call.cancel()  # type: ignore[no-untyped-call]
+                # An intercepted channel (OpenTelemetry) hands back a plain generator.
+                cancel = getattr(self._call, "cancel", None) or getattr(self._call, "close", None)
+                if callable(cancel):
+                    cancel()
 
     def _read(self) -> Iterator[Envelope]:
         while True:

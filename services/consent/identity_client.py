@@ -52,6 +52,27 @@ class IdentityClient:
             return [next(answers) if item.identifiers else "" for item in request.items]
         return self._call_resolve(request, timeout, skip_empty=False)
 
+    def resolve_many(
+        self,
+        items: Sequence[Sequence[PseudonymisedIdentifier]],
+        sources: Sequence[str],
+        timeout: float | None,
+    ) -> list[str]:
+        """Like ``resolve`` with one source per item (Collect: the event's channel)."""
+        wire = [_wire(item) for item in items]
+        kept = [i for i, identifiers in enumerate(wire) if identifiers]
+        answers = [""] * len(items)
+        if not kept:
+            return answers
+        request = identity_pb2.ResolveRequest(
+            items=[identity_pb2.ResolveItem(identifiers=wire[i], source=sources[i]) for i in kept]
+        )
+        for position, person in zip(
+            kept, self._call_resolve(request, timeout, skip_empty=False), strict=True
+        ):
+            answers[position] = person
+        return answers
+
     def _call_resolve(
         self, request: identity_pb2.ResolveRequest, timeout: float | None, *, skip_empty: bool
     ) -> list[str]:
@@ -78,6 +99,32 @@ class IdentityClient:
         except grpc.RpcError as error:
             raise _unavailable(error) from error
         return next((m.person_id for m in response.matches if m.person_id), "")
+
+    def person(self, person_id: str, timeout: float | None) -> identity_pb2.Person | None:
+        """The person (an alias answers with its root), or None when identity does not know it."""
+        try:
+            response = self._stub.GetPerson(
+                identity_pb2.GetPersonRequest(person_id=person_id),
+                timeout=timeout or DEFAULT_TIMEOUT,
+            )
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise _unavailable(error) from error
+        return response.person
+
+    def forget(self, person_id: str, reason: str, timeout: float | None) -> int:
+        """Delete the person's identifiers; returns how many (0 when identity knew nobody)."""
+        try:
+            response = self._stub.Forget(
+                identity_pb2.ForgetRequest(person_id=person_id, reason=reason),
+                timeout=timeout or DEFAULT_TIMEOUT,
+            )
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                return 0
+            raise _unavailable(error) from error
+        return response.identifiers_deleted
 
 
 def _unavailable(error: grpc.RpcError) -> Exception:

@@ -100,8 +100,8 @@ DEFAULT_PURPOSES: Final = (
     ),
     _default(
         "personalisation",
-        "Recommend products from what you view, put in your cart and buy.",
-        ("item_id", "category", "value", "dwell_ms", "quantity", "channel"),
+        "Recommend products from what you view, search for, put in your cart and buy.",
+        ("item_id", "category", "value", "dwell_ms", "quantity", "channel", "query"),
         gpc=True,
         retention_days=395,
     ),

@@ -1,27 +1,32 @@
-"""gRPC servicers of the consent service: validate, resolve the subject, map onto the use cases.
-
-Collect, EraseSubject, GetErasure and ExportSubjectData are not built yet and answer
-UNIMPLEMENTED through the generated base class.
-"""
+"""gRPC servicers of the consent service: validate, resolve the subject, map onto the use cases."""
 
 from __future__ import annotations
 
 import logging
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import grpc
+from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
+from opentelemetry import metrics
 from steward.common.v1 import common_pb2
 from steward.consent.v1 import audit_pb2, audit_pb2_grpc, consent_pb2, consent_pb2_grpc
 
 from services.common.callers import caller_of
+from services.common.consumer import Consumer, GrpcEnvelopeSource
 from services.common.context import ServiceContext, ServiceParts
 from services.common.db import make_engine
-from services.common.errors import FieldViolations, InvalidArgument, NotFound
+from services.common.errors import (
+    FailedPrecondition,
+    FieldViolations,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from services.common.eventlog import ProducerLog
 from services.common.identifiers import (
     IdentifierError,
@@ -30,14 +35,23 @@ from services.common.identifiers import (
 )
 from services.common.migrations import upgrade
 from services.common.server import ServiceRegistration, deadline_remaining
+from services.common.telemetry import instrument_channel
 from services.consent import keystore as keystore_module
 from services.consent import ledger, signals, tcf
+from services.consent.collect import EventFields
+from services.consent.collection import (
+    CollectInput,
+    CollectionService,
+    CollectResult,
+    ErasureView,
+)
 from services.consent.decisions import ConsentState
 from services.consent.identity_client import IdentityClient
 from services.consent.keystore import KeyStore
+from services.consent.person_cache import PersonCache, cache_key
 from services.consent.purposes import PurposeDefinition
 from services.consent.service import ConsentService, DecisionInput, Receipt, entry_message
-from services.consent.store import PRODUCER, ConsentStore
+from services.consent.store import CONSUMER_TABLES, PRODUCER, ConsentStore
 
 C = consent_pb2
 A = audit_pb2
@@ -78,7 +92,7 @@ class SubjectResolver:
         with self._lock:
             self._client = client
 
-    def _identity(self) -> IdentityClient:
+    def identity(self) -> IdentityClient:
         with self._lock:
             if self._client is None:
                 raise NotFound("service", "identity", "the identity service is not connected yet")
@@ -120,6 +134,9 @@ class SubjectResolver:
         )
         return hashed
 
+    def pseudonymise(self, identifier: common_pb2.Identifier) -> PseudonymisedIdentifier:
+        return pseudonymise_identifier(identifier, self._keyring, phone_region=self._region)
+
     def resolve(
         self,
         subject: common_pb2.PersonRef,
@@ -130,7 +147,7 @@ class SubjectResolver:
         """The person of a checked subject, created through identity when only identifiers."""
         if subject.person_id:
             return subject.person_id
-        [person] = self._identity().resolve([hashed], source, deadline_remaining(context))
+        [person] = self.identity().resolve([hashed], source, deadline_remaining(context))
         if not person:
             raise InvalidArgument({"subject.identifiers": "identity refused every identifier"})
         return person
@@ -142,7 +159,7 @@ class SubjectResolver:
         violations.raise_if_any()
         if subject.person_id:
             return subject.person_id
-        return self._identity().lookup(hashed, deadline_remaining(context))
+        return self.identity().lookup(hashed, deadline_remaining(context))
 
 
 def _occurred_at(request_time: Timestamp, field: str, violations: FieldViolations) -> datetime:
@@ -197,15 +214,84 @@ def _state_message(state: ConsentState, legal_basis: int) -> consent_pb2.Purpose
     )
 
 
+def _erasure_message(erasure: ErasureView) -> consent_pb2.Erasure:
+    return C.Erasure(
+        erasure_id=erasure.erasure_id,
+        person_id=erasure.person_id,
+        state=erasure.state,  # type: ignore[arg-type]
+        requested_at=_timestamp(erasure.requested_at),
+        completed_at=_timestamp(erasure.completed_at),
+        services=[
+            C.ServiceErasure(
+                service=name,
+                state=part["state"],
+                completed_at=_timestamp(
+                    datetime.fromisoformat(part["completed_at"]) if part["completed_at"] else None
+                ),
+                detail=part.get("detail", ""),
+            )
+            for name, part in sorted(erasure.services.items())
+        ],
+        tombstone_ledger_seq=erasure.tombstone_seq,
+    )
+
+
+class CollectMetrics:
+    """Counters of events accepted and dropped, by reason and channel (OpenTelemetry)."""
+
+    def __init__(self, meter: metrics.Meter) -> None:
+        self._events = meter.create_counter(
+            "steward.consent.events",
+            unit="{event}",
+            description="Behaviour events offered to Collect, by outcome, drop reason and channel",
+        )
+
+    def record(self, results: Sequence[CollectResult]) -> None:
+        counts: dict[tuple[str, str, str], int] = {}
+        for result in results:
+            outcome = "accepted" if result.accepted else "dropped"
+            reason = (
+                ""
+                if result.accepted
+                else C.DropReason.Name(result.drop_reason).removeprefix("DROP_REASON_").lower()
+            )
+            key = (outcome, reason, result.channel or "unknown")
+            counts[key] = counts.get(key, 0) + 1
+        for (outcome, reason, channel), count in counts.items():
+            attributes = {"outcome": outcome, "channel": channel}
+            if reason:
+                attributes["reason"] = reason
+            self._events.add(count, attributes)
+
+
 class ConsentServicer(consent_pb2_grpc.ConsentServiceServicer):
     """steward.consent.v1.ConsentService."""
 
     def __init__(
-        self, service: ConsentService, subjects: SubjectResolver, mapping: signals.TcfMapping
+        self,
+        service: ConsentService,
+        collection: CollectionService,
+        subjects: SubjectResolver,
+        mapping: signals.TcfMapping,
+        *,
+        cache: PersonCache,
+        max_batch: int,
+        metrics: CollectMetrics,
     ) -> None:
         self._service = service
+        self._collection = collection
         self._subjects = subjects
         self._mapping = mapping
+        self._cache = cache
+        self._max_batch = max_batch
+        self._metrics = metrics
+
+    def _refuse_erased(self, person: str) -> None:
+        if self._collection.is_erased(person):
+            raise FailedPrecondition(
+                [("ERASED", "persons/(erased)", "this person was erased")],
+                "the person was erased; their identifiers start a new person",
+            )
 
     def DefinePurpose(
         self, request: consent_pb2.DefinePurposeRequest, context: grpc.ServicerContext
@@ -297,6 +383,7 @@ class ConsentServicer(consent_pb2_grpc.ConsentServiceServicer):
         person = self._subjects.resolve(
             request.subject, hashed, SOURCE_NAMES.get(request.source, "consent"), context
         )
+        self._refuse_erased(person)
         receipts = self._service.record(
             person,
             decisions,
@@ -347,6 +434,7 @@ class ConsentServicer(consent_pb2_grpc.ConsentServiceServicer):
             self._mapping,
         )
         person = self._subjects.resolve(request.subject, hashed, "web", context)
+        self._refuse_erased(person)
         receipts: list[Receipt] = []
         if derived:
             receipts = self._service.record(
@@ -396,6 +484,12 @@ class ConsentServicer(consent_pb2_grpc.ConsentServiceServicer):
             if request.purpose not in self._service.purposes():
                 raise NotFound("purpose", request.purpose)
             return C.CheckConsentResponse(allowed=False, reason=C.CONSENT_REASON_UNKNOWN_PERSON)
+        if self._collection.is_erased(person):
+            if request.purpose not in self._service.purposes():
+                raise NotFound("purpose", request.purpose)
+            return C.CheckConsentResponse(
+                allowed=False, reason=C.CONSENT_REASON_ERASED, person_id=person
+            )
         state = self._service.check(person, request.purpose, _at(request.at))
         return C.CheckConsentResponse(
             allowed=state.allowed,
@@ -403,6 +497,207 @@ class ConsentServicer(consent_pb2_grpc.ConsentServiceServicer):
             person_id=person,
             ledger_seq=state.deciding.seq if state.deciding else 0,
             expires_at=_timestamp(state.expires_at),
+        )
+
+    # Collection, erasure and access ------------------------------------------------------------
+
+    def _resolve_for_collect(
+        self, context: grpc.ServicerContext
+    ) -> Callable[[Sequence[Sequence[PseudonymisedIdentifier]], Sequence[str]], list[str]]:
+        def resolve(
+            sets: Sequence[Sequence[PseudonymisedIdentifier]], sources: Sequence[str]
+        ) -> list[str]:
+            answers: list[str] = [""] * len(sets)
+            missing: dict[tuple[str, ...], list[int]] = {}
+            for position, identifiers in enumerate(sets):
+                key = cache_key(identifiers)
+                person = self._cache.get(key)
+                if person is not None:
+                    answers[position] = person
+                else:
+                    missing.setdefault(key, []).append(position)
+            if missing:
+                firsts = [positions[0] for positions in missing.values()]
+                client = self._subjects.identity()
+                persons = client.resolve_many(
+                    [sets[p] for p in firsts],
+                    [sources[p] for p in firsts],
+                    deadline_remaining(context),
+                )
+                for (key, positions), person in zip(missing.items(), persons, strict=True):
+                    self._cache.put(key, person)
+                    for position in positions:
+                        answers[position] = person
+            return answers
+
+        return resolve
+
+    def Collect(
+        self, request: consent_pb2.CollectRequest, context: grpc.ServicerContext
+    ) -> consent_pb2.CollectResponse:
+        violations = FieldViolations()
+        violations.check(bool(request.events), "events", "at least one event")
+        violations.check(
+            len(request.events) <= self._max_batch, "events", f"at most {self._max_batch} events"
+        )
+        violations.raise_if_any()
+        inputs = [
+            self._collect_input(index, event, violations)
+            for index, event in enumerate(request.events)
+        ]
+        violations.raise_if_any("malformed events")
+        results = self._collection.collect(inputs, self._resolve_for_collect(context))
+        self._metrics.record(results)
+        accepted = sum(r.accepted for r in results)
+        return C.CollectResponse(
+            results=[
+                C.EventResult(
+                    index=r.index,
+                    event_id=r.event_id,
+                    accepted=r.accepted,
+                    drop_reason=r.drop_reason,
+                    detail=r.detail,
+                    person_id=r.person_id if r.accepted else "",
+                    purposes=list(r.purposes),
+                )
+                for r in results
+            ],
+            accepted=accepted,
+            dropped=len(results) - accepted,
+        )
+
+    def _collect_input(
+        self, index: int, event: common_pb2.BehaviourEvent, violations: FieldViolations
+    ) -> CollectInput:
+        occurred_at = (
+            event.occurred_at.ToDatetime(tzinfo=UTC) if event.HasField("occurred_at") else None
+        )
+        fields = EventFields(
+            event_id=event.event_id,
+            type=event.type,
+            occurred_at=occurred_at,
+            item_id=event.item_id,
+            category=event.category,
+            value=event.value,
+            dwell_ms=event.dwell_ms,
+            query=event.query,
+            channel=event.channel,
+            quantity=event.quantity,
+            currency=event.currency,
+            attributes=dict(event.attributes),
+        )
+        path = f"events[{index}]"
+        if bool(event.person_id) == bool(event.identifiers):
+            return CollectInput(
+                index, fields, invalid="give exactly one of person_id and identifiers"
+            )
+        if event.person_id:
+            violations.check(
+                bool(_PERSON_ID.fullmatch(event.person_id)),
+                f"{path}.person_id",
+                "letters, digits, '_' or '-', at most 64",
+            )
+            return CollectInput(index, fields, person_id=event.person_id)
+        if len(event.identifiers) > MAX_IDENTIFIERS:
+            violations.add(f"{path}.identifiers", f"at most {MAX_IDENTIFIERS}")
+            return CollectInput(index, fields, invalid="too many identifiers")
+        hashed = []
+        for position, identifier in enumerate(event.identifiers):
+            try:
+                hashed.append(self._subjects.pseudonymise(identifier))
+            except IdentifierError as error:
+                if error.field != "value" or identifier.pseudonymised:
+                    violations.add(
+                        f"{path}.identifiers[{position}].{error.field}", error.description
+                    )
+        if not hashed:
+            return CollectInput(index, fields, invalid="identifiers: none is usable")
+        return CollectInput(index, fields, identifiers=tuple(hashed))
+
+    def EraseSubject(
+        self, request: consent_pb2.EraseSubjectRequest, context: grpc.ServicerContext
+    ) -> consent_pb2.EraseSubjectResponse:
+        if len(request.reason) > 1024:
+            raise InvalidArgument({"reason": "at most 1024 characters"})
+        person = self._subjects.lookup(request.subject, context)
+        if not person:
+            raise NotFound("person", "(identifiers)", "no person has these identifiers")
+        client = self._subjects.identity()
+        known = client.person(person, deadline_remaining(context))
+        root = known.person_id if known is not None else person
+        aliases = list(known.alias_person_ids) if known is not None else []
+        erasure = self._collection.begin_erasure(
+            root, aliases, request.reason or "erasure request", caller_of(context)
+        )
+        # Not only when identity's PersonForgotten arrives: the identifiers start afresh now.
+        self._cache.invalidate([root, *aliases])
+        try:
+            deleted = client.forget(root, "erasure", deadline_remaining(context))
+            erasure = self._collection.finish_part(
+                erasure.erasure_id, "identity", ok=True, detail=f"{deleted} identifiers deleted"
+            )
+        except Unavailable as error:
+            erasure = self._collection.finish_part(
+                erasure.erasure_id, "identity", ok=False, detail=error.message
+            )
+        return C.EraseSubjectResponse(erasure=_erasure_message(erasure))
+
+    def GetErasure(
+        self, request: consent_pb2.GetErasureRequest, context: grpc.ServicerContext
+    ) -> consent_pb2.GetErasureResponse:
+        if not request.erasure_id:
+            raise InvalidArgument({"erasure_id": "is required"})
+        return C.GetErasureResponse(
+            erasure=_erasure_message(self._collection.erasure(request.erasure_id))
+        )
+
+    def ExportSubjectData(
+        self, request: consent_pb2.ExportSubjectDataRequest, context: grpc.ServicerContext
+    ) -> consent_pb2.ExportSubjectDataResponse:
+        person = self._subjects.lookup(request.subject, context)
+        if not person:
+            raise NotFound("person", "(identifiers)", "no person has these identifiers")
+        known = self._subjects.identity().person(person, deadline_remaining(context))
+        root = known.person_id if known is not None else person
+        aliases = list(known.alias_person_ids) if known is not None else []
+        data = self._collection.subject_data(root, aliases)
+        bundle = C.SubjectDataBundle(
+            person_id=root,
+            generated_at=_timestamp(datetime.now(UTC)),
+            consent_history=[
+                C.ConsentRecord(
+                    seq=d.seq,
+                    purpose=d.purpose,
+                    decision=d.decision,
+                    source=d.source,
+                    occurred_at=_timestamp(d.occurred_at),
+                    expires_at=_timestamp(d.expires_at),
+                    policy_version=d.policy_version,
+                )
+                for d in data.history
+            ],
+            events=[
+                C.StoredEvent(
+                    event_id=e["event_id"],
+                    type=e["type"],
+                    item_id=e["item_id"],
+                    category=e["category"],
+                    value=e["value"],
+                    dwell_ms=e["dwell_ms"],
+                    query=e["query"],
+                    channel=e["channel"],
+                    occurred_at=_timestamp(e["occurred_at"]),
+                    purposes=e["purposes"],
+                    attributes=e["attributes"],
+                    quantity=e["quantity"],
+                )
+                for e in data.events
+            ],
+            identity=known,
+        )
+        return C.ExportSubjectDataResponse(
+            bundle=bundle,
+            json=json_format.MessageToJson(bundle, preserving_proto_field_name=True),
         )
 
 
@@ -453,32 +748,50 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         yield from self._service.export(request.from_seq, request.to_seq)
 
 
-class CheckpointTimer:
-    """Signs a checkpoint every ``interval`` seconds while new entries keep arriving."""
+class PeriodicTask:
+    """Runs ``task`` every ``interval`` seconds on a thread of its own until stopped."""
 
-    def __init__(self, service: ConsentService, interval: float) -> None:
-        self._service = service
+    def __init__(self, name: str, interval: float, task: Callable[[], object]) -> None:
+        self._name = name
         self._interval = interval
+        self._task = task
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         if self._interval <= 0 or self._thread is not None:
             return
-        self._thread = threading.Thread(target=self._run, name="ledger-checkpoints", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stopped.wait(self._interval):
             try:
-                self._service.checkpoint_if_grown()
+                self._task()
             except Exception:
-                logger.exception("signing a ledger checkpoint failed; trying again later")
+                logger.exception("%s failed; trying again in %.0f s", self._name, self._interval)
 
     def stop(self) -> None:
         self._stopped.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+
+SWEEP_INTERVAL_SECONDS: Final = 3600.0
+
+
+def _start_all(tasks: Sequence[PeriodicTask]) -> None:
+    for task in tasks:
+        task.start()
+
+
+def _logged_sweep(collection: CollectionService) -> Callable[[], None]:
+    def sweep() -> None:
+        removed = collection.sweep()
+        if removed:
+            logger.info("retention sweep removed %d events", sum(removed.values()), extra=removed)
+
+    return sweep
 
 
 def build(context: ServiceContext) -> ServiceParts:
@@ -500,16 +813,40 @@ def build(context: ServiceContext) -> ServiceParts:
     )
     service.ensure_default_purposes()
     subjects = SubjectResolver(context)
-    timer = CheckpointTimer(service, settings.checkpoint_seconds)
+    collection = CollectionService(service, keyring)
+    tasks = [
+        PeriodicTask(
+            "ledger-checkpoints", settings.checkpoint_seconds, service.checkpoint_if_grown
+        ),
+        PeriodicTask("retention-sweep", SWEEP_INTERVAL_SECONDS, _logged_sweep(collection)),
+    ]
+    cache = PersonCache()
+    consumers: list[Consumer] = []
     channels: list[grpc.Channel] = []
 
     def connect_identity(own_target: str) -> None:
-        channel = grpc.insecure_channel(settings.identity_target or own_target)
-        channels.append(channel)
-        subjects.connect(IdentityClient(channel))
+        raw = grpc.insecure_channel(settings.identity_target or own_target)
+        channels.append(raw)
+        subjects.connect(IdentityClient(instrument_channel(raw, context.telemetry)))
+        # The log is read on the plain channel: its envelopes carry their own trace context.
+        source = GrpcEnvelopeSource(raw, "identity", "consent-person-cache")
+        consumer = Consumer(
+            "consent-person-cache",
+            "identity",
+            source,
+            engine,
+            cache.apply,
+            tables=CONSUMER_TABLES,
+            tracer_provider=context.telemetry.tracer_provider,
+        )
+        consumers.append(consumer)
+        consumer.start()
 
     def close() -> None:
-        timer.stop()
+        for task in tasks:
+            task.stop()
+        for consumer in consumers:
+            consumer.stop()
         for channel in channels:
             channel.close()
         engine.dispose()
@@ -519,7 +856,15 @@ def build(context: ServiceContext) -> ServiceParts:
         ServiceRegistration(
             "steward.consent.v1.ConsentService",
             consent_pb2_grpc.add_ConsentServiceServicer_to_server,
-            ConsentServicer(service, subjects, signals.TcfMapping()),  # type: ignore[abstract]
+            ConsentServicer(
+                service,
+                collection,
+                subjects,
+                signals.TcfMapping(),
+                cache=cache,
+                max_batch=settings.max_batch,
+                metrics=CollectMetrics(context.telemetry.meter("steward.consent")),
+            ),
         ),
         ServiceRegistration(
             "steward.consent.v1.AuditService",
@@ -530,6 +875,6 @@ def build(context: ServiceContext) -> ServiceParts:
     return ServiceParts(
         registrations,
         logs={PRODUCER: ProducerLog(store.outbox, engine)},
-        on_start=[connect_identity, lambda _target: timer.start()],
+        on_start=[connect_identity, lambda _target: _start_all(tasks)],
         on_stop=[close],
     )

@@ -24,6 +24,7 @@ from sqlalchemy import (
     DateTime,
     Index,
     LargeBinary,
+    delete,
     func,
     insert,
     select,
@@ -33,6 +34,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import registry
 from sqlmodel import Field, SQLModel
 
+from services.common.consumer import consumer_tables
 from services.common.db import for_writes, is_postgres
 from services.common.outbox import Outbox, outbox_tables
 from services.consent import ledger
@@ -118,14 +120,68 @@ class DecisionRow(ConsentTable, table=True):
     )
 
 
+class EventRow(ConsentTable, table=True):
+    """A collected behaviour event, minimised to what its purposes may keep."""
+
+    __tablename__ = "consent_events"
+    __table_args__ = (
+        Index("ix_consent_events_person", "person_id"),
+        Index("ix_consent_events_retain_until", "retain_until"),
+    )
+    event_id: str = Field(primary_key=True, max_length=128)
+    person_id: str = Field(max_length=40)
+    type: int
+    item_id: str = Field(default="", max_length=128)
+    category: str = Field(default="", max_length=256)
+    value: float = 0.0
+    dwell_ms: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    quantity: int = 0
+    currency: str = Field(default="", max_length=3)
+    channel: str = Field(default="", max_length=32)
+    occurred_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    received_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    retain_until: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    purposes: list[str] = Field(sa_column=Column(JSON, nullable=False))
+    attributes: dict[str, str] = Field(sa_column=Column(JSON, nullable=False))
+    query_ciphertext: bytes | None = Field(default=None, sa_column=Column(LargeBinary))
+    """Search text, AES-256-GCM under the person's data key (in the key store)."""
+
+
+class ErasedRow(ConsentTable, table=True):
+    """Persons erased, by keyed hash only: events naming them are dropped as ERASED."""
+
+    __tablename__ = "consent_erased"
+    person_digest: str = Field(primary_key=True, max_length=96)
+    erased_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class ErasureRow(ConsentTable, table=True):
+    """An erasure request and each service's part in it."""
+
+    __tablename__ = "consent_erasures"
+    erasure_id: str = Field(primary_key=True, max_length=40)
+    person_id: str | None = Field(default=None, max_length=40)
+    """Kept only while the erasure is under way, then cleared."""
+    reason: str = Field(default="", max_length=1024)
+    state: int
+    requested_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    completed_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    services: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    tombstone_seq: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+
+
 target_metadata = ConsentTable.metadata
 OUTBOX_TABLES: Final = outbox_tables(target_metadata, prefix="consent_")
+CONSUMER_TABLES: Final = consumer_tables(target_metadata, prefix="consent_")
 
 purposes_table = PurposeRow.__table__  # type: ignore[attr-defined]
 ledger_table = LedgerRow.__table__  # type: ignore[attr-defined]
 head_table = LedgerHeadRow.__table__  # type: ignore[attr-defined]
 checkpoints_table = CheckpointRow.__table__  # type: ignore[attr-defined]
 decisions_table = DecisionRow.__table__  # type: ignore[attr-defined]
+events_table = EventRow.__table__  # type: ignore[attr-defined]
+erased_table = ErasedRow.__table__  # type: ignore[attr-defined]
+erasures_table = ErasureRow.__table__  # type: ignore[attr-defined]
 
 
 def utc(moment: datetime) -> datetime:
@@ -380,20 +436,7 @@ class ConsentStore:
         if purpose is not None:
             query = query.where(decisions_table.c.purpose == purpose)
         rows = connection.execute(query.order_by(decisions_table.c.seq))
-        return [
-            DecisionRecord(
-                seq=row.seq,
-                person_id=row.person_id,
-                purpose=row.purpose,
-                decision=row.decision,
-                occurred_at=utc(row.occurred_at),
-                expires_at=_utc_or_none(row.expires_at),
-                source=row.source,
-                policy_version=row.policy_version,
-                signal=row.signal,
-            )
-            for row in rows
-        ]
+        return [_decision(row) for row in rows]
 
 
 def _with_seq(record: ledger.LedgerRecord, seq: int) -> ledger.LedgerRecord:
@@ -427,4 +470,144 @@ def _checkpoint(row: Any) -> ledger.SignedCheckpoint:
         signed_bytes=bytes(row.signed_bytes),
         signature=bytes(row.signature),
         chain_hash=bytes(row.chain_hash),
+    )
+
+
+class CollectionStore:
+    """Queries on collected events and erasures (the consent database)."""
+
+    def __init__(self, store: ConsentStore) -> None:
+        self.store = store
+
+    @staticmethod
+    def _in_chunks(values: Sequence[str]) -> Iterator[Sequence[str]]:
+        for start in range(0, len(values), 900):
+            yield values[start : start + 900]
+
+    def existing_event_ids(self, connection: Connection, event_ids: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for chunk in self._in_chunks(list(event_ids)):
+            found.update(
+                connection.execute(
+                    select(events_table.c.event_id).where(events_table.c.event_id.in_(chunk))
+                ).scalars()
+            )
+        return found
+
+    def erased(self, connection: Connection, digests: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for chunk in self._in_chunks(list(digests)):
+            found.update(
+                connection.execute(
+                    select(erased_table.c.person_digest).where(
+                        erased_table.c.person_digest.in_(chunk)
+                    )
+                ).scalars()
+            )
+        return found
+
+    def decisions_of_many(
+        self, connection: Connection, person_ids: Sequence[str]
+    ) -> dict[str, list[DecisionRecord]]:
+        found: dict[str, list[DecisionRecord]] = {}
+        for chunk in self._in_chunks(sorted(set(person_ids))):
+            rows = connection.execute(
+                select(decisions_table)
+                .where(decisions_table.c.person_id.in_(chunk))
+                .order_by(decisions_table.c.seq)
+            )
+            for row in rows:
+                found.setdefault(row.person_id, []).append(_decision(row))
+        return found
+
+    def insert_events(self, connection: Connection, rows: Sequence[dict[str, Any]]) -> None:
+        if rows:
+            connection.execute(insert(events_table), list(rows))
+
+    def events_of(self, connection: Connection, person_ids: Sequence[str]) -> list[Any]:
+        rows: list[Any] = []
+        for chunk in self._in_chunks(list(person_ids)):
+            rows.extend(
+                connection.execute(
+                    select(events_table)
+                    .where(events_table.c.person_id.in_(chunk))
+                    .order_by(events_table.c.occurred_at, events_table.c.event_id)
+                )
+            )
+        return rows
+
+    def delete_person_data(
+        self, connection: Connection, person_ids: Sequence[str]
+    ) -> tuple[int, int]:
+        """Delete the persons' events and decisions; returns (events, decisions) deleted."""
+        events = decisions = 0
+        for chunk in self._in_chunks(list(person_ids)):
+            events += (
+                connection.execute(
+                    delete(events_table).where(events_table.c.person_id.in_(chunk))
+                ).rowcount
+                or 0
+            )
+            decisions += (
+                connection.execute(
+                    delete(decisions_table).where(decisions_table.c.person_id.in_(chunk))
+                ).rowcount
+                or 0
+            )
+        return events, decisions
+
+    def mark_erased(self, connection: Connection, digests: Sequence[str], at: datetime) -> None:
+        known = self.erased(connection, digests)
+        fresh = [
+            {"person_digest": d, "erased_at": at} for d in dict.fromkeys(digests) if d not in known
+        ]
+        if fresh:
+            connection.execute(insert(erased_table), fresh)
+
+    def sweep(self, connection: Connection, now: datetime) -> dict[str, int]:
+        """Delete events past their retention; returns how many, by event type."""
+        rows = connection.execute(
+            select(events_table.c.type, func.count())
+            .where(events_table.c.retain_until < now)
+            .group_by(events_table.c.type)
+        ).all()
+        connection.execute(delete(events_table).where(events_table.c.retain_until < now))
+        return {str(row[0]): int(row[1]) for row in rows}
+
+    # Erasures ------------------------------------------------------------------------------------
+
+    def save_erasure(self, connection: Connection, values: dict[str, Any]) -> None:
+        connection.execute(insert(erasures_table).values(**values))
+
+    def update_erasure(
+        self, connection: Connection, erasure_id: str, values: dict[str, Any]
+    ) -> None:
+        connection.execute(
+            update(erasures_table).where(erasures_table.c.erasure_id == erasure_id).values(**values)
+        )
+
+    def erasure(self, connection: Connection, erasure_id: str) -> Any:
+        return connection.execute(
+            select(erasures_table).where(erasures_table.c.erasure_id == erasure_id)
+        ).first()
+
+    def open_erasure_of(self, connection: Connection, person_id: str) -> Any:
+        return connection.execute(
+            select(erasures_table).where(
+                erasures_table.c.person_id == person_id, erasures_table.c.completed_at.is_(None)
+            )
+        ).first()
+
+
+def _decision(row: Any) -> DecisionRecord:
+    return DecisionRecord(
+        seq=row.seq,
+        person_id=row.person_id,
+        purpose=row.purpose,
+        decision=row.decision,
+        occurred_at=utc(row.occurred_at),
+        expires_at=_utc_or_none(row.expires_at),
+        source=row.source,
+        policy_version=row.policy_version,
+        signal=row.signal,
     )

@@ -1,0 +1,446 @@
+"""Use cases of consented collection: Collect, erasure, data-subject access, retention sweep."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from sqlalchemy.exc import IntegrityError
+from steward.common.v1 import common_pb2
+from steward.consent.v1 import audit_pb2, consent_pb2
+from steward.events.v1 import events_pb2
+
+from services.common.errors import NotFound
+from services.common.identifiers import PseudonymisedIdentifier
+from services.common.keyring import Keyring, decrypt_field, encrypt_field
+from services.consent import ledger
+from services.consent.collect import (
+    DropReason,
+    EventFields,
+    admit,
+    invalid_reason,
+    kept_fields,
+    minimise,
+    retain_until,
+)
+from services.consent.service import ConsentService
+from services.consent.store import CollectionStore, utc
+
+logger = logging.getLogger(__name__)
+C = consent_pb2
+A = audit_pb2
+
+Resolver = Callable[[Sequence[Sequence[PseudonymisedIdentifier]], Sequence[str]], list[str]]
+"""Resolves identifier sets (with their sources) to person ids, "" for refused sets."""
+
+_ERASED_CONTEXT = b"steward-erased-person\x00"
+
+
+@dataclass(frozen=True, slots=True)
+class CollectInput:
+    """One event of a Collect batch, its subject already checked at the edge."""
+
+    index: int
+    fields: EventFields
+    person_id: str = ""
+    identifiers: tuple[PseudonymisedIdentifier, ...] = ()
+    invalid: str = ""
+
+
+@dataclass(slots=True)
+class CollectResult:
+    index: int
+    event_id: str
+    accepted: bool = False
+    drop_reason: DropReason = C.DROP_REASON_UNSPECIFIED
+    detail: str = ""
+    person_id: str = ""
+    purposes: tuple[str, ...] = ()
+    channel: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ErasureView:
+    erasure_id: str
+    person_id: str
+    state: int
+    requested_at: datetime
+    completed_at: datetime | None
+    services: dict[str, dict[str, Any]]
+    tombstone_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class SubjectData:
+    person_id: str
+    history: list[Any]
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _stamp(moment: datetime | None) -> Timestamp | None:
+    if moment is None:
+        return None
+    value = Timestamp()
+    value.FromDatetime(moment)
+    return value
+
+
+class CollectionService:
+    """Collect, erase, export and sweep, over the consent store and key store."""
+
+    def __init__(self, consent: ConsentService, keyring: Keyring) -> None:
+        self.consent = consent
+        self.store = CollectionStore(consent.store)
+        self.keyring = keyring
+
+    def erased_digests(self, person_id: str) -> list[str]:
+        """Keyed hashes that mark an erased person (one per HMAC key, for rotation)."""
+        return self.keyring.candidate_digests(_ERASED_CONTEXT + person_id.encode())
+
+    def is_erased(self, person_id: str) -> bool:
+        with self.consent.store.reading() as connection:
+            return bool(self.store.erased(connection, self.erased_digests(person_id)))
+
+    # Collect -------------------------------------------------------------------------------------
+
+    def collect(self, events: Sequence[CollectInput], resolve: Resolver) -> list[CollectResult]:
+        now = self.consent.clock()
+        results = [
+            CollectResult(e.index, e.fields.event_id, channel=e.fields.channel) for e in events
+        ]
+        live: list[int] = []
+        seen_ids: set[str] = set()
+        for position, event in enumerate(events):
+            reason = event.invalid or invalid_reason(event.fields, now)
+            if reason:
+                self._drop(results[position], C.DROP_REASON_INVALID, reason)
+            elif event.fields.event_id in seen_ids:
+                self._drop(results[position], C.DROP_REASON_DUPLICATE, "repeated in this batch")
+            elif event.identifiers and all(i.blocked for i in event.identifiers):
+                self._drop(results[position], C.DROP_REASON_IDENTIFIER_BLOCKED)
+            else:
+                seen_ids.add(event.fields.event_id)
+                live.append(position)
+        self._resolve_persons(events, results, live, resolve)
+        live = [p for p in live if not results[p].drop_reason]
+        if not live:
+            return results
+        for attempt in range(2):
+            try:
+                self._store(events, results, live, now)
+                break
+            except IntegrityError:
+                # Another batch stored one of these event ids first: look again, once.
+                if attempt:
+                    raise
+        return results
+
+    @staticmethod
+    def _drop(result: CollectResult, reason: DropReason, detail: str = "") -> None:
+        result.accepted, result.drop_reason, result.detail = False, reason, detail
+        result.purposes = ()
+
+    def _resolve_persons(
+        self,
+        events: Sequence[CollectInput],
+        results: list[CollectResult],
+        live: list[int],
+        resolve: Resolver,
+    ) -> None:
+        by_identifiers = [p for p in live if not events[p].person_id]
+        if by_identifiers:
+            persons = resolve(
+                [events[p].identifiers for p in by_identifiers],
+                [events[p].fields.channel or "unknown" for p in by_identifiers],
+            )
+            for position, person in zip(by_identifiers, persons, strict=True):
+                if person:
+                    results[position].person_id = person
+                else:
+                    self._drop(results[position], C.DROP_REASON_IDENTIFIER_BLOCKED)
+        for position in live:
+            if events[position].person_id:
+                results[position].person_id = events[position].person_id
+
+    def _store(
+        self,
+        events: Sequence[CollectInput],
+        results: list[CollectResult],
+        live: list[int],
+        now: datetime,
+    ) -> None:
+        purposes = self.consent.purposes()
+        candidates = [p for p in live if not results[p].drop_reason]
+        persons = sorted({results[p].person_id for p in candidates})
+        digests = {person: self.erased_digests(person) for person in persons}
+        store = self.store
+        with self.consent.store.writing() as connection:
+            erased = store.erased(connection, [d for ds in digests.values() for d in ds])
+            decisions = store.decisions_of_many(connection, persons)
+            existing = store.existing_event_ids(
+                connection, [events[p].fields.event_id for p in candidates]
+            )
+            accepted: list[int] = []
+            for position in candidates:
+                result = results[position]
+                if any(d in erased for d in digests[result.person_id]):
+                    self._drop(result, C.DROP_REASON_ERASED)
+                elif events[position].fields.event_id in existing:
+                    self._drop(result, C.DROP_REASON_DUPLICATE, "already collected")
+                else:
+                    occurred_at = events[position].fields.occurred_at
+                    assert occurred_at is not None
+                    admission = admit(
+                        purposes.values(), decisions.get(result.person_id, []), occurred_at, now
+                    )
+                    if admission.purposes:
+                        result.accepted, result.purposes = True, admission.purposes
+                        accepted.append(position)
+                    else:
+                        self._drop(result, admission.drop_reason)
+            rows, bodies = self._rows(events, results, accepted, purposes, now)
+            store.insert_events(connection, rows)
+            self.consent.store.outbox.append(connection, bodies, occurred_at=now)
+
+    def _rows(
+        self,
+        events: Sequence[CollectInput],
+        results: list[CollectResult],
+        accepted: list[int],
+        purposes: dict[str, Any],
+        now: datetime,
+    ) -> tuple[list[dict[str, Any]], list[events_pb2.BehaviourRecorded]]:
+        with_query = [
+            results[p].person_id
+            for p in accepted
+            if events[p].fields.query
+            and "query" in kept_fields(purposes[name] for name in results[p].purposes)
+        ]
+        keys = self.consent.keystore.data_keys(with_query) if with_query else {}
+        rows: list[dict[str, Any]] = []
+        bodies: list[events_pb2.BehaviourRecorded] = []
+        for position in accepted:
+            result = results[position]
+            serving = [purposes[name] for name in result.purposes]
+            kept = minimise(events[position].fields, kept_fields(serving))
+            assert kept.occurred_at is not None
+            ciphertext = None
+            if kept.query:
+                ciphertext = encrypt_field(
+                    keys[result.person_id], kept.query.encode(), kept.event_id.encode()
+                )
+            rows.append(
+                {
+                    "event_id": kept.event_id,
+                    "person_id": result.person_id,
+                    "type": int(kept.type),
+                    "item_id": kept.item_id,
+                    "category": kept.category,
+                    "value": kept.value,
+                    "dwell_ms": kept.dwell_ms,
+                    "quantity": kept.quantity,
+                    "currency": kept.currency,
+                    "channel": kept.channel,
+                    "occurred_at": kept.occurred_at,
+                    "received_at": now,
+                    "retain_until": retain_until(kept.occurred_at, serving),
+                    "purposes": list(result.purposes),
+                    "attributes": dict(kept.attributes),
+                    "query_ciphertext": ciphertext,
+                }
+            )
+            bodies.append(
+                events_pb2.BehaviourRecorded(
+                    person_id=result.person_id,
+                    event_id=kept.event_id,
+                    type=kept.type,
+                    item_id=kept.item_id,
+                    category=kept.category,
+                    value=kept.value,
+                    dwell_ms=kept.dwell_ms,
+                    quantity=kept.quantity,
+                    channel=kept.channel,
+                    occurred_at=_stamp(kept.occurred_at),
+                    purposes=list(result.purposes),
+                    attributes=dict(kept.attributes),
+                    has_query=bool(kept.query),
+                )
+            )
+        return rows, bodies
+
+    # Erasure -------------------------------------------------------------------------------------
+
+    def begin_erasure(
+        self, person_id: str, aliases: Sequence[str], reason: str, actor: str
+    ) -> ErasureView:
+        """Consent's part: delete events and decisions, tombstone, SubjectErased, shred keys."""
+        now = self.consent.clock()
+        everyone = [person_id, *[a for a in aliases if a != person_id]]
+        erasure_id = f"e_{secrets.token_hex(12)}"
+        subject = self.consent.keystore.subject(person_id)
+        with self.consent.store.writing() as connection:
+            open_erasure = self.store.open_erasure_of(connection, person_id)
+            if open_erasure is not None:
+                return _erasure_view(open_erasure)
+            deleted_events, deleted_decisions = self.store.delete_person_data(connection, everyone)
+            self.store.mark_erased(
+                connection, [d for p in everyone for d in self.erased_digests(p)], now
+            )
+            [tombstone] = self.consent.store.append_ledger(
+                connection,
+                [
+                    ledger.LedgerRecord(
+                        seq=0,
+                        recorded_at=now,
+                        kind=A.ENTRY_KIND_ERASURE_TOMBSTONE,
+                        subject=subject,
+                        actor=actor,
+                        occurred_at=now,
+                        details={"erasure_id": erasure_id},
+                    )
+                ],
+            )
+            self.consent.store.outbox.append(
+                connection,
+                [
+                    events_pb2.SubjectErased(
+                        person_id=person_id,
+                        erasure_id=erasure_id,
+                        alias_person_ids=everyone[1:],
+                    )
+                ],
+                occurred_at=now,
+            )
+            services = {
+                "consent": {
+                    "state": C.ERASURE_STATE_DONE,
+                    "completed_at": now.isoformat(),
+                    "detail": f"{deleted_events} events, {deleted_decisions} decisions deleted",
+                },
+                "identity": {"state": C.ERASURE_STATE_PENDING, "completed_at": None, "detail": ""},
+            }
+            self.store.save_erasure(
+                connection,
+                {
+                    "erasure_id": erasure_id,
+                    "person_id": person_id,
+                    "reason": reason,
+                    "state": C.ERASURE_STATE_IN_PROGRESS,
+                    "requested_at": now,
+                    "completed_at": None,
+                    "services": services,
+                    "tombstone_seq": tombstone.record.seq,
+                },
+            )
+        # The data keys live in their own database: destroyed once the tombstone is committed.
+        self.consent.keystore.destroy(everyone)
+        return self.erasure(erasure_id)
+
+    def finish_part(
+        self, erasure_id: str, service: str, *, ok: bool, detail: str = ""
+    ) -> ErasureView:
+        """Record a service's part; when every part is done, complete the erasure on the ledger."""
+        now = self.consent.clock()
+        with self.consent.store.writing() as connection:
+            row = self.store.erasure(connection, erasure_id)
+            if row is None:
+                raise NotFound("erasure", erasure_id)
+            services = dict(row.services)
+            services[service] = {
+                "state": C.ERASURE_STATE_DONE if ok else C.ERASURE_STATE_FAILED,
+                "completed_at": now.isoformat() if ok else None,
+                "detail": detail,
+            }
+            values: dict[str, Any] = {"services": services}
+            if all(part["state"] == C.ERASURE_STATE_DONE for part in services.values()):
+                self.consent.store.append_ledger(
+                    connection,
+                    [
+                        ledger.LedgerRecord(
+                            seq=0,
+                            recorded_at=now,
+                            kind=A.ENTRY_KIND_ERASURE_COMPLETED,
+                            actor="system",
+                            occurred_at=now,
+                            details={"erasure_id": erasure_id},
+                        )
+                    ],
+                )
+                values.update(state=C.ERASURE_STATE_DONE, completed_at=now, person_id=None)
+            elif not ok:
+                values.update(state=C.ERASURE_STATE_FAILED)
+            self.store.update_erasure(connection, erasure_id, values)
+        return self.erasure(erasure_id)
+
+    def erasure(self, erasure_id: str) -> ErasureView:
+        with self.consent.store.reading() as connection:
+            row = self.store.erasure(connection, erasure_id)
+        if row is None:
+            raise NotFound("erasure", erasure_id)
+        return _erasure_view(row)
+
+    # Access --------------------------------------------------------------------------------------
+
+    def subject_data(self, person_id: str, aliases: Sequence[str]) -> SubjectData:
+        """Consent history and collected events (search text decrypted) of a person."""
+        everyone = [person_id, *[a for a in aliases if a != person_id]]
+        with self.consent.store.reading() as connection:
+            decisions = self.store.decisions_of_many(connection, everyone)
+            rows = self.store.events_of(connection, everyone)
+        keys = self.consent.keystore.data_keys(
+            {row.person_id for row in rows if row.query_ciphertext}, create=False
+        )
+        events = []
+        for row in rows:
+            query = ""
+            if row.query_ciphertext and row.person_id in keys:
+                query = decrypt_field(
+                    keys[row.person_id], bytes(row.query_ciphertext), row.event_id.encode()
+                ).decode()
+            events.append(
+                {
+                    "event_id": row.event_id,
+                    "type": row.type,
+                    "item_id": row.item_id,
+                    "category": row.category,
+                    "value": row.value,
+                    "dwell_ms": row.dwell_ms,
+                    "query": query,
+                    "channel": row.channel,
+                    "occurred_at": utc(row.occurred_at),
+                    "purposes": list(row.purposes),
+                    "attributes": dict(row.attributes),
+                    "quantity": row.quantity,
+                }
+            )
+        history = sorted((d for ds in decisions.values() for d in ds), key=lambda d: d.seq)
+        return SubjectData(person_id, history, events)
+
+    def sweep(self) -> dict[str, int]:
+        """Delete events past their purposes' retention; returns counts by event type name."""
+        now = datetime.now(UTC)
+        with self.consent.store.writing() as connection:
+            removed = self.store.sweep(connection, now)
+        return {
+            common_pb2.EventType.Name(common_pb2.EventType.ValueType(int(k)))
+            .removeprefix("EVENT_TYPE_")
+            .lower(): v
+            for k, v in removed.items()
+        }
+
+
+def _erasure_view(row: Any) -> ErasureView:
+    return ErasureView(
+        erasure_id=row.erasure_id,
+        person_id=row.person_id or "",
+        state=row.state,
+        requested_at=utc(row.requested_at),
+        completed_at=None if row.completed_at is None else utc(row.completed_at),
+        services=dict(row.services),
+        tombstone_seq=row.tombstone_seq,
+    )

@@ -1,0 +1,73 @@
+"""Identifier sets already resolved to persons, so most Collect batches skip identity's Resolve.
+
+Invalidated by identity's own event log: a merge, unmerge or forget drops every entry naming the
+persons concerned, so the next batch asks identity again.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from typing import Final
+
+from sqlalchemy.engine import Connection
+from steward.events.v1 import events_pb2
+
+from services.common.identifiers import PseudonymisedIdentifier
+
+CAPACITY: Final = 200_000
+
+
+def cache_key(identifiers: Sequence[PseudonymisedIdentifier]) -> tuple[str, ...]:
+    return tuple(sorted(i.digest for i in identifiers if not i.blocked))
+
+
+class PersonCache:
+    """A bounded LRU map from identifier sets to person ids. Thread-safe."""
+
+    def __init__(self, capacity: int = CAPACITY) -> None:
+        self._capacity = capacity
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[str, ...], str] = OrderedDict()
+
+    def get(self, key: tuple[str, ...]) -> str | None:
+        with self._lock:
+            person = self._entries.get(key)
+            if person is not None:
+                self._entries.move_to_end(key)
+            return person
+
+    def put(self, key: tuple[str, ...], person: str) -> None:
+        if not key or not person:
+            return
+        with self._lock:
+            self._entries[key] = person
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._capacity:
+                self._entries.popitem(last=False)
+
+    def invalidate(self, persons: Iterable[str]) -> int:
+        doomed = set(persons)
+        with self._lock:
+            stale = [key for key, person in self._entries.items() if person in doomed]
+            for key in stale:
+                del self._entries[key]
+        return len(stale)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def apply(self, _connection: Connection, envelope: events_pb2.Envelope) -> None:
+        """Consumer callback for identity's log: forget what a merge, unmerge or forget changed."""
+        body = envelope.WhichOneof("body")
+        if body == "persons_merged":
+            merged = envelope.persons_merged
+            self.invalidate([merged.surviving_person_id, *merged.absorbed_person_ids])
+        elif body == "person_unmerged":
+            split = envelope.person_unmerged
+            self.invalidate([split.surviving_person_id, split.restored_person_id])
+        elif body == "person_forgotten":
+            forgotten = envelope.person_forgotten
+            self.invalidate([forgotten.person_id, *forgotten.alias_person_ids])
