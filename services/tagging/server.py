@@ -1,31 +1,285 @@
-"""gRPC servicer of the tagging service: maps RPCs onto the tagging domain.
-
-RPCs not built yet answer UNIMPLEMENTED through the generated base class.
-"""
+"""gRPC servicer of the tagging service: validates requests, maps them onto the use cases,
+and runs the consumers of consent's and identity's event logs."""
 
 from __future__ import annotations
 
-from steward.tagging.v1 import tagging_pb2_grpc
+import base64
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any, Final
 
+import grpc
+from google.protobuf import json_format, struct_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
+from steward.tagging.v1 import tagging_pb2, tagging_pb2_grpc
+
+from services.common.callers import caller_of
+from services.common.consumer import Consumer, GrpcEnvelopeSource
 from services.common.context import ServiceContext, ServiceParts
+from services.common.db import make_engine
+from services.common.errors import FieldViolations, InvalidArgument
+from services.common.eventlog import ProducerLog
+from services.common.migrations import upgrade
+from services.common.outbox import Outbox
 from services.common.server import ServiceRegistration
+from services.tagging.guardrails import AssignedTag, dry_run
+from services.tagging.profile import ProfileColumns
+from services.tagging.rules import ParsedRuleSet, parse_rule_set
+from services.tagging.service import TaggingService
+from services.tagging.store import CONSUMER_TABLES, OUTBOX_TABLES, PRODUCER
+
+T = tagging_pb2
+MAX_YAML: Final = 1024 * 1024
+MAX_PAGE: Final = 10_000
+ROLL_INTERVAL_SECONDS: Final = 3600.0
+
+
+def _stamp(moment: datetime | None) -> Timestamp | None:
+    if moment is None:
+        return None
+    value = Timestamp()
+    value.FromDatetime(moment)
+    return value
+
+
+def _rule_set_message(parsed: ParsedRuleSet, row: Any) -> tagging_pb2.RuleSet:
+    message = T.RuleSet(
+        version=parsed.version,
+        yaml=parsed.yaml,
+        tag_budget=parsed.tag_budget,
+        k_floor=parsed.k_floor,
+        extra_banned_categories=list(parsed.extra_banned_categories),
+        created_at=_stamp(row.created_at),
+        actor=row.actor,
+    )
+    for rule in parsed.rules:
+        entry = message.rules.add(
+            id=rule.id,
+            category=rule.category,
+            description=rule.description,
+            purpose=rule.purpose,
+            condition=rule.condition_text,
+            min_evidence=rule.min_evidence,
+            priority=rule.priority,
+            fields_read=list(rule.fields_read),
+        )
+        entry.ttl.FromTimedelta(rule.ttl)
+    return message
+
+
+def _value(value: Any) -> struct_pb2.Value:
+    message = struct_pb2.Value()
+    if isinstance(value, bool):
+        message.bool_value = value
+    elif isinstance(value, int | float):
+        message.number_value = float(value)
+    elif isinstance(value, str):
+        message.string_value = value
+    elif isinstance(value, dict):
+        message.struct_value.update(value)
+    else:
+        message.string_value = str(value)
+    return message
+
+
+def _tag_message(tag: AssignedTag) -> tagging_pb2.Tag:
+    return T.Tag(
+        tag_id=tag.tag_id,
+        category=tag.category,
+        description=tag.description,
+        purpose=tag.purpose,
+        rule_id=tag.rule_id,
+        rule_set_version=tag.rule_set_version,
+        condition=tag.condition,
+        field_values={k: _value(v) for k, v in tag.field_values.items()},
+        evidence_count=tag.evidence_count,
+        assigned_at=_stamp(tag.assigned_at),
+        expires_at=_stamp(tag.expires_at),
+        priority=tag.priority,
+    )
+
+
+def _person_id(value: str) -> None:
+    if not value or len(value) > 64:
+        raise InvalidArgument({"person_id": "is required (at most 64 characters)"})
 
 
 class TaggingServicer(tagging_pb2_grpc.TaggingServiceServicer):
     """steward.tagging.v1.TaggingService."""
 
-    def __init__(self, context: ServiceContext) -> None:
-        self._context = context
+    def __init__(self, service: TaggingService) -> None:
+        self._service = service
+
+    def PutRuleSet(
+        self, request: tagging_pb2.PutRuleSetRequest, context: grpc.ServicerContext
+    ) -> tagging_pb2.PutRuleSetResponse:
+        if not request.yaml.strip() or len(request.yaml.encode()) > MAX_YAML:
+            raise InvalidArgument({"yaml": "a YAML rule set of at most 1 MiB"})
+        parsed, row = self._service.put_rule_set(request.yaml, caller_of(context))
+        return T.PutRuleSetResponse(rule_set=_rule_set_message(parsed, row))
+
+    def ValidateRuleSet(
+        self, request: tagging_pb2.ValidateRuleSetRequest, context: grpc.ServicerContext
+    ) -> tagging_pb2.ValidateRuleSetResponse:
+        if len(request.yaml.encode()) > MAX_YAML:
+            raise InvalidArgument({"yaml": "at most 1 MiB"})
+        try:
+            parsed = parse_rule_set(request.yaml)
+        except InvalidArgument as error:
+            return T.ValidateRuleSetResponse(
+                valid=False,
+                errors=[T.RuleProblem(field=f, description=d) for f, d in error.violations],
+            )
+        profiles = self._service.population_columns()
+        report = dry_run(parsed, ProfileColumns.from_profiles(profiles))
+        return T.ValidateRuleSetResponse(
+            valid=True,
+            warnings=[T.RuleProblem(field=f, description=d) for f, d in report.warnings],
+            coverage=[
+                T.TagCoverage(
+                    tag_id=c.tag_id, persons=c.persons, fewer_than_k=c.fewer_than_k, share=c.share
+                )
+                for c in report.coverage
+            ],
+            population=report.population,
+            average_tags_per_person=report.average_tags_per_person,
+        )
+
+    def GetRuleSet(
+        self, request: tagging_pb2.GetRuleSetRequest, context: grpc.ServicerContext
+    ) -> tagging_pb2.GetRuleSetResponse:
+        if request.version < 0:
+            raise InvalidArgument({"version": "must not be negative"})
+        parsed, row = self._service.stored_rule_set(request.version)
+        return T.GetRuleSetResponse(rule_set=_rule_set_message(parsed, row))
+
+    def GetTags(
+        self, request: tagging_pb2.GetTagsRequest, context: grpc.ServicerContext
+    ) -> tagging_pb2.GetTagsResponse:
+        _person_id(request.person_id)
+        tags = self._service.tags_of(request.person_id)
+        return T.GetTagsResponse(
+            person_id=request.person_id,
+            tags=[_tag_message(t) for t in tags.tags],
+            suppressed=[
+                T.SuppressedTag(
+                    tag_id=s.tag_id,
+                    priority=s.priority,
+                    evidence_count=s.evidence_count,
+                    reason=s.reason,
+                )
+                for s in tags.suppressed
+            ],
+            objections=[
+                T.Objection(
+                    tag_id="" if tag == "*" else tag,
+                    all_profiling=tag == "*",
+                    reason=reason,
+                    recorded_at=_stamp(at),
+                )
+                for tag, reason, at in tags.objections
+            ],
+        )
+
+    def ObjectToTag(
+        self, request: tagging_pb2.ObjectToTagRequest, context: grpc.ServicerContext
+    ) -> tagging_pb2.ObjectToTagResponse:
+        violations = FieldViolations()
+        violations.check(bool(request.person_id), "person_id", "is required")
+        violations.check(
+            bool(request.tag_id) != request.all_profiling,
+            "tag_id",
+            "name one tag, or set all_profiling instead",
+        )
+        violations.check(len(request.reason) <= 1024, "reason", "at most 1024 characters")
+        violations.raise_if_any()
+        target = "*" if request.all_profiling else request.tag_id
+        at, removed = self._service.object_to(request.person_id, target, request.reason)
+        return T.ObjectToTagResponse(
+            objection=T.Objection(
+                tag_id=request.tag_id,
+                all_profiling=request.all_profiling,
+                reason=request.reason,
+                recorded_at=_stamp(at),
+            ),
+            removed_tag_ids=removed,
+        )
+
+    def GetAudience(
+        self, request: tagging_pb2.GetAudienceRequest, context: grpc.ServicerContext
+    ) -> tagging_pb2.GetAudienceResponse:
+        violations = FieldViolations()
+        violations.check(bool(request.tag_id), "tag_id", "is required")
+        violations.check(0 <= request.page_size <= MAX_PAGE, "page_size", f"0 to {MAX_PAGE}")
+        after = ""
+        if request.page_token:
+            try:
+                after = base64.urlsafe_b64decode(request.page_token.encode()).decode()
+            except (ValueError, UnicodeDecodeError):
+                violations.add("page_token", "is not a token this service issued")
+        violations.raise_if_any()
+        size = request.page_size or 500
+        persons, total = self._service.audience(request.tag_id, size, after)
+        token = (
+            base64.urlsafe_b64encode(persons[-1].encode()).decode() if len(persons) == size else ""
+        )
+        return T.GetAudienceResponse(person_ids=persons, next_page_token=token, size=total)
+
+    def GetProfile(
+        self, request: tagging_pb2.GetProfileRequest, context: grpc.ServicerContext
+    ) -> tagging_pb2.GetProfileResponse:
+        _person_id(request.person_id)
+        profile = self._service.profile_of(request.person_id)
+        message = json_format.ParseDict(profile, T.Profile(), ignore_unknown_fields=True)
+        return T.GetProfileResponse(profile=message)
 
 
 def build(context: ServiceContext) -> ServiceParts:
-    """The tagging service's parts, ready for the process to run."""
+    """The tagging service on its database (migrated first), consuming consent's and identity's
+    logs and producing its own (TagChanged)."""
+    engine = make_engine(context.settings.db_url("tagging"))
+    upgrade(engine, "tagging")
+    outbox = Outbox(PRODUCER, OUTBOX_TABLES)
+    service = TaggingService(engine, outbox)
+    consumers: list[Consumer] = []
+    channels: list[grpc.Channel] = []
+
+    def start_consumers(own_target: str) -> None:
+        channel = grpc.insecure_channel(context.settings.identity_target or own_target)
+        channels.append(channel)
+        feeds: Sequence[tuple[str, Callable[..., None]]] = (
+            ("consent", service.apply_consent_envelope),
+            ("identity", service.apply_identity_envelope),
+        )
+        for producer, apply in feeds:
+            consumer = Consumer(
+                "tagging",
+                producer,
+                GrpcEnvelopeSource(channel, producer, "tagging"),
+                engine,
+                apply,
+                tables=CONSUMER_TABLES,
+                tracer_provider=context.telemetry.tracer_provider,
+            )
+            consumers.append(consumer)
+            consumer.start()
+
+    def stop() -> None:
+        for consumer in consumers:
+            consumer.stop()
+        for channel in channels:
+            channel.close()
+        engine.dispose()
+
     return ServiceParts(
         [
             ServiceRegistration(
                 "steward.tagging.v1.TaggingService",
                 tagging_pb2_grpc.add_TaggingServiceServicer_to_server,
-                TaggingServicer(context),  # type: ignore[abstract]  # RPCs not built yet  # type: ignore[abstract]  # RPCs not built yet: UNIMPLEMENTED
+                TaggingServicer(service),
             )
-        ]
+        ],
+        logs={PRODUCER: ProducerLog(outbox, engine)},
+        on_start=[start_consumers],
+        on_stop=[stop],
     )
