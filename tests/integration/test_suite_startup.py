@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
-from steward.tagging.v1 import tagging_pb2, tagging_pb2_grpc
+from steward.recommend.v1 import recommend_pb2, recommend_pb2_grpc
 from typer.testing import CliRunner
 
 from services.cli import app
@@ -58,9 +58,9 @@ def test_reflection_lists_every_service(suite: RunningSuite) -> None:
 
 def test_unbuilt_rpc_answers_unimplemented(suite: RunningSuite) -> None:
     with grpc.insecure_channel(suite.target) as channel:
-        stub = tagging_pb2_grpc.TaggingServiceStub(channel)
+        stub = recommend_pb2_grpc.RecommendServiceStub(channel)
         with pytest.raises(grpc.RpcError) as raised:
-            stub.GetTags(tagging_pb2.GetTagsRequest(person_id="p_1"), timeout=5)
+            stub.Recommend(recommend_pb2.RecommendRequest(person_id="p_1"), timeout=5)
     assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
