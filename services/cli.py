@@ -510,6 +510,86 @@ def maintenance_sweep() -> None:
     console.print(f"removed {total} event{'s' if total != 1 else ''} past their retention")
 
 
+# `steward eval`: offline evaluation of the recommenders -----------------------------------------
+
+EVAL_FORMATS = ("movielens", "online-retail", "csv")
+EVAL_SPLITS = ("random", "temporal")
+
+
+@app.command("eval")
+def evaluate_recommenders(
+    interactions: Annotated[
+        Path,
+        typer.Option(
+            "--interactions",
+            help="Interaction file: MovieLens u.data, the UCI Online Retail CSV, or a CSV with "
+            "person_id,item_id[,event_type,weight,timestamp,title,category,tags].",
+        ),
+    ],
+    data_format: Annotated[
+        str, typer.Option("--format", help=f"File format: {' | '.join(EVAL_FORMATS)}.")
+    ] = "csv",
+    split: Annotated[
+        str,
+        typer.Option(help="random (per person 80/20, seeded) | temporal (a global time cut-off)."),
+    ] = "random",
+    k: Annotated[int, typer.Option("--k", min=1, max=100, help="List length.")] = 10,
+    seed: Annotated[int, typer.Option(help="Seed of the random split.")] = 42,
+    model: Annotated[
+        list[str] | None,
+        typer.Option("--model", help="Model to evaluate (repeatable). Default: all."),
+    ] = None,
+    half_life_days: Annotated[
+        float | None, typer.Option(help="Half-life of interaction weights; default: no decay.")
+    ] = None,
+) -> None:
+    """Train every recommender on a training part and print ranking metrics at k."""
+    from rich.markup import escape
+    from rich.progress import Progress
+
+    from services.recommend.evaluation import (
+        DataError,
+        load_dataset,
+        report_table,
+        run_evaluation,
+    )
+    from services.recommend.interactions import InteractionSettings
+    from services.recommend.models import MODEL_NAMES, build_model
+
+    names = model or list(MODEL_NAMES)
+    problems = []
+    if data_format not in EVAL_FORMATS:
+        problems.append(f"--format must be one of {', '.join(EVAL_FORMATS)}")
+    if split not in EVAL_SPLITS:
+        problems.append(f"--split must be one of {', '.join(EVAL_SPLITS)}")
+    if set(names) - set(MODEL_NAMES):
+        problems.append(f"--model must be among {', '.join(MODEL_NAMES)}")
+    if half_life_days is not None and half_life_days <= 0:
+        problems.append("--half-life-days must be positive")
+    for problem in problems:
+        errors.print(f"[red]{escape(problem)}[/red]")
+    if problems:
+        raise typer.Exit(2)
+    try:
+        dataset = load_dataset(interactions, data_format)
+    except DataError as error:
+        errors.print(f"[red]cannot read {escape(str(interactions))}:[/red] {escape(str(error))}")
+        raise typer.Exit(2) from error
+    with Progress(console=console, transient=True) as progress:
+        report = run_evaluation(
+            dataset,
+            split=split,
+            k=k,
+            seed=seed,
+            settings=InteractionSettings(half_life_days=half_life_days),
+            candidates=[build_model(name) for name in names],
+            progress=progress,
+        )
+    console.print(report_table(report))
+    if report.citation:
+        console.print(report.citation, soft_wrap=True)
+
+
 def main() -> None:
     """Entry point of the `steward` console script."""
     app()

@@ -1,0 +1,151 @@
+"""Content similarity from category and tags: works for items nobody has touched yet.
+
+Each item is a unit vector: its category (one feature) and its tags (TF-IDF over the catalogue,
+so a tag every item has says little), weighted by `category_weight` and `tag_weight`. Similarity
+is the cosine. Scoring a history is F·(Fᵀ·h) minus each history item's similarity to itself, so
+it costs O(nnz) and never needs the item x item matrix.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from scipy import sparse
+
+from services.recommend.models.base import (
+    FROM_CONTENT,
+    Catalogue,
+    FloatArray,
+    History,
+    IntArray,
+    InteractionMatrix,
+    TrainingReport,
+    arrays_size,
+    check_history,
+    model_version,
+    sparse_arrays,
+    top_k,
+)
+
+
+@dataclass(frozen=True)
+class ContentConfig:
+    category_weight: float = 1.0
+    tag_weight: float = 1.0
+
+
+def normalise_tag(tag: str) -> str:
+    return tag.strip().casefold()
+
+
+def content_features(catalogue: Catalogue, config: ContentConfig = ContentConfig()) -> Any:
+    """Items x (categories + tags), rows of unit length (or zero without category and tags)."""
+    n_items = len(catalogue)
+    has_category = np.array([bool(item.category) for item in catalogue.items], dtype=np.bool_)
+    category_rows = np.flatnonzero(has_category)
+    categories = sparse.csr_matrix(
+        (
+            np.full(category_rows.size, config.category_weight, dtype=np.float64),
+            (category_rows, catalogue.category_codes[category_rows]),
+        ),
+        shape=(n_items, max(len(catalogue.categories), 1)),
+    )
+    item_tags = [
+        sorted({normalise_tag(tag) for tag in item.tags} - {""}) for item in catalogue.items
+    ]
+    vocabulary = {
+        tag: column for column, tag in enumerate(sorted({t for ts in item_tags for t in ts}))
+    }
+    rows = np.repeat(np.arange(n_items), [len(tags) for tags in item_tags])
+    columns = np.array([vocabulary[tag] for tags in item_tags for tag in tags], dtype=np.int64)
+    tags = sparse.csr_matrix(
+        (np.ones(columns.size), (rows, columns)), shape=(n_items, max(len(vocabulary), 1))
+    )
+    if tags.nnz:
+        document_frequency = np.bincount(tags.indices, minlength=tags.shape[1])
+        idf = np.log(n_items / np.maximum(document_frequency, 1)) + 1.0
+        tags.data = tags.data * idf[tags.indices]
+        tags = _unit_rows(tags) * config.tag_weight
+    features = sparse.hstack([categories, tags], format="csr")
+    return _unit_rows(features)
+
+
+def _unit_rows(matrix: Any) -> Any:
+    norms = np.sqrt(np.asarray(matrix.multiply(matrix).sum(axis=1), dtype=np.float64).ravel())
+    inverse = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+    result = sparse.csr_matrix(sparse.diags(inverse) @ matrix)
+    result.eliminate_zeros()
+    result.sort_indices()
+    return result
+
+
+@dataclass(frozen=True)
+class ContentModel:
+    config: ContentConfig = ContentConfig()
+    name: str = "content"
+
+    def train(self, data: InteractionMatrix, catalogue: Catalogue) -> TrainedContent:
+        started = time.perf_counter()
+        features = content_features(catalogue, self.config)
+        arrays = sparse_arrays("features", features)
+        report = TrainingReport(
+            name=self.name,
+            version=model_version(self.name, data, catalogue, self.config),
+            items=int(np.count_nonzero(np.diff(features.indptr))),
+            persons=data.n_persons,
+            interactions=data.interactions,
+            training_seconds=time.perf_counter() - started,
+            size_bytes=arrays_size(arrays),
+        )
+        return TrainedContent(features, sparse.csr_matrix(features.T), report, self.name)
+
+
+@dataclass(frozen=True, eq=False)
+class TrainedContent:
+    features: Any  # CSR items x features, unit rows
+    features_t: Any  # CSR features x items
+    report: TrainingReport
+    name: str = "content"
+
+    def score(self, history: History) -> FloatArray:
+        n_items = self.features.shape[0]
+        check_history(history, n_items)
+        if len(history) == 0:
+            return np.zeros(n_items, dtype=np.float64)
+        profile = np.asarray(
+            self.features[history.indices].T @ history.weights, dtype=np.float64
+        ).ravel()
+        scores = np.asarray(self.features @ profile, dtype=np.float64).ravel()
+        own = np.asarray(
+            self.features[history.indices].multiply(self.features[history.indices]).sum(axis=1),
+            dtype=np.float64,
+        ).ravel()
+        scores[history.indices] -= history.weights * own
+        return scores
+
+    def contributions(self, history: History, items: IntArray) -> dict[str, FloatArray]:
+        block = np.asarray(
+            (self.features[items] @ self.features_t[:, history.indices]).toarray(),
+            dtype=np.float64,
+        )
+        block[items[:, None] == history.indices[None, :]] = 0.0
+        return {FROM_CONTENT: block * history.weights[None, :]}
+
+    def similarity(self, items: IntArray) -> FloatArray:
+        """Pairwise cosine similarity of `items` (for diversity)."""
+        rows = self.features[items]
+        return np.asarray((rows @ rows.T).toarray(), dtype=np.float64)
+
+    def similar(self, item: int, k: int) -> IntArray:
+        values = np.asarray(self.features @ self.features_t[:, item].toarray(), dtype=np.float64)
+        values = values.ravel()
+        values[item] = -np.inf
+        values[values <= 0] = -np.inf
+        return top_k(values, k)
+
+    def arrays(self) -> dict[str, npt.NDArray[Any]]:
+        return sparse_arrays("features", self.features)

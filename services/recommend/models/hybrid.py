@@ -1,0 +1,158 @@
+"""The default model: a blend of the others with a fallback chain.
+
+- no history: popularity alone (the cold start);
+- a thin history (fewer than `thin_history` items): collaborative scores blended with a larger
+  share of content similarity and popularity, since a few interactions say little;
+- otherwise: mostly collaborative (EASE and item kNN), with a little content and popularity to
+  reach new items and to break ties.
+
+Each component's scores are divided by their maximum before blending, so the shares mean what
+they say whatever scale a component works on.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from services.recommend.models.base import (
+    Catalogue,
+    FloatArray,
+    History,
+    IntArray,
+    InteractionMatrix,
+    TrainedModel,
+    TrainingReport,
+    array_fingerprint,
+)
+from services.recommend.models.content import ContentConfig, ContentModel
+from services.recommend.models.ease import EASEConfig, EASEModel
+from services.recommend.models.item_knn import ItemKNNConfig, ItemKNNModel
+from services.recommend.models.popular import PopularConfig, PopularModel
+
+COMPONENTS = ("ease", "item_knn", "content", "popular")
+
+
+@dataclass(frozen=True)
+class Blend:
+    """Shares of each component (they need not sum to 1)."""
+
+    ease: float = 0.0
+    item_knn: float = 0.0
+    content: float = 0.0
+    popular: float = 0.0
+
+    def share(self, component: str) -> float:
+        return float(getattr(self, component))
+
+
+@dataclass(frozen=True)
+class HybridConfig:
+    thin_history: int = 3
+    full: Blend = Blend(ease=0.6, item_knn=0.3, content=0.1)
+    thin: Blend = Blend(ease=0.35, item_knn=0.25, content=0.25, popular=0.15)
+    popular: PopularConfig = field(default_factory=PopularConfig)
+    item_knn: ItemKNNConfig = field(default_factory=ItemKNNConfig)
+    ease: EASEConfig = field(default_factory=EASEConfig)
+    content: ContentConfig = field(default_factory=ContentConfig)
+
+
+@dataclass(frozen=True)
+class HybridModel:
+    config: HybridConfig = HybridConfig()
+    name: str = "hybrid"
+
+    def train(self, data: InteractionMatrix, catalogue: Catalogue) -> TrainedHybrid:
+        started = time.perf_counter()
+        components: dict[str, TrainedModel] = {
+            "ease": EASEModel(self.config.ease).train(data, catalogue),
+            "item_knn": ItemKNNModel(self.config.item_knn).train(data, catalogue),
+            "content": ContentModel(self.config.content).train(data, catalogue),
+            "popular": PopularModel(self.config.popular).train(data, catalogue),
+        }
+        versions = [components[name].report.version for name in COMPONENTS]
+        version = array_fingerprint(config=[versions, self.config])[:12]
+        report = TrainingReport(
+            name=self.name,
+            version=f"{self.name}-{version}",
+            items=len(catalogue),
+            persons=data.n_persons,
+            interactions=data.interactions,
+            training_seconds=time.perf_counter() - started,
+            size_bytes=sum(component.report.size_bytes for component in components.values()),
+            details={
+                f"{name}_seconds": component.report.training_seconds
+                for name, component in components.items()
+            },
+        )
+        return TrainedHybrid(components, self.config, report, self.name)
+
+
+@dataclass(frozen=True, eq=False)
+class TrainedHybrid:
+    components: dict[str, TrainedModel]
+    config: HybridConfig
+    report: TrainingReport
+    name: str = "hybrid"
+
+    def route(self, history: History) -> str:
+        """Which step of the fallback chain serves this history: popular, thin or full."""
+        if len(history) == 0:
+            return "popular"
+        return "thin" if len(history) < self.config.thin_history else "full"
+
+    def blend(self, history: History) -> Blend:
+        route = self.route(history)
+        if route == "popular":
+            return Blend(popular=1.0)
+        return self.config.thin if route == "thin" else self.config.full
+
+    def _scaled(self, history: History) -> list[tuple[str, float, FloatArray]]:
+        """(component, share / max score, raw scores) of every component with a share."""
+        blend = self.blend(history)
+        parts = []
+        for name in COMPONENTS:
+            share = blend.share(name)
+            if share <= 0:
+                continue
+            scores = self.components[name].score(history)
+            top = float(scores.max()) if scores.size else 0.0
+            if top > 0:
+                parts.append((name, share / top, scores))
+        return parts
+
+    def score(self, history: History) -> FloatArray:
+        n_items = self.report.items
+        total = np.zeros(n_items, dtype=np.float64)
+        for _name, factor, scores in self._scaled(history):
+            total += factor * scores
+        return total
+
+    def contributions(self, history: History, items: IntArray) -> dict[str, FloatArray]:
+        result: dict[str, FloatArray] = {}
+        for name, factor, _scores in self._scaled(history):
+            for source, values in self.components[name].contributions(history, items).items():
+                result[source] = result.get(source, 0.0) + factor * values
+        return result
+
+    def similar(self, item: int, k: int) -> IntArray:
+        """Collaborative neighbours first, then content neighbours, then popular in category."""
+        chosen: list[int] = []
+        for name in ("item_knn", "content", "popular"):
+            for candidate in self.components[name].similar(item, k):
+                if int(candidate) not in chosen:
+                    chosen.append(int(candidate))
+            if len(chosen) >= k:
+                break
+        return np.array(chosen[:k], dtype=np.int64)
+
+    def arrays(self) -> dict[str, npt.NDArray[Any]]:
+        return {
+            f"{name}.{key}": array
+            for name in COMPONENTS
+            for key, array in self.components[name].arrays().items()
+        }
