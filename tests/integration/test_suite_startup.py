@@ -12,7 +12,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
-from steward.recommend.v1 import recommend_pb2, recommend_pb2_grpc
 from typer.testing import CliRunner
 
 from services.cli import app
@@ -54,14 +53,6 @@ def test_reflection_lists_every_service(suite: RunningSuite) -> None:
         listed = set(ProtoReflectionDescriptorDatabase(channel).get_services())
     assert set(STEWARD_SERVICES) <= listed
     assert "grpc.health.v1.Health" in listed
-
-
-def test_unbuilt_rpc_answers_unimplemented(suite: RunningSuite) -> None:
-    with grpc.insecure_channel(suite.target) as channel:
-        stub = recommend_pb2_grpc.RecommendServiceStub(channel)
-        with pytest.raises(grpc.RpcError) as raised:
-            stub.Recommend(recommend_pb2.RecommendRequest(person_id="p_1"), timeout=5)
-    assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_first_start_creates_development_keys(suite: RunningSuite, tmp_path: Path) -> None:

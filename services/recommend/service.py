@@ -1,0 +1,871 @@
+"""The recommend service's use cases: the catalogue, consented interactions kept from the event
+logs, training and atomic swaps of models, recommendations read against the person's history at
+request time, experiments, feedback, export, and forgetting.
+
+Real time: a model scores a history given at request time, so a new interaction changes the next
+answer without retraining. Forgetting: a withdrawal or erasure deletes the person's interactions
+at once (their next answer is no longer personal) and records a pending forget; the models, which
+still hold the person's influence, are rebuilt without them within ``forget_delay_seconds``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+from steward.common.v1 import common_pb2
+from steward.events.v1 import events_pb2
+
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.recommend.interactions import (
+    EventType,
+    InteractionSettings,
+    build_history,
+    build_interaction_matrix,
+    purchased_items,
+)
+from services.recommend.models import (
+    MODEL_NAMES,
+    Catalogue,
+    CatalogueItem,
+    EASEConfig,
+    EASEModel,
+    HybridConfig,
+    HybridModel,
+    Model,
+    TrainedModel,
+    build_model,
+)
+from services.recommend.models.base import parse_parameters
+from services.recommend.ranking import Filters, Ranker, Recommendation
+from services.recommend.store import (
+    consents_table,
+    experiments_table,
+    feedback_table,
+    forgets_table,
+    impressions_table,
+    interactions_table,
+    items_table,
+    utc,
+)
+
+logger = logging.getLogger(__name__)
+Clock = Callable[[], datetime]
+
+PERSONALISATION: Final = "personalisation"
+DEFAULT_MODEL: Final = "hybrid"
+FEEDBACK_TYPES: Final = ("click", "cart", "purchase", "dismiss")
+
+_EVENT_TYPES: Final[Mapping[int, str]] = {
+    common_pb2.EVENT_TYPE_VIEW: EventType.VIEW,
+    common_pb2.EVENT_TYPE_DWELL: EventType.DWELL,
+    common_pb2.EVENT_TYPE_SEARCH_CLICK: EventType.SEARCH_CLICK,
+    common_pb2.EVENT_TYPE_ADD_TO_CART: EventType.ADD_TO_CART,
+    common_pb2.EVENT_TYPE_PURCHASE: EventType.PURCHASE,
+}
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class ModelState:
+    UNTRAINED: Final = "untrained"
+    TRAINING: Final = "training"
+    READY: Final = "ready"
+    FAILED: Final = "failed"
+
+
+@dataclass(frozen=True)
+class RecommendSettings:
+    """How interactions are weighed, how soon forgets are rebuilt away, and what trains.
+
+    EASE inverts an items x items matrix, so it trains only on catalogues of at most
+    ``ease_max_items`` items, with a fixed λ (``ease_l2``) rather than a grid search.
+    """
+
+    interactions: InteractionSettings = field(default_factory=InteractionSettings)
+    forget_delay_seconds: float = 600.0
+    forget_check_seconds: float = 30.0
+    ease_max_items: int = 5_000
+    ease_l2: float = 100.0
+    recent_impressions: int = 50
+
+
+@dataclass(frozen=True)
+class ArmSpec:
+    name: str
+    model: str
+    parameters: Mapping[str, str]
+    traffic_share: float
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    experiment_id: str
+    salt: str
+    arms: tuple[ArmSpec, ...]
+    active: bool
+
+
+@dataclass(frozen=True)
+class Query:
+    """One Recommend request, validated."""
+
+    person_id: str = ""
+    session_item_ids: tuple[str, ...] = ()
+    need: str = ""
+    k: int = 10
+    filters: Filters = field(default_factory=Filters)
+    diversity: float = 0.0
+    model: str = ""
+
+
+@dataclass(frozen=True)
+class Answer:
+    items: list[Recommendation]
+    personalised: bool
+    experiment_arm: str
+    impression_id: str
+    model: str
+    model_version: str
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    name: str
+    state: str
+    model: TrainedModel | None
+    trained_at: datetime | None
+
+
+@dataclass(frozen=True)
+class ArmStats:
+    arm: str
+    model: str
+    traffic_share: float
+    impressions: int
+    clicks: int
+    carts: int
+    purchases: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    models: list[ModelStatus]
+    arms: list[ArmStats]
+    pending_forgets: int
+    forget_deadline: datetime | None
+
+
+@dataclass(frozen=True)
+class PersonExport:
+    interactions: list[tuple[str, str, float, datetime]]
+    """(item id, event type, weight, occurred at)."""
+    shown: list[tuple[str, list[str], datetime, str]]
+    """(impression id, item ids, shown at, model)."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Models trained together on one catalogue, swapped in as a whole."""
+
+    catalogue: Catalogue
+    ranker: Ranker
+    models: Mapping[str, TrainedModel]
+    trained_at: Mapping[str, datetime]
+
+
+def assign_arm(person_id: str, salt: str, arms: Sequence[ArmSpec]) -> ArmSpec | None:
+    """The person's arm: a salted SHA-256 of the id, read as a point in [0, 1), placed on the
+    arms' cumulative traffic shares. The same person and salt always land in the same arm."""
+    if not arms:
+        return None
+    digest = hashlib.sha256(f"{salt}\x00{person_id}".encode()).digest()
+    point = int.from_bytes(digest[:8], "big") / 2**64
+    cumulative = 0.0
+    for arm in arms:
+        cumulative += arm.traffic_share
+        if point < cumulative:
+            return arm
+    return arms[-1]
+
+
+def arm_model_key(experiment_id: str, arm: str) -> str:
+    return f"arm:{experiment_id}:{arm}"
+
+
+class RecommendService:
+    """Catalogue, interactions, models and experiments over the recommend database."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        settings: RecommendSettings | None = None,
+        clock: Clock = utc_now,
+    ) -> None:
+        self.engine = engine
+        self.settings = settings or RecommendSettings()
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._train_lock = threading.Lock()
+        self._snapshot: Snapshot | None = None
+        self._states: dict[str, str] = {}
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # Consumers -----------------------------------------------------------------------------------
+
+    def apply_consent_envelope(self, connection: Connection, envelope: events_pb2.Envelope) -> None:
+        body = envelope.WhichOneof("body")
+        if body == "behaviour_recorded":
+            self._behaviour(connection, envelope.behaviour_recorded)
+        elif body == "consent_changed":
+            self._consent(connection, envelope.consent_changed)
+        elif body == "subject_erased":
+            erased = envelope.subject_erased
+            self.forget(connection, [erased.person_id, *erased.alias_person_ids])
+
+    def apply_identity_envelope(
+        self, connection: Connection, envelope: events_pb2.Envelope
+    ) -> None:
+        body = envelope.WhichOneof("body")
+        if body == "persons_merged":
+            merged = envelope.persons_merged
+            connection.execute(
+                update(interactions_table)
+                .where(interactions_table.c.person_id.in_(list(merged.absorbed_person_ids)))
+                .values(person_id=merged.surviving_person_id)
+            )
+        elif body == "person_unmerged":
+            split = envelope.person_unmerged
+            connection.execute(
+                update(interactions_table)
+                .where(
+                    and_(
+                        interactions_table.c.origin_person_id == split.restored_person_id,
+                        interactions_table.c.person_id == split.surviving_person_id,
+                    )
+                )
+                .values(person_id=split.restored_person_id)
+            )
+        elif body == "person_forgotten":
+            forgotten = envelope.person_forgotten
+            self.forget(connection, [forgotten.person_id, *forgotten.alias_person_ids])
+
+    def _behaviour(self, connection: Connection, event: events_pb2.BehaviourRecorded) -> None:
+        if PERSONALISATION not in event.purposes or not event.item_id:
+            return
+        event_type = _EVENT_TYPES.get(event.type)
+        if event_type is None:
+            return
+        weight = self.settings.interactions.weight(event_type, event.dwell_ms / 1000.0)
+        if weight <= 0:
+            return
+        dialect = _dialect(connection)
+        now = self.clock()
+        connection.execute(
+            dialect.insert(items_table).on_conflict_do_nothing(  # type: ignore[attr-defined]
+                index_elements=[items_table.c.item_id]
+            ),
+            {
+                "item_id": event.item_id,
+                "title": "",
+                "category": event.category,
+                "tags": [],
+                "price": 0.0,
+                "available": False,
+                "stub": True,
+                "created_at": now,
+                "updated_at": now,
+            },
+        )
+        connection.execute(
+            dialect.insert(interactions_table).on_conflict_do_nothing(  # type: ignore[attr-defined]
+                index_elements=[interactions_table.c.event_id]
+            ),
+            {
+                "event_id": event.event_id,
+                "person_id": event.person_id,
+                "origin_person_id": event.person_id,
+                "item_id": event.item_id,
+                "event_type": str(event_type),
+                "weight": weight,
+                "dwell_ms": event.dwell_ms,
+                "occurred_at": event.occurred_at.ToDatetime(tzinfo=UTC),
+            },
+        )
+
+    def _consent(self, connection: Connection, change: events_pb2.ConsentChanged) -> None:
+        if change.purpose != PERSONALISATION:
+            return
+        expires_at = (
+            change.expires_at.ToDatetime(tzinfo=UTC) if change.HasField("expires_at") else None
+        )
+        values = {
+            "person_id": change.person_id,
+            "allowed": change.allowed,
+            "expires_at": expires_at,
+            "ledger_seq": change.ledger_seq,
+        }
+        statement = _dialect(connection).insert(consents_table).values(**values)  # type: ignore[attr-defined]
+        connection.execute(
+            statement.on_conflict_do_update(
+                index_elements=[consents_table.c.person_id],
+                set_={k: v for k, v in values.items() if k != "person_id"},
+            )
+        )
+        if not change.allowed:
+            removed = connection.execute(
+                delete(interactions_table).where(interactions_table.c.person_id == change.person_id)
+            ).rowcount
+            connection.execute(
+                update(impressions_table)
+                .where(impressions_table.c.person_id == change.person_id)
+                .values(person_id="")
+            )
+            if removed:
+                self._pending_forget(connection, [change.person_id])
+
+    def forget(self, connection: Connection, person_ids: Sequence[str]) -> None:
+        """Delete everything about the persons; the models forget them at the next rebuild."""
+        persons = [p for p in person_ids if p]
+        if not persons:
+            return
+        removed = connection.execute(
+            delete(interactions_table).where(
+                or_(
+                    interactions_table.c.person_id.in_(persons),
+                    interactions_table.c.origin_person_id.in_(persons),
+                )
+            )
+        ).rowcount
+        connection.execute(delete(consents_table).where(consents_table.c.person_id.in_(persons)))
+        connection.execute(
+            delete(impressions_table).where(impressions_table.c.person_id.in_(persons))
+        )
+        if removed:
+            self._pending_forget(connection, persons)
+
+    def _pending_forget(self, connection: Connection, persons: Iterable[str]) -> None:
+        now = self.clock()
+        due = now + timedelta(seconds=self.settings.forget_delay_seconds)
+        for person in persons:
+            connection.execute(
+                _dialect(connection)
+                .insert(forgets_table)  # type: ignore[attr-defined]
+                .values(person_id=person, requested_at=now, due_at=due)
+                .on_conflict_do_update(
+                    index_elements=[forgets_table.c.person_id],
+                    set_={"requested_at": now},
+                )
+            )
+
+    # Catalogue -----------------------------------------------------------------------------------
+
+    def put_items(self, items: Sequence[CatalogueItem], created: Sequence[datetime | None]) -> int:
+        """Create or update items (a stub becomes a real item); retrains in the background when
+        models already serve, so new items become recommendable."""
+        now = self.clock()
+        rows = [
+            {
+                "item_id": item.item_id,
+                "title": item.title,
+                "category": item.category,
+                "tags": list(item.tags),
+                "price": item.price,
+                "available": item.available,
+                "stub": False,
+                "created_at": at or now,
+                "updated_at": now,
+            }
+            for item, at in zip(items, created, strict=True)
+        ]
+        with self.engine.begin() as connection:
+            statement = _dialect(connection).insert(items_table)  # type: ignore[attr-defined]
+            connection.execute(
+                statement.on_conflict_do_update(
+                    index_elements=[items_table.c.item_id],
+                    set_={
+                        name: getattr(statement.excluded, name)
+                        for name in (
+                            "title",
+                            "category",
+                            "tags",
+                            "price",
+                            "available",
+                            "stub",
+                            "updated_at",
+                        )
+                    },
+                ),
+                rows,
+            )
+        if self._snapshot is not None:
+            self.train_in_background([])
+        return len(rows)
+
+    def _catalogue(self, connection: Connection) -> Catalogue:
+        return Catalogue(
+            CatalogueItem(
+                item_id=row.item_id,
+                title=row.title,
+                category=row.category,
+                tags=tuple(row.tags or ()),
+                price=float(row.price),
+                available=bool(row.available) and not row.stub,
+            )
+            for row in connection.execute(select(items_table))
+        )
+
+    # Training ------------------------------------------------------------------------------------
+
+    def _model_names(self, catalogue: Catalogue) -> list[str]:
+        names = ["popular", "item_knn", "content", "hybrid"]
+        if len(catalogue) <= self.settings.ease_max_items:
+            names.insert(2, "ease")
+        return names
+
+    def _model(self, name: str, parameters: Mapping[str, str] | None = None) -> Model:
+        """The named model; EASE (alone or in the hybrid) with a fixed λ and a bounded size."""
+        given = dict(parameters or {})
+        if name == "ease":
+            given.setdefault("l2", str(self.settings.ease_l2))
+            ease: EASEConfig = parse_parameters(EASEConfig, given)
+            return EASEModel(self._bounded(ease))
+        if name == "hybrid":
+            hybrid: HybridConfig = parse_parameters(HybridConfig, given)
+            ease = EASEConfig(l2=self.settings.ease_l2)
+            return HybridModel(dataclasses.replace(hybrid, ease=self._bounded(ease)))
+        return build_model(name, given)
+
+    def _bounded(self, config: EASEConfig) -> EASEConfig:
+        return dataclasses.replace(
+            config, l2_grid=(), max_items=min(config.max_items, self.settings.ease_max_items)
+        )
+
+    def train(self, names: Sequence[str]) -> tuple[str, list[ModelStatus]]:
+        """Rebuild models now (all of them when the catalogue changed); returns the job id."""
+        job_id = uuid.uuid4().hex
+        self._train(names, job_id)
+        return job_id, self.statuses(())
+
+    def train_in_background(self, names: Sequence[str]) -> tuple[str, list[ModelStatus]]:
+        job_id = uuid.uuid4().hex
+        with self._lock:
+            for name in names or self._states or MODEL_NAMES:
+                if name in MODEL_NAMES or name.startswith("arm:"):
+                    self._states[name] = ModelState.TRAINING
+        thread = threading.Thread(
+            target=self._train_quietly, args=(list(names), job_id), daemon=True
+        )
+        thread.start()
+        return job_id, self.statuses(())
+
+    def _train_quietly(self, names: Sequence[str], job_id: str) -> None:
+        try:
+            self._train(names, job_id)
+        except Exception:
+            logger.exception("training job %s failed", job_id)
+
+    def _train(self, names: Sequence[str], job_id: str) -> None:
+        with self._train_lock:
+            now = self.clock()
+            with self.engine.connect() as connection:
+                catalogue = self._catalogue(connection)
+                rows = connection.execute(
+                    select(
+                        interactions_table.c.person_id,
+                        interactions_table.c.item_id,
+                        interactions_table.c.weight,
+                        interactions_table.c.occurred_at,
+                    )
+                ).all()
+                forgotten = list(connection.execute(select(forgets_table.c.person_id)).scalars())
+                experiment = self._active_experiment(connection)
+            wanted = self._model_names(catalogue)
+            for arm in experiment.arms if experiment else ():
+                if arm.parameters:
+                    wanted.append(arm_model_key(experiment.experiment_id, arm.name))  # type: ignore[union-attr]
+            current = self._snapshot
+            same_catalogue = (
+                current is not None
+                and current.catalogue.fingerprint() == catalogue.fingerprint()
+                and current.catalogue.item_ids == catalogue.item_ids
+                and bool((current.catalogue.available == catalogue.available).all())
+            )
+            chosen = [n for n in wanted if not names or n in names]
+            if not same_catalogue:
+                chosen = wanted
+            with self._lock:
+                for name in chosen:
+                    self._states[name] = ModelState.TRAINING
+            data = build_interaction_matrix(
+                ((r.person_id, r.item_id, r.weight, utc(r.occurred_at)) for r in rows),
+                catalogue,
+                now=now,
+                half_life_days=self.settings.interactions.half_life_days,
+            )
+            trained: dict[str, TrainedModel] = {}
+            failed: list[str] = []
+            for name in chosen:
+                try:
+                    trained[name] = self._build(name, experiment).train(data, catalogue)
+                except Exception:
+                    logger.exception("training %s failed (job %s)", name, job_id)
+                    failed.append(name)
+            finished = self.clock()
+            with self._lock:
+                keep = current.models if current is not None and same_catalogue else {}
+                models = {k: v for k, v in keep.items() if k in wanted}
+                models.update(trained)
+                times = dict(current.trained_at) if current is not None and same_catalogue else {}
+                times.update({name: finished for name in trained})
+                ranker = current.ranker if current is not None and same_catalogue else None
+                self._snapshot = Snapshot(
+                    catalogue, ranker or Ranker(catalogue), models, {k: times[k] for k in models}
+                )
+                for name in trained:
+                    self._states[name] = ModelState.READY
+                for name in failed:
+                    self._states[name] = ModelState.FAILED
+                for name, state in list(self._states.items()):
+                    if state == ModelState.TRAINING and name not in chosen:
+                        # Marked by a background request, but not trainable on this catalogue.
+                        self._states[name] = (
+                            ModelState.READY if name in models else ModelState.UNTRAINED
+                        )
+            if forgotten and set(models) <= set(trained):
+                with self.engine.begin() as connection:
+                    connection.execute(
+                        delete(forgets_table).where(forgets_table.c.person_id.in_(forgotten))
+                    )
+
+    def _build(self, name: str, experiment: ExperimentSpec | None) -> Model:
+        if name.startswith("arm:") and experiment is not None:
+            for arm in experiment.arms:
+                if arm_model_key(experiment.experiment_id, arm.name) == name:
+                    return self._model(arm.model, arm.parameters)
+        return self._model(name)
+
+    def _ready(self) -> Snapshot:
+        snapshot = self._snapshot
+        if snapshot is None:
+            self._train([], uuid.uuid4().hex)
+            snapshot = self._snapshot
+        if snapshot is None:  # pragma: no cover - training always leaves a snapshot
+            raise FailedPrecondition([("MODEL", "models", "no model could be trained")])
+        return snapshot
+
+    def rebuild_due_forgets(self) -> bool:
+        """Rebuild every model when a pending forget has reached its deadline."""
+        with self.engine.connect() as connection:
+            due = connection.execute(
+                select(func.count()).where(forgets_table.c.due_at <= self.clock())
+            ).scalar_one()
+        if not due:
+            return False
+        self._train([], uuid.uuid4().hex)
+        return True
+
+    def start(self) -> None:
+        """Run the periodic check for forgets past their deadline."""
+
+        def loop() -> None:
+            while not self._stop.wait(self.settings.forget_check_seconds):
+                try:
+                    self.rebuild_due_forgets()
+                except Exception:
+                    logger.exception("rebuilding for pending forgets failed")
+
+        thread = threading.Thread(target=loop, name="recommend-forgets", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=5.0)
+
+    # Queries -------------------------------------------------------------------------------------
+
+    def statuses(self, names: Sequence[str]) -> list[ModelStatus]:
+        with self._lock:
+            snapshot = self._snapshot
+            models = dict(snapshot.models) if snapshot is not None else {}
+            times = dict(snapshot.trained_at) if snapshot is not None else {}
+            states = dict(self._states)
+        listed = list(names) or sorted(set(MODEL_NAMES) | set(models) | set(states))
+        return [
+            ModelStatus(
+                name,
+                states.get(name, ModelState.READY if name in models else ModelState.UNTRAINED),
+                models.get(name),
+                times.get(name),
+            )
+            for name in listed
+        ]
+
+    def model_info(self, names: Sequence[str]) -> ModelInfo:
+        with self.engine.connect() as connection:
+            pending, deadline = connection.execute(
+                select(func.count(), func.min(forgets_table.c.due_at))
+            ).one()
+            experiment = self._active_experiment(connection)
+            arms: list[ArmStats] = []
+            if experiment is not None:
+                shown: dict[str, int] = dict(
+                    connection.execute(
+                        select(impressions_table.c.arm, func.count())
+                        .where(impressions_table.c.experiment_id == experiment.experiment_id)
+                        .group_by(impressions_table.c.arm)
+                    ).all()
+                )
+                counts: dict[tuple[str, str], int] = {
+                    (arm, kind): int(count)
+                    for arm, kind, count in connection.execute(
+                        select(feedback_table.c.arm, feedback_table.c.type, func.count())
+                        .where(feedback_table.c.experiment_id == experiment.experiment_id)
+                        .group_by(feedback_table.c.arm, feedback_table.c.type)
+                    )
+                }
+                arms = [
+                    ArmStats(
+                        arm.name,
+                        arm.model,
+                        arm.traffic_share,
+                        int(shown.get(arm.name, 0)),
+                        counts.get((arm.name, "click"), 0),
+                        counts.get((arm.name, "cart"), 0),
+                        counts.get((arm.name, "purchase"), 0),
+                    )
+                    for arm in experiment.arms
+                ]
+        return ModelInfo(
+            self.statuses(names),
+            arms,
+            int(pending),
+            None if deadline is None else utc(deadline),
+        )
+
+    def recommend(self, query: Query) -> Answer:
+        snapshot = self._ready()
+        catalogue = snapshot.catalogue
+        now = self.clock()
+        arm: ArmSpec | None = None
+        experiment: ExperimentSpec | None = None
+        with self.engine.connect() as connection:
+            personalised = bool(query.person_id) and self._allowed(connection, query.person_id)
+            events: Sequence[Any] = []
+            if personalised:
+                events = connection.execute(
+                    select(
+                        interactions_table.c.item_id,
+                        interactions_table.c.weight,
+                        interactions_table.c.occurred_at,
+                        interactions_table.c.event_type,
+                    ).where(interactions_table.c.person_id == query.person_id)
+                ).all()
+                if not query.model:
+                    experiment = self._active_experiment(connection)
+                    if experiment is not None:
+                        arm = assign_arm(query.person_id, experiment.salt, experiment.arms)
+        if query.person_id and not personalised:
+            name = "popular"
+        elif query.model:
+            name = query.model
+        elif arm is not None and experiment is not None:
+            key = arm_model_key(experiment.experiment_id, arm.name)
+            name = key if key in snapshot.models else arm.model
+        else:
+            name = DEFAULT_MODEL
+        model = snapshot.models.get(name)
+        if model is None and name.startswith("arm:"):
+            model = snapshot.models.get(DEFAULT_MODEL)
+        if model is None:
+            raise FailedPrecondition(
+                [("MODEL", f"models/{name}", "is not trained (see GetModelInfo)")],
+                f"model {name} is not trained",
+            )
+        use_session = personalised or not query.person_id
+        session = list(query.session_item_ids) if use_session else []
+        view = self.settings.interactions.weight(EventType.VIEW)
+        history = build_history(
+            [(r.item_id, r.weight, utc(r.occurred_at), r.event_type) for r in events]
+            + [(item_id, view, now, str(EventType.VIEW)) for item_id in session],
+            catalogue,
+            now=now,
+            half_life_days=self.settings.interactions.half_life_days,
+        )
+        purchased = purchased_items([(r.item_id, r.event_type) for r in events], catalogue)
+        seen = catalogue.indices(
+            [r.item_id for r in events if r.event_type != EventType.PURCHASE] + session
+        )
+        items = snapshot.ranker.recommend(
+            model,
+            history,
+            k=query.k,
+            filters=query.filters,
+            diversity=query.diversity,
+            need=query.need,
+            purchased=purchased,
+            exclude=seen,
+        )
+        impression_id = uuid.uuid4().hex
+        with self.engine.begin() as connection:
+            connection.execute(
+                insert(impressions_table).values(
+                    impression_id=impression_id,
+                    person_id=query.person_id if personalised else "",
+                    experiment_id=experiment.experiment_id if arm and experiment else "",
+                    arm=arm.name if arm else "",
+                    model=model.name,
+                    model_version=model.report.version,
+                    item_ids=[item.item_id for item in items],
+                    shown_at=now,
+                )
+            )
+        return Answer(
+            items,
+            personalised,
+            arm.name if arm else "",
+            impression_id,
+            model.name,
+            model.report.version,
+        )
+
+    def _allowed(self, connection: Connection, person_id: str) -> bool:
+        row = connection.execute(
+            select(consents_table.c.allowed, consents_table.c.expires_at).where(
+                consents_table.c.person_id == person_id
+            )
+        ).first()
+        if row is None or not row.allowed:
+            return False
+        return row.expires_at is None or utc(row.expires_at) > self.clock()
+
+    def record_feedback(
+        self, impression_id: str, item_id: str, kind: str, occurred_at: datetime | None
+    ) -> str:
+        """Record feedback on one item of an answer; returns the arm credited."""
+        with self.engine.begin() as connection:
+            row = connection.execute(
+                select(impressions_table).where(impressions_table.c.impression_id == impression_id)
+            ).first()
+            if row is None:
+                raise NotFound("impression", impression_id)
+            if item_id not in (row.item_ids or []):
+                raise InvalidArgument({"item_id": "was not part of this answer"})
+            connection.execute(
+                insert(feedback_table).values(
+                    feedback_id=uuid.uuid4().hex,
+                    impression_id=impression_id,
+                    item_id=item_id,
+                    type=kind,
+                    experiment_id=row.experiment_id,
+                    arm=row.arm,
+                    occurred_at=occurred_at or self.clock(),
+                )
+            )
+        return str(row.arm)
+
+    # Experiments ---------------------------------------------------------------------------------
+
+    def put_experiment(self, experiment: ExperimentSpec) -> ExperimentSpec:
+        """Store an experiment; an active one deactivates every other (one serves at a time)."""
+        for arm in experiment.arms:
+            try:
+                self._model(arm.model, arm.parameters)
+            except ValueError as error:
+                raise InvalidArgument({f"arms[{arm.name}].parameters": str(error)}) from error
+        now = self.clock()
+        values = {
+            "experiment_id": experiment.experiment_id,
+            "salt": experiment.salt,
+            "arms": [
+                {
+                    "name": arm.name,
+                    "model": arm.model,
+                    "parameters": dict(arm.parameters),
+                    "traffic_share": arm.traffic_share,
+                }
+                for arm in experiment.arms
+            ],
+            "active": experiment.active,
+            "updated_at": now,
+        }
+        with self.engine.begin() as connection:
+            if experiment.active:
+                connection.execute(update(experiments_table).values(active=False))
+            statement = _dialect(connection).insert(experiments_table).values(**values)  # type: ignore[attr-defined]
+            connection.execute(
+                statement.on_conflict_do_update(
+                    index_elements=[experiments_table.c.experiment_id],
+                    set_={k: v for k, v in values.items() if k != "experiment_id"},
+                )
+            )
+        parameterised = any(arm.parameters for arm in experiment.arms)
+        if experiment.active and parameterised and self._snapshot is not None:
+            self.train_in_background([])
+        return experiment
+
+    def _active_experiment(self, connection: Connection) -> ExperimentSpec | None:
+        row = connection.execute(
+            select(experiments_table).where(experiments_table.c.active.is_(True)).limit(1)
+        ).first()
+        if row is None:
+            return None
+        return ExperimentSpec(
+            row.experiment_id,
+            row.salt,
+            tuple(
+                ArmSpec(
+                    arm["name"],
+                    arm["model"],
+                    dict(arm.get("parameters") or {}),
+                    float(arm["traffic_share"]),
+                )
+                for arm in row.arms
+            ),
+            bool(row.active),
+        )
+
+    # Data-subject access -------------------------------------------------------------------------
+
+    def export_person(self, person_id: str) -> PersonExport:
+        with self.engine.connect() as connection:
+            interactions = [
+                (row.item_id, row.event_type, float(row.weight), utc(row.occurred_at))
+                for row in connection.execute(
+                    select(interactions_table)
+                    .where(interactions_table.c.person_id == person_id)
+                    .order_by(interactions_table.c.occurred_at, interactions_table.c.event_id)
+                )
+            ]
+            shown = [
+                (row.impression_id, list(row.item_ids), utc(row.shown_at), row.model)
+                for row in connection.execute(
+                    select(impressions_table)
+                    .where(impressions_table.c.person_id == person_id)
+                    .order_by(impressions_table.c.shown_at.desc())
+                    .limit(self.settings.recent_impressions)
+                )
+            ]
+        return PersonExport(interactions, shown)
+
+
+def _dialect(connection: Connection) -> Any:
+    return postgresql if connection.dialect.name == "postgresql" else sqlite
+
+
+__all__ = ["Answer", "ModelInfo", "Query", "RecommendService", "RecommendSettings"]

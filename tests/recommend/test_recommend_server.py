@@ -1,0 +1,347 @@
+"""The recommend service in the whole suite: consented events through consent's log become
+interactions that change the next answer at once, withdrawals forget, answers are diverse,
+filtered, explained, and experiments assign persons stably."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+from steward.common.v1 import common_pb2
+from steward.consent.v1 import consent_pb2, consent_pb2_grpc
+from steward.events.v1 import events_pb2
+from steward.recommend.v1 import recommend_pb2, recommend_pb2_grpc
+
+from services.common.config import Settings
+from services.common.db import make_engine
+from services.common.errors import read_error_details
+from services.common.migrations import upgrade
+from services.recommend.models import CatalogueItem
+from services.recommend.service import RecommendService, RecommendSettings
+from services.runtime import RunningSuite, start_suite
+
+T = common_pb2
+C = consent_pb2
+R = recommend_pb2
+NOW = datetime.now(UTC)
+
+CATALOGUE = [
+    ("k1", "Red kettle", "kitchen", ["kettle", "red"], 30.0, True),
+    ("k2", "Steel kettle", "kitchen", ["kettle", "steel"], 45.0, True),
+    ("k3", "Red toaster", "kitchen", ["toaster", "red"], 35.0, True),
+    ("k4", "Teapot", "kitchen", ["tea"], 20.0, False),
+    ("g1", "Garden hose", "garden", ["hose"], 25.0, True),
+    ("g2", "Rake", "garden", ["tools"], 15.0, True),
+    ("g3", "Watering can", "garden", ["watering"], 12.0, True),
+    ("b1", "Cook book", "books", ["cooking"], 18.0, True),
+    ("b2", "Garden book", "books", ["gardening"], 22.0, True),
+    ("b3", "Tea book", "books", ["tea"], 16.0, True),
+]
+
+
+@pytest.fixture
+def suite(tmp_path: Path, db_url: str) -> Iterator[RunningSuite]:
+    settings = Settings.from_env(
+        {"STEWARD_DATA_DIR": str(tmp_path / "data"), "STEWARD_DATABASE_URL": db_url}
+    )
+    running = start_suite(
+        dataclasses.replace(settings, port=0), ["consent", "identity", "recommend"]
+    )
+    yield running
+    running.stop(0)
+
+
+@pytest.fixture
+def channel(suite: RunningSuite) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(suite.target) as channel:
+        yield channel
+
+
+@pytest.fixture
+def recommend(channel: grpc.Channel) -> recommend_pb2_grpc.RecommendServiceStub:
+    stub = recommend_pb2_grpc.RecommendServiceStub(channel)
+    stub.PutItems(
+        R.PutItemsRequest(
+            items=[
+                R.Item(item_id=i, title=t, category=c, tags=tags, price=p, available=available)
+                for i, t, c, tags, p, available in CATALOGUE
+            ]
+        ),
+        timeout=10,
+    )
+    return stub
+
+
+def stamp(moment: datetime) -> Timestamp:
+    value = Timestamp()
+    value.FromDatetime(moment)
+    return value
+
+
+def eventually(check: Callable[[], bool], seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    assert check()
+
+
+def person(channel: grpc.Channel, name: str, purpose: str = "personalisation") -> str:
+    answer = consent_pb2_grpc.ConsentServiceStub(channel).RecordConsent(
+        C.RecordConsentRequest(
+            subject=T.PersonRef(
+                identifiers=[
+                    T.Identifier(type=T.IDENTIFIER_TYPE_EMAIL, value=f"{name}@example.org")
+                ]
+            ),
+            decisions=[
+                C.DecisionInput(
+                    purpose=purpose, decision=T.DECISION_GRANTED, policy_version="2026-01"
+                )
+            ],
+            source=C.CONSENT_SOURCE_WEB_BANNER,
+            occurred_at=stamp(NOW - timedelta(days=10)),
+        ),
+        timeout=10,
+    )
+    return answer.person_id
+
+
+def view(channel: grpc.Channel, person_id: str, *item_ids: str) -> None:
+    consent_pb2_grpc.ConsentServiceStub(channel).Collect(
+        C.CollectRequest(
+            events=[
+                T.BehaviourEvent(
+                    event_id=f"{person_id}-{item_id}-{time.monotonic_ns()}",
+                    person_id=person_id,
+                    type=T.EVENT_TYPE_VIEW,
+                    item_id=item_id,
+                    category="any",
+                    channel="web",
+                    occurred_at=stamp(NOW - timedelta(hours=1)),
+                )
+                for item_id in item_ids
+            ]
+        ),
+        timeout=10,
+    )
+
+
+def held(stub: recommend_pb2_grpc.RecommendServiceStub, person_id: str) -> list[str]:
+    export = stub.ExportPerson(R.ExportPersonRequest(person_id=person_id), timeout=10)
+    return [i.item_id for i in export.interactions]
+
+
+def test_without_a_personalisation_grant_nothing_is_kept_or_personalised(
+    channel: grpc.Channel, recommend: recommend_pb2_grpc.RecommendServiceStub
+) -> None:
+    outsider = person(channel, "olga", purpose="analytics")
+    view(channel, outsider, "k1", "k2")
+    marker = person(channel, "mark")
+    view(channel, marker, "g1")
+    eventually(lambda: held(recommend, marker) == ["g1"])  # the log got past olga's events
+    assert held(recommend, outsider) == []
+    answer = recommend.Recommend(R.RecommendRequest(person_id=outsider, k=5), timeout=30)
+    assert not answer.personalised and answer.model == "popular" and len(answer.items) == 5
+    assert recommend.Recommend(R.RecommendRequest(person_id=marker), timeout=30).personalised
+
+
+def test_a_new_event_changes_the_next_answer_without_training(
+    channel: grpc.Channel, recommend: recommend_pb2_grpc.RecommendServiceStub
+) -> None:
+    shopper = person(channel, "ann")
+    request = R.RecommendRequest(person_id=shopper, k=4, model="hybrid")
+    eventually(lambda: recommend.Recommend(request, timeout=30).personalised)
+    before = recommend.Recommend(request, timeout=30)
+    assert not any("Red kettle" in item.reason.text for item in before.items)
+    view(channel, shopper, "k1")
+    eventually(lambda: held(recommend, shopper) == ["k1"])
+    after = recommend.Recommend(request, timeout=30)
+    assert after.model_version == before.model_version  # no retraining happened
+    assert [i.item_id for i in after.items] != [i.item_id for i in before.items]
+    explained = [i for i in after.items if "k1" in i.reason.contributing_item_ids]
+    assert explained and "Red kettle" in explained[0].reason.text
+    assert "k1" not in [i.item_id for i in after.items]  # what was just viewed is not repeated
+    export = recommend.ExportPerson(R.ExportPersonRequest(person_id=shopper), timeout=10)
+    assert [s.impression_id for s in export.shown][:1] == [after.impression_id]
+
+
+def test_withdrawal_deletes_interactions_at_once_and_models_forget_on_rebuild(
+    channel: grpc.Channel, recommend: recommend_pb2_grpc.RecommendServiceStub
+) -> None:
+    shopper = person(channel, "bea")
+    view(channel, shopper, "k1", "k2", "b1")
+    eventually(lambda: len(held(recommend, shopper)) == 3)
+    trained = recommend.Train(R.TrainRequest(wait=True), timeout=60)
+    hybrid = next(m for m in trained.models if m.name == "hybrid")
+    assert hybrid.state == R.MODEL_STATE_READY and hybrid.persons == 1
+    consent_pb2_grpc.ConsentServiceStub(channel).RecordConsent(
+        C.RecordConsentRequest(
+            subject=T.PersonRef(person_id=shopper),
+            decisions=[
+                C.DecisionInput(
+                    purpose="personalisation",
+                    decision=T.DECISION_WITHDRAWN,
+                    policy_version="2026-01",
+                )
+            ],
+            source=C.CONSENT_SOURCE_APP,
+        ),
+        timeout=10,
+    )
+    eventually(lambda: held(recommend, shopper) == [])
+    info = recommend.GetModelInfo(R.GetModelInfoRequest(), timeout=10)
+    assert info.pending_forgets == 1
+    deadline = info.forget_deadline.ToDatetime(tzinfo=UTC)
+    assert datetime.now(UTC) < deadline <= datetime.now(UTC) + timedelta(seconds=601)
+    answer = recommend.Recommend(R.RecommendRequest(person_id=shopper), timeout=30)
+    assert not answer.personalised
+    recommend.Train(R.TrainRequest(wait=True), timeout=60)
+    info = recommend.GetModelInfo(R.GetModelInfoRequest(models=["hybrid"]), timeout=10)
+    assert info.pending_forgets == 0 and info.models[0].persons == 0
+
+
+def test_filters_hold_and_full_diversity_never_repeats_a_category_while_others_qualify(
+    recommend: recommend_pb2_grpc.RecommendServiceStub,
+) -> None:
+    answer = recommend.Recommend(
+        R.RecommendRequest(session_item_ids=["k1"], k=3, diversity=1.0), timeout=30
+    )
+    assert not answer.personalised
+    assert sorted(i.category for i in answer.items) == ["books", "garden", "kitchen"]
+    focused = recommend.Recommend(
+        R.RecommendRequest(session_item_ids=["k1"], k=3, diversity=0.0), timeout=30
+    )
+    assert [i.category for i in focused.items].count("kitchen") >= 2
+    assert all(i.reason.text for i in focused.items)
+    filtered = recommend.Recommend(
+        R.RecommendRequest(
+            k=10,
+            filters=R.RecommendFilters(
+                categories=["kitchen", "garden"],
+                max_price=40.0,
+                exclude_item_ids=["g1"],
+                available_only=True,
+            ),
+        ),
+        timeout=30,
+    )
+    assert sorted(i.item_id for i in filtered.items) == ["g2", "g3", "k1", "k3"]
+    need = recommend.Recommend(R.RecommendRequest(need="a kettle please", k=2), timeout=30)
+    assert {i.item_id for i in need.items} == {"k1", "k2"}
+    assert all(i.reason.kind == R.REASON_KIND_MATCHES_NEED for i in need.items)
+
+
+def test_experiment_assignment_is_stable_and_feedback_credits_the_arm(
+    channel: grpc.Channel, recommend: recommend_pb2_grpc.RecommendServiceStub
+) -> None:
+    recommend.PutExperiment(
+        R.PutExperimentRequest(
+            experiment=R.Experiment(
+                experiment_id="exp-1",
+                salt="s1",
+                active=True,
+                arms=[
+                    R.ExperimentArm(name="a", model="popular", traffic_share=0.5),
+                    R.ExperimentArm(name="b", model="item_knn", traffic_share=0.5),
+                ],
+            )
+        ),
+        timeout=10,
+    )
+    shopper = person(channel, "cat")
+    view(channel, shopper, "g1")
+    eventually(lambda: held(recommend, shopper) == ["g1"])
+    answers = [
+        recommend.Recommend(R.RecommendRequest(person_id=shopper), timeout=30) for _ in range(3)
+    ]
+    arms = {a.experiment_arm for a in answers}
+    assert len(arms) == 1 and arms <= {"a", "b"}
+    [arm] = arms
+    assert answers[0].model == {"a": "popular", "b": "item_knn"}[arm]
+    first = answers[0]
+    credited = recommend.RecordFeedback(
+        R.RecordFeedbackRequest(
+            impression_id=first.impression_id,
+            item_id=first.items[0].item_id,
+            type=R.FEEDBACK_TYPE_CLICK,
+        ),
+        timeout=10,
+    )
+    assert credited.experiment_arm == arm
+    stats = {s.arm: s for s in recommend.GetModelInfo(R.GetModelInfoRequest(), timeout=10).arms}
+    assert stats[arm].impressions == 3 and stats[arm].clicks == 1
+    assert stats[arm].click_through_rate == pytest.approx(1 / 3)
+    with pytest.raises(grpc.RpcError) as raised:
+        recommend.RecordFeedback(
+            R.RecordFeedbackRequest(impression_id="nope", item_id="k1", type=R.FEEDBACK_TYPE_CLICK),
+            timeout=10,
+        )
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_bad_requests_name_every_field(
+    recommend: recommend_pb2_grpc.RecommendServiceStub,
+) -> None:
+    with pytest.raises(grpc.RpcError) as raised:
+        recommend.PutItems(
+            R.PutItemsRequest(
+                items=[R.Item(item_id="x", price=-1.0), R.Item(item_id="", title="no id")]
+            ),
+            timeout=10,
+        )
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    fields = read_error_details(raised.value).field_violations
+    assert "items[0].price" in fields and "items[1].item_id" in fields
+    with pytest.raises(grpc.RpcError) as raised:
+        recommend.Recommend(
+            R.RecommendRequest(
+                k=101,
+                diversity=1.5,
+                model="magic",
+                filters=R.RecommendFilters(min_price=10.0, max_price=5.0),
+            ),
+            timeout=10,
+        )
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    fields = read_error_details(raised.value).field_violations
+    assert {"k", "diversity", "model", "filters.max_price"} <= set(fields)
+
+
+def test_a_forget_past_its_deadline_rebuilds_the_models(db_url: str) -> None:
+    engine = make_engine(db_url)
+    try:
+        upgrade(engine, "recommend")
+        service = RecommendService(engine, RecommendSettings(forget_delay_seconds=0.0))
+        service.put_items([CatalogueItem("k1", "Kettle", "kitchen")], [None])
+        seen = events_pb2.BehaviourRecorded(
+            person_id="p1",
+            event_id="e1",
+            type=T.EVENT_TYPE_VIEW,
+            item_id="k1",
+            occurred_at=stamp(NOW),
+            purposes=["personalisation"],
+        )
+        withdrawn = events_pb2.ConsentChanged(person_id="p1", purpose="personalisation")
+        with engine.begin() as connection:
+            service.apply_consent_envelope(connection, events_pb2.Envelope(behaviour_recorded=seen))
+        service.train([])
+        assert service.model_info(["popular"]).models[0].model.report.persons == 1  # type: ignore[union-attr]
+        with engine.begin() as connection:
+            service.apply_consent_envelope(
+                connection, events_pb2.Envelope(consent_changed=withdrawn)
+            )
+        assert service.model_info([]).pending_forgets == 1
+        assert service.rebuild_due_forgets()
+        info = service.model_info(["popular"])
+        assert info.pending_forgets == 0 and info.models[0].model.report.persons == 0  # type: ignore[union-attr]
+        assert not service.rebuild_due_forgets()
+    finally:
+        engine.dispose()
