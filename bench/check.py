@@ -39,6 +39,7 @@ GIL, which is where a saturated Python server spends its time).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import platform
 import random
@@ -175,9 +176,31 @@ def wait_serving(server: Server, timeout: float = 120.0) -> None:
     raise SystemExit(f"the server did not start within {timeout:.0f} s")
 
 
+@dataclass(frozen=True)
+class PostgresRun:
+    """The run's own database."""
+
+    url: str
+    version: str
+    admin_url: str
+    name: str
+
+    def sessions(self) -> int:
+        """Sessions ever opened on the database: pooled connections are reused, so a growing
+        count means connections opened and closed per call."""
+        import psycopg
+
+        with psycopg.connect(self.admin_url, autocommit=True) as connection:
+            connection.execute("SELECT pg_stat_clear_snapshot()")
+            row = connection.execute(
+                "SELECT sessions FROM pg_stat_database WHERE datname = %s", (self.name,)
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+
 @contextmanager
-def postgres_database(admin_url: str) -> Iterator[tuple[str, str]]:
-    """A fresh database for the run, dropped afterwards; yields (its URL, server version)."""
+def postgres_database(admin_url: str) -> Iterator[PostgresRun]:
+    """A fresh database for the run, dropped afterwards."""
     import psycopg
     from psycopg import sql
     from sqlalchemy.engine import make_url
@@ -190,7 +213,7 @@ def postgres_database(admin_url: str) -> Iterator[tuple[str, str]]:
         version = str(connection.info.parameter_status("server_version"))
     try:
         url = libpq_url.set(drivername="postgresql+psycopg", database=name)
-        yield url.render_as_string(hide_password=False), version
+        yield PostgresRun(url.render_as_string(hide_password=False), version, admin, name)
     finally:
         with psycopg.connect(admin, autocommit=True) as connection:
             connection.execute(
@@ -425,10 +448,13 @@ def open_loop(
             future.add_done_callback(partial(finished, index))
 
     threads = [threading.Thread(target=sender, args=(which,)) for which in range(senders)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    with client_gc_paused():
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for future in futures:
+            future.exception()
     answered = [False] * total
     answers: Counter[str] = Counter()
     errors: Counter[str] = Counter()
@@ -443,6 +469,24 @@ def open_loop(
     for channel in channels:
         channel.close()
     return OpenLoopResult(rate, scheduled, sent, done, answered, answers, errors)
+
+
+@contextmanager
+def client_gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection in this (client) process while it keeps the schedule.
+
+    With 2,000 futures a second alive, a full collection stalls the sender threads for tens of
+    milliseconds; those stalls would show as server latency (a trivial servicer's p99 goes from
+    4 ms to 60-100 ms). The run's garbage is kept until the end instead.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.unfreeze()
 
 
 def check_requests_by_person(
@@ -616,32 +660,67 @@ def machine() -> str:
     )
     return (
         f"{os.cpu_count()} cores ({model}), {memory_kb / 1024 / 1024:.0f} GiB; "
-        f"Python {platform.python_version()}, grpcio {grpc.__version__}"
+        f"Python {platform.python_version()}, grpcio {grpc.__version__}; "
+        f"load average {load_average()} (other work on the machine skews the figures)"
     )
 
 
-class Usage:
-    """CPU used by the server and by this (client) process since creation."""
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
-    def __init__(self, server: Server) -> None:
+
+def settle(server: Server, timeout: float = 30.0) -> None:
+    """Wait until the server is nearly idle, so one part's backlog does not spill into the next."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = server.cpu_seconds()
+        time.sleep(0.5)
+        if server.cpu_seconds() - before < 0.1:
+            return
+
+
+class Usage:
+    """CPU used by the server and by this (client) process between creation and ``stop``, and
+    the database sessions opened meanwhile (PostgreSQL only)."""
+
+    def __init__(self, server: Server, sessions: Callable[[], int] | None = None) -> None:
         self.server = server
+        self.sessions = sessions
+        self.sessions_opened = sessions() if sessions else 0
         self.server_cpu = server.cpu_seconds()
         self.client_cpu = self._client()
         self.began = time.perf_counter()
+        self.wall = 0.0
 
     @staticmethod
     def _client() -> float:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         return usage.ru_utime + usage.ru_stime
 
-    def line(self) -> str:
-        wall = time.perf_counter() - self.began
-        server = (self.server.cpu_seconds() - self.server_cpu) / wall * 100
-        client = (self._client() - self.client_cpu) / wall * 100
-        return f"CPU: server {server:.0f}%, client {client:.0f}% of one core"
+    def stop(self) -> Usage:
+        self.wall = time.perf_counter() - self.began
+        self.server_cpu = self.server.cpu_seconds() - self.server_cpu
+        self.client_cpu = self._client() - self.client_cpu
+        if self.sessions:
+            time.sleep(1.0)  # PostgreSQL publishes session counts about once a second
+            self.sessions_opened = self.sessions() - self.sessions_opened
+        return self
+
+    def line(self, calls: int = 0) -> str:
+        """CPU shares; with ``calls``, the server's CPU per call (steadier than latency when
+        other work shares the machine)."""
+        server = self.server_cpu / self.wall * 100
+        client = self.client_cpu / self.wall * 100
+        per_call = (
+            f"; server CPU {self.server_cpu / calls * 1e6:,.0f} us per answered call"
+            if calls
+            else ""
+        )
+        opened = f"; {self.sessions_opened:,} database sessions opened" if self.sessions else ""
+        return f"CPU: server {server:.0f}%, client {client:.0f}% of one core{per_call}{opened}"
 
 
-def print_open_loop(title: str, result: OpenLoopResult, usage: str) -> None:
+def print_open_loop(title: str, result: OpenLoopResult, usage: Usage) -> None:
     scheduled, sent = result.from_scheduled_ms(), result.from_sent_ms()
     lag = result.send_lag_ms()
     p50, p99 = percentile(scheduled, 0.5), percentile(scheduled, 0.99)
@@ -666,10 +745,10 @@ def print_open_loop(title: str, result: OpenLoopResult, usage: str) -> None:
         f"  send lag (actual - scheduled): p50 {percentile(lag, 0.5):.2f} ms, "
         f"p99 {percentile(lag, 0.99):.2f} ms"
     )
-    print(f"  {usage}")
+    print(f"  {usage.line(len(scheduled))}")
 
 
-def print_record(batch: int, clients: int, result: RecordResult, usage: str) -> None:
+def print_record(batch: int, clients: int, result: RecordResult, usage: Usage) -> None:
     appended = result.ledger_after - result.ledger_before
     print(f"RecordConsent, {batch} decision{'s' if batch > 1 else ''} per call, {clients} clients")
     print(
@@ -685,7 +764,7 @@ def print_record(batch: int, clients: int, result: RecordResult, usage: str) -> 
         f"{'equal to' if appended == result.decisions else 'NOT equal to'} the "
         f"{result.decisions:,} receipts)"
     )
-    print(f"  {usage}")
+    print(f"  {usage.line(result.calls)}")
 
 
 def main() -> None:
@@ -701,11 +780,20 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=TARGET_RATE, help="CheckConsent calls/s")
     parser.add_argument("--seconds", type=float, default=20.0, help="per CheckConsent part")
     parser.add_argument("--persons", type=int, default=10_000)
+    parser.add_argument(
+        "--identifiers-rate",
+        type=float,
+        help="CheckConsent calls/s by identifiers (default: --rate; 0 skips the part)",
+    )
     parser.add_argument("--senders", type=int, default=2, help="threads issuing CheckConsent")
     parser.add_argument("--record-seconds", type=float, default=10.0, help="per batch size")
     parser.add_argument("--record-clients", type=int, default=4)
     parser.add_argument(
-        "--record-batches", type=int, nargs="+", default=[1, 4], help="decisions per call"
+        "--record-batches",
+        type=int,
+        nargs="*",
+        default=[1, 4],
+        help="decisions per RecordConsent call, one part each (none skips them)",
     )
     parser.add_argument("--warm-clients", type=int, default=4)
     args = parser.parse_args()
@@ -713,11 +801,13 @@ def main() -> None:
     print(f"machine: {machine()}")
     with ExitStack() as stack:
         data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="steward-bench-")))
+        sessions: Callable[[], int] | None = None
         if args.backend == "sqlite":
             database_url, backend = None, f"SQLite {sqlite3.sqlite_version} (WAL) in {data_dir}"
         else:
-            database_url, version = stack.enter_context(postgres_database(args.postgres_url))
-            backend = f"PostgreSQL {version}, fresh database for the run"
+            database = stack.enter_context(postgres_database(args.postgres_url))
+            database_url, sessions = database.url, database.sessions
+            backend = f"PostgreSQL {database.version}, fresh database for the run"
         server = stack.enter_context(consent_server(data_dir, database_url))
         rss_start = server.status("VmRSS")
         print(f"server: consent + identity in one process (pid {server.process.pid}), {backend}")
@@ -725,7 +815,7 @@ def main() -> None:
         purposes = list_purposes(server.target)
 
         warm_began = time.perf_counter()
-        usage = Usage(server)
+        usage = Usage(server, sessions)
         population = warm(server.target, args.persons, purposes, args.warm_clients)
         warm_seconds = time.perf_counter() - warm_began
         calls = args.persons + args.persons // 4
@@ -736,26 +826,36 @@ def main() -> None:
             f"{args.warm_clients} clients); ledger {ledger_size(server.target):,} entries; "
             f"RSS {server.status('VmRSS') / 1024:,.0f} MiB"
         )
-        print(f"  {usage.line()}")
+        print(f"  {usage.stop().line(calls)}")
 
-        count = int(args.rate * args.seconds)
-        for title, part, make in (
-            ("by person id (no identity call)", "by-person-id", check_requests_by_person),
+        identifiers_rate = args.rate if args.identifiers_rate is None else args.identifiers_rate
+        for title, part, make, rate in (
+            (
+                "by person id (no identity call)",
+                "by-person-id",
+                check_requests_by_person,
+                args.rate,
+            ),
             (
                 "by identifiers (identity Lookup first)",
                 "by-identifiers",
                 check_requests_by_identifiers,
+                identifiers_rate,
             ),
         ):
-            requests = make(population, purposes, min(count, 50_000), 7)
+            if rate <= 0:
+                continue
+            requests = make(population, purposes, min(int(rate * args.seconds), 50_000), 7)
+            settle(server)
             with py_spy(server.process.pid, part):
-                usage = Usage(server)
-                result = open_loop(server.target, requests, args.rate, args.seconds, args.senders)
-                line = usage.line()
-            print_open_loop(title, result, line)
+                usage = Usage(server, sessions)
+                result = open_loop(server.target, requests, rate, args.seconds, args.senders)
+                usage.stop()
+            print_open_loop(title, result, usage)
 
         for batch in args.record_batches:
-            usage = Usage(server)
+            settle(server)
+            usage = Usage(server, sessions)
             recorded = record_throughput(
                 server.target,
                 population,
@@ -764,12 +864,12 @@ def main() -> None:
                 args.record_seconds,
                 args.record_clients,
             )
-            print_record(batch, args.record_clients, recorded, usage.line())
+            print_record(batch, args.record_clients, recorded, usage.stop())
 
         print(
             f"server RSS: {rss_start / 1024:,.0f} MiB at start, "
             f"{server.status('VmRSS') / 1024:,.0f} MiB at end, "
-            f"peak {server.status('VmHWM') / 1024:,.0f} MiB"
+            f"peak {server.status('VmHWM') / 1024:,.0f} MiB; load average {load_average()}"
         )
 
 

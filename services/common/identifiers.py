@@ -203,17 +203,23 @@ def pseudonymise_identifier(
     report them as blocked. Pre-hashed values cannot be checked here; identity compares them
     with the digests of its blocked values.
     """
-    if identifier.type not in _IDENTIFIER_TYPES:
+    # Every Collect event passes here: each wire field is read once.
+    identifier_type = identifier.type
+    if identifier_type not in _IDENTIFIER_TYPES:
         raise IdentifierError("type", "must be a known identifier type")
-    namespace = check_namespace(identifier.type, identifier.namespace)
+    namespace = (
+        check_namespace(identifier_type, identifier.namespace)
+        if identifier_type == common_pb2.IDENTIFIER_TYPE_CUSTOM
+        else ""
+    )
     if identifier.pseudonymised:
         digest = identifier.value.strip().lower()
         if not _DIGEST.fullmatch(digest):
             raise IdentifierError("value", "a pseudonymised value must be 'kid:<64 hex>'")
-        return PseudonymisedIdentifier(identifier.type, namespace, digest, (digest,))
-    normalised = normalise(identifier.type, identifier.value, phone_region=phone_region)
-    message = hash_message(identifier.type, namespace, normalised)
+        return PseudonymisedIdentifier(identifier_type, namespace, digest, (digest,))
+    normalised = normalise(identifier_type, identifier.value, phone_region=phone_region)
+    message = hash_message(identifier_type, namespace, normalised)
     candidates = tuple(keyring.candidate_digests(message))
     return PseudonymisedIdentifier(
-        identifier.type, namespace, candidates[0], candidates, blocked=is_blocked(normalised)
+        identifier_type, namespace, candidates[0], candidates, blocked=is_blocked(normalised)
     )

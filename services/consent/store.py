@@ -10,7 +10,7 @@ deleted at erasure).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -24,6 +24,7 @@ from sqlalchemy import (
     DateTime,
     Index,
     LargeBinary,
+    bindparam,
     delete,
     func,
     insert,
@@ -182,6 +183,20 @@ decisions_table = DecisionRow.__table__  # type: ignore[attr-defined]
 events_table = EventRow.__table__  # type: ignore[attr-defined]
 erased_table = ErasedRow.__table__  # type: ignore[attr-defined]
 erasures_table = ErasureRow.__table__  # type: ignore[attr-defined]
+
+# The queries of CheckConsent, built once: building a select per call and computing its cache
+# key cost more than running it (decisions_of on SQLite: 138 -> 70 us with its connection).
+_DECISIONS_OF: Final = (
+    select(decisions_table)
+    .where(decisions_table.c.person_id == bindparam("person_id"))
+    .order_by(decisions_table.c.seq)
+)
+_DECISIONS_OF_PURPOSE: Final = _DECISIONS_OF.where(
+    decisions_table.c.purpose == bindparam("purpose")
+)
+_ERASED_DIGEST: Final = select(erased_table.c.person_digest).where(
+    erased_table.c.person_digest == bindparam("digest")
+)
 
 
 def utc(moment: datetime) -> datetime:
@@ -432,11 +447,23 @@ class ConsentStore:
     def decisions_of(
         self, connection: Connection, person_id: str, purpose: str | None = None
     ) -> list[DecisionRecord]:
-        query = select(decisions_table).where(decisions_table.c.person_id == person_id)
-        if purpose is not None:
-            query = query.where(decisions_table.c.purpose == purpose)
-        rows = connection.execute(query.order_by(decisions_table.c.seq))
+        if purpose is None:
+            rows = connection.execute(_DECISIONS_OF, {"person_id": person_id})
+        else:
+            rows = connection.execute(
+                _DECISIONS_OF_PURPOSE, {"person_id": person_id, "purpose": purpose}
+            )
         return [_decision(row) for row in rows]
+
+    def is_erased(self, connection: Connection, digests: Sequence[str]) -> bool:
+        """Whether any of ``digests`` (a person's erasure markers, one per key) is recorded.
+
+        One equality lookup per digest: an IN list would be re-rendered on every call.
+        """
+        return any(
+            connection.execute(_ERASED_DIGEST, {"digest": digest}).first() is not None
+            for digest in digests
+        )
 
 
 def _with_seq(record: ledger.LedgerRecord, seq: int) -> ledger.LedgerRecord:
@@ -473,6 +500,56 @@ def _checkpoint(row: Any) -> ledger.SignedCheckpoint:
     )
 
 
+# The queries of Collect, built once: a select built per batch, and its cache key, cost more
+# than sending the IN list it carries.
+_EXISTING_EVENT_IDS: Final = select(events_table.c.event_id).where(
+    events_table.c.event_id.in_(bindparam("event_ids", expanding=True))
+)
+_ERASED_AMONG: Final = select(erased_table.c.person_digest).where(
+    erased_table.c.person_digest.in_(bindparam("digests", expanding=True))
+)
+_DECISION_COLUMNS: Final = (
+    decisions_table.c.seq,
+    decisions_table.c.person_id,
+    decisions_table.c.purpose,
+    decisions_table.c.decision,
+    decisions_table.c.occurred_at,
+    decisions_table.c.expires_at,
+    decisions_table.c.source,
+    decisions_table.c.policy_version,
+    decisions_table.c.signal,
+)
+_DECISIONS_OF_MANY: Final = (
+    select(*_DECISION_COLUMNS)
+    .where(decisions_table.c.person_id.in_(bindparam("person_ids", expanding=True)))
+    .order_by(decisions_table.c.seq)
+)
+_DECISIONS_AFTER: Final = (
+    select(*_DECISION_COLUMNS)
+    .where(decisions_table.c.seq > bindparam("after"))
+    .order_by(decisions_table.c.seq)
+    .limit(bindparam("limit"))
+)
+_LAST_DECISION_SEQ: Final = select(func.coalesce(func.max(decisions_table.c.seq), 0))
+_INSERT_EVENTS: Final = insert(events_table)
+
+
+def _decision_records(rows: Iterable[Any]) -> Iterator[DecisionRecord]:
+    """Rows of ``_DECISION_COLUMNS`` as records (unpacked: Collect reads thousands at a time)."""
+    for seq, person, purpose, decision, occurred, expires, source, policy, signal in rows:
+        yield DecisionRecord(
+            seq,
+            person,
+            purpose,
+            decision,
+            utc(occurred),
+            None if expires is None else utc(expires),
+            source,
+            policy,
+            signal,
+        )
+
+
 class CollectionStore:
     """Queries on collected events and erasures (the consent database)."""
 
@@ -488,22 +565,14 @@ class CollectionStore:
         found: set[str] = set()
         for chunk in self._in_chunks(list(event_ids)):
             found.update(
-                connection.execute(
-                    select(events_table.c.event_id).where(events_table.c.event_id.in_(chunk))
-                ).scalars()
+                connection.execute(_EXISTING_EVENT_IDS, {"event_ids": list(chunk)}).scalars()
             )
         return found
 
     def erased(self, connection: Connection, digests: Sequence[str]) -> set[str]:
         found: set[str] = set()
         for chunk in self._in_chunks(list(digests)):
-            found.update(
-                connection.execute(
-                    select(erased_table.c.person_digest).where(
-                        erased_table.c.person_digest.in_(chunk)
-                    )
-                ).scalars()
-            )
+            found.update(connection.execute(_ERASED_AMONG, {"digests": list(chunk)}).scalars())
         return found
 
     def decisions_of_many(
@@ -511,18 +580,22 @@ class CollectionStore:
     ) -> dict[str, list[DecisionRecord]]:
         found: dict[str, list[DecisionRecord]] = {}
         for chunk in self._in_chunks(sorted(set(person_ids))):
-            rows = connection.execute(
-                select(decisions_table)
-                .where(decisions_table.c.person_id.in_(chunk))
-                .order_by(decisions_table.c.seq)
-            )
-            for row in rows:
-                found.setdefault(row.person_id, []).append(_decision(row))
+            rows = connection.execute(_DECISIONS_OF_MANY, {"person_ids": list(chunk)})
+            for record in _decision_records(rows):
+                found.setdefault(record.person_id, []).append(record)
         return found
+
+    def decisions_after(self, connection: Connection, seq: int, limit: int) -> list[DecisionRecord]:
+        """Up to ``limit`` decisions recorded after ledger ``seq``, in ledger order."""
+        rows = connection.execute(_DECISIONS_AFTER, {"after": seq, "limit": limit})
+        return list(_decision_records(rows))
+
+    def last_decision_seq(self, connection: Connection) -> int:
+        return int(connection.execute(_LAST_DECISION_SEQ).scalar_one())
 
     def insert_events(self, connection: Connection, rows: Sequence[dict[str, Any]]) -> None:
         if rows:
-            connection.execute(insert(events_table), list(rows))
+            connection.execute(_INSERT_EVENTS, list(rows))
 
     def events_of(self, connection: Connection, person_ids: Sequence[str]) -> list[Any]:
         rows: list[Any] = []

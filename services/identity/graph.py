@@ -121,20 +121,6 @@ class PersonGroup:
 
 
 @dataclass(frozen=True, slots=True)
-class Neighbourhood:
-    """What Resolve needs to know about the identifiers of a batch, loaded together."""
-
-    known: dict[str, KnownIdentifier]
-    """digest -> the identifiers already in the graph."""
-    roots: dict[str, str]
-    """person -> root, for every member of ``groups``."""
-    groups: dict[str, PersonGroup]
-    """root -> every group holding a known identifier."""
-    copresence: dict[int, set[str]]
-    """identifier id -> persons a known identifier was seen with."""
-
-
-@dataclass(frozen=True, slots=True)
 class Evidence:
     digest: str
     type: IdentifierType
@@ -187,7 +173,11 @@ class NewIdentifier:
 class GraphTransaction(Protocol):
     """One database transaction of the identity store, holding the graph's write lock."""
 
-    def neighbourhood(self, digests: Iterable[str]) -> Neighbourhood: ...
+    def known_with_roots(
+        self, digests: Iterable[str]
+    ) -> tuple[dict[str, KnownIdentifier], dict[str, str]]:
+        """The known identifiers among ``digests``, and origin person -> root for each."""
+        ...
 
     def known_identifiers(self, digests: Iterable[str]) -> dict[str, KnownIdentifier]: ...
 
@@ -282,16 +272,52 @@ class Resolver:
 
     def _load(self, items: Sequence[ItemInput]) -> None:
         digests = {c for item in items for ident in item.identifiers for c in ident.candidates}
-        loaded = self._tx.neighbourhood(digests)
-        self._known = loaded.known
+        self._known, self._root = self._tx.known_with_roots(digests)
         self._ids = {known.id: known for known in self._known.values()}
-        self._root = loaded.roots
-        self._groups = loaded.groups
+        self._groups = self._tx.groups(self._roots_to_load(items))
+        for group in self._groups.values():
+            for member in group.members:
+                self._root[member] = group.root
         self._copresence = {
             self._ids[identifier_id].digest: persons
-            for identifier_id, persons in loaded.copresence.items()
+            for identifier_id, persons in self._tx.copresence(self._ids).items()
         }
         self._new_copresence = {}
+
+    def _roots_to_load(self, items: Sequence[ItemInput]) -> set[str]:
+        """Roots whose whole group some item may need: for limits, links or a merge.
+
+        An item whose identifiers are all known and resolve to one person needs none of it, and
+        that is most of a shop's traffic. ``_group`` loads any group missed here on demand.
+        """
+        needed: set[str] = set()
+        for item in items:
+            roots: set[str] = set()
+            gains = False
+            for ident in item.identifiers:
+                if ident.invalid or ident.blocked or self._blocked_digest(ident.digest):
+                    continue
+                known = next((self._known[c] for c in ident.candidates if c in self._known), None)
+                if known is None:
+                    gains = True
+                elif not known.quarantined:
+                    roots.add(self._root[known.origin])
+            if gains or len(roots) > 1:
+                needed |= roots
+        return needed
+
+    def _group(self, root: str) -> PersonGroup:
+        group = self._groups.get(root)
+        if group is None:
+            # Not among the roots loaded for the batch, so unchanged here but for new sources.
+            group = self._groups[root] = self._tx.groups([root])[root]
+            for digest, (type_, namespace, sources) in list(group.held.items()):
+                touched = self._pending.touched.get(digest)
+                if touched is not None:
+                    group.held[digest] = (type_, namespace, sources | touched[1])
+            for member in group.members:
+                self._root[member] = root
+        return group
 
     def run(self, items: Sequence[ItemInput]) -> list[ItemResult]:
         self._load(items)
@@ -356,18 +382,19 @@ class Resolver:
         active.sort(key=lambda pair: (rules.rank(pair[0].type), pair[0].index))
 
         group: list[str] = []
-        held: list[tuple[IdentifierType, str, frozenset[str]]] = []
+        gained: list[tuple[IdentifierType, str, frozenset[str]]] = []
         pending: list[IdentifierInput] = []
         joined: list[tuple[IdentifierInput, KnownIdentifier]] = []
         refused: list[tuple[IdentifierInput, TypeLimit]] = []
         for ident, known in active:
             outcome = outcomes[ident.index]
             if known is None:
-                candidate = [*held, (ident.type, ident.namespace, frozenset({item.source}))]
-                broken = _new_violation(rules, candidate, [held])
+                held = self._held(group, gained)
+                entry = (ident.type, ident.namespace, frozenset({item.source}))
+                broken = _new_violation(rules, [*held, entry], [held])
                 if broken is None:
                     pending.append(ident)
-                    held = candidate
+                    gained.append(entry)
                     outcome.status = L.LINK_STATUS_LINKED
                 else:
                     refused.append((ident, broken))
@@ -381,12 +408,14 @@ class Resolver:
                 joined.append((ident, known))
                 outcome.status = L.LINK_STATUS_ALREADY_KNOWN
                 continue
-            theirs = list(self._groups[root].held.values())
-            candidate = held + theirs
-            broken = _new_violation(rules, candidate, [held, theirs])
+            broken = None
+            if group or gained:
+                # (The first person joined cannot break a limit it does not already break.)
+                held = self._held(group, gained)
+                theirs = list(self._group(root).held.values())
+                broken = _new_violation(rules, held + theirs, [held, theirs])
             if broken is None:
                 group.append(root)
-                held = candidate
                 joined.append((ident, known))
                 outcome.status = L.LINK_STATUS_ALREADY_KNOWN
             else:
@@ -441,7 +470,9 @@ class Resolver:
         if new_person:
             self._create_person(new_person, pending, item)
         if group:
-            survivor = min(group, key=lambda root: (self._groups[root].created_at, root))
+            survivor = group[0]
+            if len(group) > 1:
+                survivor = min(group, key=lambda root: (self._group(root).created_at, root))
             absorbed = [root for root in group if root != survivor]
             if new_person:
                 absorbed.append(new_person)
@@ -480,6 +511,12 @@ class Resolver:
         result.identifiers = [outcomes[i.index] for i in item.identifiers]
         self._record_refusals(item, result, refused)
         return result, []
+
+    def _held(
+        self, roots: list[str], gained: list[tuple[IdentifierType, str, frozenset[str]]]
+    ) -> list[tuple[IdentifierType, str, frozenset[str]]]:
+        """(type, namespace, sources) of everything the persons ``roots`` hold, and ``gained``."""
+        return [entry for root in roots for entry in self._group(root).held.values()] + gained
 
     def _record_refusals(
         self, item: ItemInput, result: ItemResult, refused: list[tuple[IdentifierInput, TypeLimit]]
@@ -526,7 +563,7 @@ class Resolver:
         self._link(pending, person, item)
 
     def _link(self, pending: list[IdentifierInput], origin: str, item: ItemInput) -> None:
-        group = self._groups[self._root[origin]]
+        group = self._group(self._root[origin])
         for ident in pending:
             self._pending.identifiers.append(
                 NewIdentifier(
@@ -540,9 +577,10 @@ class Resolver:
             group.held[ident.digest] = (ident.type, ident.namespace, frozenset({item.source}))
 
     def _merge_in_memory(self, merge: MergeRecord) -> None:
-        target = self._groups[merge.survivor]
+        target = self._group(merge.survivor)
         for root in merge.absorbed:
-            group = self._groups.pop(root)
+            group = self._group(root)
+            del self._groups[root]
             for member in group.members:
                 self._root[member] = merge.survivor
             target.members |= group.members
@@ -588,7 +626,10 @@ def _new_violation(
     Persons already over a limit (rules tightened later) keep what they hold; only a change
     that makes things worse is refused.
     """
+    types = {type_ for type_, _, _ in candidate}
     for limit in rules.limits:
+        if limit.type not in types:
+            continue
         count = sum(limit.counts(t, ns, s) for t, ns, s in candidate)
         if count <= limit.max_per_person:
             continue

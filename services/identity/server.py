@@ -337,7 +337,11 @@ def _add_result(response: identity_pb2.ResolveResponse, result: ItemResult) -> N
     add_outcome = message.identifiers.add
     for o in result.identifiers:
         add_outcome(
-            index=o.index, type=o.type, hashed_value=o.hashed_value, status=o.status, detail=o.detail
+            index=o.index,
+            type=o.type,
+            hashed_value=o.hashed_value,
+            status=o.status,
+            detail=o.detail,
         )
 
 

@@ -15,7 +15,7 @@ import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from sqlalchemy import (
@@ -29,6 +29,7 @@ from sqlalchemy import (
     String,
     and_,
     bindparam,
+    case,
     delete,
     func,
     insert,
@@ -43,7 +44,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import registry
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ColumnElement
-from sqlalchemy.sql.visitors import InternalTraversal
+from sqlalchemy.sql.visitors import InternalTraversal, _TraverseInternalsType
 from sqlalchemy.types import TypeDecorator, TypeEngine
 from sqlmodel import Field, SQLModel
 from steward.events.v1 import events_pb2
@@ -57,7 +58,6 @@ from services.identity.graph import (
     HistoryRecord,
     KnownIdentifier,
     MergeRecord,
-    Neighbourhood,
     NewIdentifier,
     PersonGroup,
     new_record_id,
@@ -68,6 +68,11 @@ PRODUCER: Final = "identity"
 _LOCK_KEY: Final = zlib.crc32(b"steward.identity.graph")
 _CHUNK: Final = 900
 """Rows per IN (...) list: below SQLite's default limit on bound parameters."""
+LAST_SEEN_RESOLUTION: Final = timedelta(hours=1)
+"""``last_seen`` moves only when it is older than this: an identifier seen again and again (a
+cookie on every page) would otherwise rewrite its row on every Resolve."""
+_NEVER: Final = datetime.min.replace(tzinfo=UTC)
+"""Creation time of a group whose root row is missing (it never is, but the type wants one)."""
 
 
 class IdentityTable(SQLModel, registry=registry()):
@@ -206,7 +211,7 @@ class _ValueList(TypeDecorator[Sequence[Any]]):
         return json.dumps(values) if dialect.name == "sqlite" else values
 
 
-class values_in(ColumnElement[bool]):  # noqa: N801 - reads as an operator, like and_/or_
+class values_in(ColumnElement[bool]):
     """``column IN (the list bound as parameter name)``, the whole list one parameter.
 
     The statement text stays the same whatever the list's length, so a statement built once is
@@ -216,7 +221,7 @@ class values_in(ColumnElement[bool]):  # noqa: N801 - reads as an operator, like
 
     inherit_cache = True
     _is_implicitly_boolean = True
-    _traverse_internals = [
+    _traverse_internals: _TraverseInternalsType = [  # noqa: RUF012 - as SQLAlchemy declares it
         ("column", InternalTraversal.dp_clauseelement),
         ("values", InternalTraversal.dp_clauseelement),
     ]
@@ -241,18 +246,34 @@ def _values_in_any(element: values_in, compiler: SQLCompiler, **kw: Any) -> str:
 
 # Statements of the Resolve path, built once (parameters are named after no column, as UPDATE
 # ... SET reserves the column names for itself).
-_known = identifiers.alias("known")
-_origin = persons.alias("origin")
-_NEIGHBOURHOOD: Final = (
+_KNOWN: Final = (
     select(
-        persons.c.root_id,
-        persons.c.person_id,
-        persons.c.created_at,
         identifiers.c.id,
         identifiers.c.digest,
         identifiers.c.type,
         identifiers.c.namespace,
+        identifiers.c.person_id,
         identifiers.c.quarantined,
+        persons.c.root_id,
+        sources_table.c.source,
+    )
+    .select_from(
+        identifiers.join(persons, persons.c.person_id == identifiers.c.person_id).outerjoin(
+            sources_table, sources_table.c.identifier_id == identifiers.c.id
+        )
+    )
+    .where(values_in(identifiers.c.digest, "digests"))
+)
+_GROUPS: Final = (
+    select(
+        persons.c.root_id,
+        persons.c.person_id,
+        # Only the root's creation matters; parsing every member's costs per row on SQLite.
+        case((persons.c.person_id == persons.c.root_id, persons.c.created_at)),
+        identifiers.c.id,
+        identifiers.c.digest,
+        identifiers.c.type,
+        identifiers.c.namespace,
         sources_table.c.source,
     )
     .select_from(
@@ -260,13 +281,7 @@ _NEIGHBOURHOOD: Final = (
             sources_table, sources_table.c.identifier_id == identifiers.c.id
         )
     )
-    .where(
-        persons.c.root_id.in_(
-            select(_origin.c.root_id)
-            .join_from(_known, _origin, _origin.c.person_id == _known.c.person_id)
-            .where(values_in(_known.c.digest, "digests"))
-        )
-    )
+    .where(values_in(persons.c.root_id, "roots"))
 )
 _COPRESENCE: Final = select(
     copresence_table.c.identifier_id, copresence_table.c.other_person_id
@@ -274,7 +289,19 @@ _COPRESENCE: Final = select(
 _IDS_OF_DIGESTS: Final = select(identifiers.c.digest, identifiers.c.id).where(
     values_in(identifiers.c.digest, "digests")
 )
-_LINK: Final = insert(identifiers).returning(identifiers.c.id, identifiers.c.digest)
+_TOUCH_ALL: Final = (
+    update(identifiers)
+    .where(values_in(identifiers.c.id, "ids"), identifiers.c.last_seen < bindparam("stale"))
+    .values(last_seen=bindparam("seen_at"))
+)
+_TOUCH_ONE: Final = (
+    update(identifiers)
+    .where(
+        identifiers.c.id == bindparam("identifier_id"), identifiers.c.last_seen < bindparam("stale")
+    )
+    .values(last_seen=bindparam("seen_at"))
+)
+_TOUCH_STATEMENTS: Final = 8
 _ATTACH: Final = (
     update(persons)
     .where(persons.c.person_id == bindparam("absorbed"))
@@ -351,42 +378,23 @@ class GraphStore:
 
     # Reads ---------------------------------------------------------------------------------------
 
-    def neighbourhood(self, digests: Iterable[str]) -> Neighbourhood:
-        """Every group holding one of ``digests``, in one query, and what its identifiers saw."""
-        wanted = set(digests)
-        result = Neighbourhood({}, {}, {}, {})
-        if not wanted:
-            return result
-        groups, roots = result.groups, result.roots
-        # id -> [root, person, digest, type, namespace, quarantined, sources]
-        held: dict[int, list[Any]] = {}
-        rows = self.connection.execute(_NEIGHBOURHOOD, {"digests": list(wanted)})
-        for root, person, created_at, identifier_id, digest, type_, namespace, hub, source in rows:
-            group = groups.get(root)
-            if group is None:
-                group = groups[root] = PersonGroup(root, utc(created_at), set(), {})
-            if person == root:
-                group.created_at = utc(created_at)
-            group.members.add(person)
-            roots[person] = root
-            if identifier_id is None:
-                continue
-            entry = held.get(identifier_id)
-            if entry is None:
-                entry = held[identifier_id] = [root, person, digest, type_, namespace, hub, set()]
-            if source is not None:
-                entry[6].add(source)
-        for identifier_id, (root, person, digest, type_, namespace, hub, sources) in held.items():
-            groups[root].held[digest] = (type_, namespace, frozenset(sources))
-            if digest in wanted:
-                result.known[digest] = KnownIdentifier(
-                    identifier_id, digest, type_, namespace, person, bool(hub), sources
+    def known_with_roots(
+        self, digests: Iterable[str]
+    ) -> tuple[dict[str, KnownIdentifier], dict[str, str]]:
+        """The identifiers among ``digests`` in the graph, and the roots of their persons."""
+        known: dict[str, KnownIdentifier] = {}
+        roots: dict[str, str] = {}
+        rows = self.connection.execute(_KNOWN, {"digests": list(set(digests))})
+        for identifier_id, digest, type_, namespace, origin, hub, root, source in rows:
+            found = known.get(digest)
+            if found is None:
+                found = known[digest] = KnownIdentifier(
+                    identifier_id, digest, type_, namespace, origin, bool(hub), set()
                 )
-        if result.known:
-            ids = [known.id for known in result.known.values()]
-            for identifier_id, other in self.connection.execute(_COPRESENCE, {"ids": ids}):
-                result.copresence.setdefault(identifier_id, set()).add(other)
-        return result
+                roots[origin] = root
+            if source is not None:
+                found.sources.add(source)
+        return known, roots
 
     def known_identifiers(self, digests: Iterable[str]) -> dict[str, KnownIdentifier]:
         wanted = sorted(set(digests))
@@ -432,35 +440,34 @@ class GraphStore:
         }
 
     def groups(self, roots: Iterable[str]) -> dict[str, PersonGroup]:
-        wanted = sorted(set(roots))
         result: dict[str, PersonGroup] = {}
-        member_root: dict[str, str] = {}
-        for row in self._select_in(persons, persons.c.root_id, wanted):
-            group = result.setdefault(
-                row.root_id, PersonGroup(row.root_id, utc(row.created_at), set(), {})
-            )
-            group.members.add(row.person_id)
-            member_root[row.person_id] = row.root_id
-            if row.person_id == row.root_id:
-                group.created_at = utc(row.created_at)
-        if not member_root:
-            return result
-        ids: dict[int, tuple[str, str, IdentifierType, str]] = {}
-        for row in self._select_in(identifiers, identifiers.c.person_id, sorted(member_root)):
-            ids[row.id] = (member_root[row.person_id], row.digest, row.type, row.namespace)
-        id_sources: dict[int, set[str]] = defaultdict(set)
-        for row in self._select_in(sources_table, sources_table.c.identifier_id, sorted(ids)):
-            id_sources[row.identifier_id].add(row.source)
-        for identifier_id, (root, digest, type_, namespace) in ids.items():
-            result[root].held[digest] = (type_, namespace, frozenset(id_sources[identifier_id]))
+        held: dict[int, tuple[str, str, IdentifierType, str, set[str]]] = {}
+        rows = self.connection.execute(_GROUPS, {"roots": list(set(roots))})
+        for root, person, created_at, identifier_id, digest, type_, namespace, source in rows:
+            group = result.get(root)
+            if group is None:
+                group = result[root] = PersonGroup(root, _NEVER, set(), {})
+            if created_at is not None:
+                group.created_at = utc(created_at)
+            group.members.add(person)
+            if identifier_id is None:
+                continue
+            entry = held.get(identifier_id)
+            if entry is None:
+                entry = held[identifier_id] = (root, digest, type_, namespace, set())
+            if source is not None:
+                entry[4].add(source)
+        for root, digest, type_, namespace, sources in held.values():
+            result[root].held[digest] = (type_, namespace, frozenset(sources))
         return result
 
     def copresence(self, identifier_ids: Iterable[int]) -> dict[int, set[str]]:
-        observed: dict[int, set[str]] = defaultdict(set)
-        table = copresence_table
-        for row in self._select_in(table, table.c.identifier_id, sorted(set(identifier_ids))):
-            observed[row.identifier_id].add(row.other_person_id)
-        return dict(observed)
+        observed: dict[int, set[str]] = {}
+        wanted = list(set(identifier_ids))
+        if wanted:
+            for identifier_id, other in self.connection.execute(_COPRESENCE, {"ids": wanted}):
+                observed.setdefault(identifier_id, set()).add(other)
+        return observed
 
     def quarantined_digests(self, digests: Iterable[str]) -> set[str]:
         wanted = sorted(set(digests))
@@ -528,8 +535,8 @@ class GraphStore:
     def link_identifiers(self, new: Sequence[NewIdentifier]) -> dict[str, int]:
         if not new:
             return {}
-        rows = self.connection.execute(
-            _LINK,
+        self.connection.execute(
+            insert(identifiers),
             [
                 {
                     "digest": n.digest,
@@ -543,7 +550,8 @@ class GraphStore:
                 for n in new
             ],
         )
-        ids = {digest: identifier_id for identifier_id, digest in rows}
+        # (Cheaper than INSERT ... RETURNING, which SQLAlchemy renders anew for every batch.)
+        ids = self._identifier_ids([n.digest for n in new])
         self.connection.execute(
             insert(sources_table),
             [{"identifier_id": ids[n.digest], "source": n.source} for n in new],
@@ -553,15 +561,24 @@ class GraphStore:
     def touch_identifiers(self, seen: dict[int, tuple[datetime, set[str]]]) -> None:
         if not seen:
             return
-        self.connection.execute(
-            update(identifiers)
-            .where(
-                identifiers.c.id == bindparam("identifier_id"),
-                identifiers.c.last_seen < bindparam("seen_at"),
+        # Items mostly carry no time of their own, so a batch has one or a few: one statement
+        # per time costs far less than one row per identifier.
+        by_time: dict[datetime, list[int]] = defaultdict(list)
+        for identifier_id, (at, _) in seen.items():
+            by_time[at].append(identifier_id)
+        if len(by_time) <= _TOUCH_STATEMENTS:
+            for at, ids in by_time.items():
+                self.connection.execute(
+                    _TOUCH_ALL, {"ids": ids, "seen_at": at, "stale": at - LAST_SEEN_RESOLUTION}
+                )
+        else:
+            self.connection.execute(
+                _TOUCH_ONE,
+                [
+                    {"identifier_id": i, "seen_at": at, "stale": at - LAST_SEEN_RESOLUTION}
+                    for i, (at, _) in seen.items()
+                ],
             )
-            .values(last_seen=bindparam("seen_at")),
-            [{"identifier_id": i, "seen_at": at} for i, (at, _) in seen.items()],
-        )
         new_sources = [
             {"identifier_id": i, "source": s} for i, (_, sources) in seen.items() for s in sources
         ]

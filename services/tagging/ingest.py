@@ -7,9 +7,10 @@ recomputed; the caller does that in the same transaction.
 - BehaviourRecorded for ``profiling``: the minimised event is kept (other events are ignored).
 - ConsentChanged: the consent state is remembered; a withdrawal of ``profiling`` deletes the
   person's events and profile at once (tags gated on any withdrawn purpose go on re-evaluation).
-- PersonsMerged folds the absorbed persons' events into the survivor; PersonUnmerged hands back
-  the events collected for the restored person; PersonForgotten and SubjectErased delete
-  everything about the persons.
+- PersonsMerged folds the absorbed persons' events into the survivor (whose own consent decides);
+  PersonUnmerged hands back the events collected for the restored person, whose consent is as
+  last heard before the merge; PersonForgotten and SubjectErased delete everything about the
+  persons.
 """
 
 from __future__ import annotations
@@ -68,9 +69,10 @@ def apply_identity_log(connection: Connection, envelope: events_pb2.Envelope) ->
             .where(events_table.c.person_id.in_(absorbed))
             .values(person_id=merged.surviving_person_id)
         )
+        # The survivor decides with its own consent; the absorbed persons' consent rows stay,
+        # unused, so that an unmerge gives them back their own.
         for table in (profiles_table, tags_table, suppressed_table):
             connection.execute(delete(table).where(table.c.person_id.in_(absorbed)))
-        _fold_consents(connection, merged.surviving_person_id, absorbed)
         return {merged.surviving_person_id}
     if body == "person_unmerged":
         split = envelope.person_unmerged
@@ -139,11 +141,6 @@ def _consent(connection: Connection, change: events_pb2.ConsentChanged) -> set[s
         for table in (events_table, profiles_table):
             connection.execute(delete(table).where(table.c.person_id == change.person_id))
     return {change.person_id}
-
-
-def _fold_consents(connection: Connection, survivor: str, absorbed: list[str]) -> None:
-    """The survivor keeps its own consent; the absorbed persons' consent rows go."""
-    connection.execute(delete(consents_table).where(consents_table.c.person_id.in_(absorbed)))
 
 
 def forget(connection: Connection, person_ids: list[str]) -> None:

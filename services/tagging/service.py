@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Sequence
+import zlib
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import delete, func, insert, select, text
 from sqlalchemy.engine import Connection, Engine
 from steward.events.v1 import events_pb2
 
+from services.common.db import is_postgres
 from services.common.errors import FailedPrecondition, NotFound
 from services.common.outbox import Outbox
 from services.tagging import ingest
@@ -31,6 +34,7 @@ from services.tagging.aggregates import (
     rfm_thresholds,
 )
 from services.tagging.guardrails import (
+    PROFILING_PURPOSE,
     AssignedTag,
     ChangeKind,
     Objections,
@@ -38,6 +42,7 @@ from services.tagging.guardrails import (
     TagChange,
     assign_tags,
     audience_size_report,
+    withdrawal_reason,
 )
 from services.tagging.profile import ProfileDict
 from services.tagging.rules import ParsedRuleSet, parse_rule_set
@@ -55,6 +60,8 @@ from services.tagging.store import (
 
 logger = logging.getLogger(__name__)
 Clock = Callable[[], datetime]
+REASON_UNMERGED: Final = "unmerged"
+_WRITE_LOCK: Final = zlib.crc32(b"steward.tagging.persons")
 
 _CHANGE_KINDS = {
     ChangeKind.ASSIGNED: events_pb2.TAG_CHANGE_ASSIGNED,
@@ -89,6 +96,12 @@ class TaggingService:
         self._rule_set: ParsedRuleSet | None = None
         self._loaded = False
 
+    @contextmanager
+    def _writing(self) -> Iterator[Connection]:
+        with self.outbox.begin(self.engine) as connection:
+            lock_persons(connection)
+            yield connection
+
     # Rule sets -----------------------------------------------------------------------------------
 
     def rule_set(self) -> ParsedRuleSet | None:
@@ -121,7 +134,7 @@ class TaggingService:
     def put_rule_set(self, yaml_text: str, actor: str) -> tuple[ParsedRuleSet, Any]:
         parsed = parse_rule_set(yaml_text)
         now = self.clock()
-        with self.outbox.begin(self.engine) as connection:
+        with self._writing() as connection:
             latest = connection.execute(select(func.max(rule_sets_table.c.version))).scalar()
             version = int(latest or 0) + 1
             connection.execute(
@@ -139,12 +152,17 @@ class TaggingService:
     # Consumers -----------------------------------------------------------------------------------
 
     def apply_consent_envelope(self, connection: Connection, envelope: events_pb2.Envelope) -> None:
+        lock_persons(connection)
         self.reevaluate(connection, ingest.apply_consent_log(connection, envelope))
 
     def apply_identity_envelope(
         self, connection: Connection, envelope: events_pb2.Envelope
     ) -> None:
-        self.reevaluate(connection, ingest.apply_identity_log(connection, envelope))
+        lock_persons(connection)
+        persons = ingest.apply_identity_log(connection, envelope)
+        # After an unmerge no tag may rest on the other person's events: both are decided afresh.
+        afresh = persons if envelope.WhichOneof("body") == "person_unmerged" else set()
+        self.reevaluate(connection, persons, afresh=afresh)
 
     # Evaluation ----------------------------------------------------------------------------------
 
@@ -162,7 +180,7 @@ class TaggingService:
     def refresh_rfm(self) -> RfmThresholds:
         """Recompute the population's RFM quintiles (periodically) and re-evaluate everyone."""
         now = self.clock()
-        with self.outbox.begin(self.engine) as connection:
+        with self._writing() as connection:
             persons = list(connection.execute(select(profiles_table.c.person_id)).scalars())
             histories = [purchases_of(self._events(connection, p)) for p in persons]
             thresholds = rfm_thresholds(histories, now)
@@ -182,7 +200,16 @@ class TaggingService:
         return thresholds
 
     def _events(self, connection: Connection, person_id: str) -> list[Event]:
-        rows = connection.execute(select(events_table).where(events_table.c.person_id == person_id))
+        return self._events_and_origins(connection, person_id)[0]
+
+    def _events_and_origins(
+        self, connection: Connection, person_id: str
+    ) -> tuple[list[Event], set[str]]:
+        """The person's events, and the persons they were collected for (more than the person
+        itself after a merge)."""
+        rows = connection.execute(
+            select(events_table).where(events_table.c.person_id == person_id)
+        ).all()
         return [
             Event(
                 row.event_id,
@@ -196,22 +223,31 @@ class TaggingService:
                 row.channel,
             )
             for row in rows
-        ]
+        ], {row.origin_person_id for row in rows}
 
     def _current(self, connection: Connection, person_id: str) -> dict[str, AssignedTag]:
         rows = connection.execute(select(tags_table).where(tags_table.c.person_id == person_id))
         return {row.tag_id: _assigned(row) for row in rows}
 
-    def _objections(self, connection: Connection, person_id: str) -> Objections:
+    def _objections(self, connection: Connection, person_ids: Collection[str]) -> Objections:
+        """The objections of ``person_ids``: a person and every person whose events were merged
+        into it (an unmerge takes them away again with the events)."""
         tags = set(
             connection.execute(
-                select(objections_table.c.tag_id).where(objections_table.c.person_id == person_id)
+                select(objections_table.c.tag_id).where(
+                    objections_table.c.person_id.in_(sorted(person_ids))
+                )
             ).scalars()
         )
         return Objections(all_profiling="*" in tags, tag_ids=frozenset(tags - {"*"}))
 
-    def reevaluate(self, connection: Connection, persons: Iterable[str]) -> None:
-        """Recompute profiles and tags of ``persons`` in the caller's transaction."""
+    def reevaluate(
+        self, connection: Connection, persons: Iterable[str], *, afresh: Collection[str] = ()
+    ) -> None:
+        """Recompute profiles and tags of ``persons`` in the caller's transaction.
+
+        Persons in ``afresh`` get their tags decided as if they carried none (tags kept only
+        because they have not expired yet are removed, reason ``unmerged``)."""
         people = sorted(set(persons))
         if not people:
             return
@@ -220,7 +256,7 @@ class TaggingService:
         thresholds = self.thresholds(connection)
         bodies: list[events_pb2.TagChanged] = []
         for person in people:
-            events = self._events(connection, person)
+            events, origins = self._events_and_origins(connection, person)
             consented = ingest.consented_purposes(connection, person, now)
             connection.execute(delete(profiles_table).where(profiles_table.c.person_id == person))
             profile: ProfileDict | None = None
@@ -231,13 +267,17 @@ class TaggingService:
                         person_id=person, profile=profile, computed_at=now
                     )
                 )
-            current = self._current(connection, person)
+            carried = self._current(connection, person)
+            current = {} if person in afresh else carried
             if rules is None or profile is None:
                 decision_tags: list[AssignedTag] = []
                 suppressed: list[SuppressedTag] = []
-                changes = [
-                    TagChange(tag_id, ChangeKind.REMOVED, "no profile") for tag_id in current
-                ]
+                gone = (
+                    "no profile"
+                    if PROFILING_PURPOSE in consented
+                    else withdrawal_reason(PROFILING_PURPOSE)
+                )
+                changes = [TagChange(tag_id, ChangeKind.REMOVED, gone) for tag_id in carried]
             else:
                 latest = max(e.occurred_at for e in events)
                 decision = assign_tags(
@@ -245,7 +285,7 @@ class TaggingService:
                     profile,
                     evidence_counts={r.id: _evidence(profile) for r in rules.rules},
                     consented_purposes=consented,
-                    objections=self._objections(connection, person),
+                    objections=self._objections(connection, {person, *origins}),
                     current=current,
                     now=now,
                     latest_evidence_at=latest,
@@ -253,6 +293,13 @@ class TaggingService:
                 decision_tags = list(decision.tags)
                 suppressed = list(decision.suppressed)
                 changes = list(decision.changes)
+                if person in afresh:
+                    kept = {tag.tag_id for tag in decision_tags}
+                    changes.extend(
+                        TagChange(tag_id, ChangeKind.REMOVED, REASON_UNMERGED)
+                        for tag_id in sorted(carried)
+                        if tag_id not in kept
+                    )
             self._save(connection, person, decision_tags, suppressed)
             version = rules.version if rules is not None else 0
             expiries = {t.tag_id: t.expires_at for t in decision_tags}
@@ -321,7 +368,7 @@ class TaggingService:
     def expire(self) -> int:
         """Re-evaluate persons with a tag past its expiry (the periodic roll)."""
         now = self.clock()
-        with self.outbox.begin(self.engine) as connection:
+        with self._writing() as connection:
             persons = list(
                 connection.execute(
                     select(tags_table.c.person_id).where(tags_table.c.expires_at <= now).distinct()
@@ -369,7 +416,7 @@ class TaggingService:
     def object_to(self, person_id: str, tag_id: str, reason: str) -> tuple[datetime, list[str]]:
         """Record an objection (``*`` = all profiling); returns when, and the tags removed."""
         now = self.clock()
-        with self.outbox.begin(self.engine) as connection:
+        with self._writing() as connection:
             before = set(self._current(connection, person_id))
             connection.execute(
                 delete(objections_table).where(
@@ -419,6 +466,16 @@ class TaggingService:
     def population_columns(self) -> list[ProfileDict]:
         with self.engine.connect() as connection:
             return [dict(row[0]) for row in connection.execute(select(profiles_table.c.profile))]
+
+
+def lock_persons(connection: Connection) -> None:
+    """Takes tagging's write lock for the rest of the transaction, before any person's rows.
+
+    A re-evaluation deletes and re-inserts a person's rows; two at once (a consumer and
+    PutRuleSet, say) would collide on PostgreSQL. SQLite's write transactions are exclusive.
+    """
+    if is_postgres(connection):
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _WRITE_LOCK})
 
 
 def _assigned(row: Any) -> AssignedTag:

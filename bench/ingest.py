@@ -1,0 +1,774 @@
+"""Collect throughput over gRPC: consented, pseudonymised, resolved and durably stored events.
+
+Target (collection issue, DESIGN.md "Targets"): Collect in batches of 500 with consent checks,
+pseudonymisation, identity resolution and durable commits at >= 30,000 events/s on SQLite and
+>= 10,000 events/s on PostgreSQL, with a warm population of 100,000 persons, client and server on
+this 2-core machine. The same run measures the ceiling of the bare pipeline (HMAC + AES-GCM +
+sqlite3 executemany, no gRPC, no consent) and prints the ratio to it. Figures only.
+
+The consent and identity services run in one process of their own
+(``steward serve --service consent --service identity``) with ``STEWARD_DATA_DIR`` in a temporary
+directory: SQLite files there, or, with ``--backend postgres``, a fresh PostgreSQL database
+created for the run and dropped afterwards (consent and identity share it through
+``STEWARD_DATABASE_URL``; the key store stays a SQLite file in the data directory, apart from the
+data it protects, as the tests set it up).
+
+Warm-up, timed and printed:
+
+1. identity Resolve, batches of 500: every warm person's identifiers (email + cookie; a third
+   also a device id, a fifth also a phone) become a person;
+2. RecordConsent by person id, one call per person carrying all four decisions (analytics
+   granted by 70%, personalisation 50%, profiling 30%, marketing 20%, the rest denied), from
+   ``--clients`` x 4 threads at once;
+3. one Collect pass over each warm identifier set the mix uses (web, app, store), which also
+   fills consent's person cache as a running service's would be.
+
+Then ``--clients`` threads send the shop's mix for ``--seconds`` (requests are built beforehand,
+so the client stays light): ~90% events of warm persons (most by identifier sets seen before, 3%
+from a new browser with a known email, 10% of them by person id), ~10% anonymous new visitors
+(a new cookie, no consent: dropped NO_CONSENT), ~5% SEARCH events with query text (stored
+encrypted when personalisation is granted), views, dwells, cart additions and purchases, every
+event id unique.
+
+Run from the repository root::
+
+    .venv/bin/python bench/ingest.py --backend sqlite
+    .venv/bin/python bench/ingest.py --backend postgres \\
+        --postgres-url postgresql://postgres@127.0.0.1:5432/postgres
+
+``--profile out.svg`` (or ``out.txt`` for py-spy's raw collapsed stacks) records the server with
+py-spy while measuring, when py-spy is installed in the environment (``pip install py-spy``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import os
+import random
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from pathlib import Path
+from typing import Final
+
+import grpc
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from steward.common.v1 import common_pb2
+from steward.consent.v1 import consent_pb2
+from steward.identity.v1 import identity_pb2
+
+TARGETS: Final = {"sqlite": 30_000.0, "postgres": 10_000.0}
+COLLECT: Final = "/steward.consent.v1.ConsentService/Collect"
+RECORD_CONSENT: Final = "/steward.consent.v1.ConsentService/RecordConsent"
+RESOLVE: Final = "/steward.identity.v1.IdentityService/Resolve"
+METADATA: Final = (("x-steward-caller", "bench-ingest"),)
+POLICY_VERSION: Final = "2026-01"
+GRANT_SHARES: Final = (
+    ("analytics", 0.70),
+    ("personalisation", 0.50),
+    ("profiling", 0.30),
+    ("marketing", 0.20),
+)
+CATEGORIES: Final = ("garden", "kitchen", "outdoor", "books", "toys", "lighting", "tools", "pets")
+QUERIES: Final = (
+    "garden gnome",
+    "cast iron skillet",
+    "led strip lights",
+    "tent for 4 people",
+    "dog bed large",
+    "cordless drill",
+    "kids puzzle 500 pieces",
+    "herb planter",
+)
+T = common_pb2
+C = consent_pb2
+L = identity_pb2
+
+
+# The shop's people ---------------------------------------------------------------------------
+#
+# Warm person k: email + cookie; k % 3 == 0 also uses the app (a device id); k % 5 == 0 also
+# gave a phone number at the till. Values derive from k, so the mix names known identifiers
+# without asking the server.
+
+Spec = tuple[int, str]
+"""(identifier type, raw value)"""
+
+
+def email(tag: str) -> Spec:
+    return T.IDENTIFIER_TYPE_EMAIL, f"shopper.{tag}@shop.example"
+
+
+def cookie(tag: str) -> Spec:
+    return T.IDENTIFIER_TYPE_COOKIE_ID, f"ck-{tag}"
+
+
+def device(tag: str) -> Spec:
+    return T.IDENTIFIER_TYPE_DEVICE_ID, f"dv-{tag}"
+
+
+def phone(k: int) -> Spec:
+    return T.IDENTIFIER_TYPE_PHONE, f"+4474{k:08d}"
+
+
+def warm_identifiers(k: int) -> list[Spec]:
+    tag = str(k)
+    specs = [email(tag), cookie(tag)]
+    if k % 3 == 0:
+        specs.append(device(tag))
+    if k % 5 == 0:
+        specs.append(phone(k))
+    return specs
+
+
+def usual_sets(k: int) -> list[tuple[str, list[Spec]]]:
+    """(channel, identifiers) the person's events usually carry."""
+    tag = str(k)
+    sets = [("web", [email(tag), cookie(tag)])]
+    if k % 3 == 0:
+        sets.append(("app", [cookie(tag), device(tag)]))
+    if k % 5 == 0:
+        sets.append(("store", [phone(k)]))
+    return sets
+
+
+def grants_of(k: int, seed: int) -> dict[str, bool]:
+    rng = random.Random(seed * 1_000_003 + k)
+    return {purpose: rng.random() < share for purpose, share in GRANT_SHARES}
+
+
+# Requests ------------------------------------------------------------------------------------
+
+
+class ShopMix:
+    """Events of the measured mix; event ids and new visitors are unique to this run."""
+
+    def __init__(self, persons: list[str], seed: int, run: str) -> None:
+        self.persons = persons
+        self.rng = random.Random(seed)
+        self.prefix = f"{run}-{seed}"
+        self.count = 0
+        self.recent_visitors: deque[str] = deque(maxlen=50)
+
+    def _event_id(self) -> str:
+        self.count += 1
+        return str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
+
+    def _subject(self, event: common_pb2.BehaviourEvent) -> None:
+        rng = self.rng
+        draw = rng.random()
+        if draw < 0.10:
+            # An anonymous visitor: a new cookie, or one seen a few events ago in the session.
+            if self.recent_visitors and rng.random() < 0.4:
+                tag = rng.choice(self.recent_visitors)
+            else:
+                tag = f"{self.prefix}-v{self.count}"
+                self.recent_visitors.append(tag)
+            kind, value = cookie(tag)
+            event.identifiers.add(type=kind, value=value)  # type: ignore[arg-type]
+            event.channel = "web"
+            return
+        k = rng.randrange(len(self.persons))
+        if draw < 0.19:
+            event.person_id = self.persons[k]
+            event.channel = "call_centre"
+            return
+        if draw < 0.217:
+            channel, specs = "web", [email(str(k)), cookie(f"{self.prefix}-b{self.count}")]
+        else:
+            channel, specs = rng.choice(usual_sets(k))
+        for kind, value in specs:
+            event.identifiers.add(type=kind, value=value)  # type: ignore[arg-type]
+        event.channel = channel
+
+    def request(self, size: int, now: datetime | None = None) -> bytes:
+        rng = self.rng
+        now = now or datetime.now(UTC)
+        request = C.CollectRequest()
+        for _ in range(size):
+            event = request.events.add(event_id=self._event_id())
+            self._subject(event)
+            event.occurred_at.FromDatetime(now - timedelta(seconds=rng.uniform(0, 120)))
+            draw = rng.random()
+            event.item_id = f"sku-{rng.randrange(20_000)}"
+            event.category = rng.choice(CATEGORIES)
+            if draw < 0.05:
+                event.type = T.EVENT_TYPE_SEARCH
+                event.query = rng.choice(QUERIES)
+                event.ClearField("item_id")
+            elif draw < 0.62:
+                event.type = T.EVENT_TYPE_VIEW
+            elif draw < 0.82:
+                event.type = T.EVENT_TYPE_DWELL
+                event.dwell_ms = rng.randrange(500, 120_000)
+            elif draw < 0.94:
+                event.type = T.EVENT_TYPE_ADD_TO_CART
+                event.quantity = rng.randrange(1, 4)
+            else:
+                event.type = T.EVENT_TYPE_PURCHASE
+                event.quantity = rng.randrange(1, 4)
+                event.value = round(rng.uniform(3, 250), 2)
+                event.currency = "GBP"
+            if rng.random() < 0.1:
+                event.attributes["utm_source"] = "newsletter"
+        return request.SerializeToString()
+
+
+def collect_request(items: Sequence[tuple[str, list[Spec]]], prefix: str, now: datetime) -> bytes:
+    """One VIEW per identifier set (the cache-priming pass)."""
+    request = C.CollectRequest()
+    for position, (channel, specs) in enumerate(items):
+        event = request.events.add(
+            event_id=f"{prefix}-{position}",
+            type=T.EVENT_TYPE_VIEW,
+            item_id=f"sku-{position % 20_000}",
+            category=CATEGORIES[position % len(CATEGORIES)],
+            channel=channel,
+        )
+        event.occurred_at.FromDatetime(now)
+        for kind, value in specs:
+            event.identifiers.add(type=kind, value=value)  # type: ignore[arg-type]
+    return request.SerializeToString()
+
+
+# The server process --------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    target: str
+    log: Path
+
+    def status(self, name: str) -> int:
+        """A /proc/<pid>/status figure in kB (VmRSS; VmHWM is the peak)."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith(f"{name}:"):
+                return int(line.split()[1])
+        return 0
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@contextmanager
+def suite_server(data_dir: Path, env_extra: dict[str, str]) -> Iterator[Server]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "STEWARD_DATA_DIR": str(data_dir),
+        "STEWARD_LOG_LEVEL": "WARNING",
+        **env_extra,
+    }
+    env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+    log = data_dir / "server.log"
+    steward = Path(sys.executable).with_name("steward")
+    command = [str(steward), "serve", "--service", "consent", "--service", "identity"]
+    command += ["--port", str(port)]
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+    server = Server(process, f"127.0.0.1:{port}", log)
+    try:
+        wait_serving(server)
+        yield server
+    except BaseException:
+        if process.poll() is not None:
+            print(f"the server exited with {process.returncode}:", file=sys.stderr)
+            print(log.read_text()[-5000:], file=sys.stderr)
+        raise
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def wait_serving(server: Server, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(server.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if server.process.poll() is not None:
+                raise SystemExit(f"the server exited:\n{server.log.read_text()}")
+            try:
+                answer = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                time.sleep(0.2)
+    raise SystemExit(f"the server did not start within {timeout:.0f} s")
+
+
+@contextmanager
+def postgres_database(admin_url: str) -> Iterator[str]:
+    """A fresh database for the run, dropped afterwards; yields its URL."""
+    import psycopg
+    from psycopg import sql
+    from sqlalchemy.engine import make_url
+
+    libpq_url = make_url(admin_url).set(drivername="postgresql")
+    name = f"steward_ingest_{uuid.uuid4().hex[:12]}"
+    admin = libpq_url.render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True) as connection:
+        connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        url = libpq_url.set(drivername="postgresql+psycopg", database=name)
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as connection:
+            connection.execute(
+                sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+def analyze(db_url: str) -> None:
+    """Planner statistics after the bulk load, as autovacuum would gather them eventually."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    libpq = make_url(db_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(libpq, autocommit=True) as connection:
+        connection.execute("ANALYZE")
+
+
+# Warming -------------------------------------------------------------------------------------
+
+
+def run_threads(work: Callable[[int], None], count: int) -> None:
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def resolve_persons(target: str, persons: int, batch: int, clients: int) -> list[str]:
+    """Identity Resolve of every warm person's identifiers; returns their person ids."""
+    found = [""] * persons
+    starts = iter(range(0, persons, batch))
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def send(_index: int) -> None:
+        with grpc.insecure_channel(target) as channel:
+            call = channel.unary_unary(RESOLVE, None, L.ResolveResponse.FromString)
+            while not errors:
+                with lock:
+                    start = next(starts, None)
+                if start is None:
+                    return
+                request = L.ResolveRequest(source="web")
+                for k in range(start, min(start + batch, persons)):
+                    item = request.items.add()
+                    for kind, value in warm_identifiers(k):
+                        item.identifiers.add(type=kind, value=value)  # type: ignore[arg-type]
+                try:
+                    answer = call(request.SerializeToString(), timeout=600, metadata=METADATA)
+                except grpc.RpcError as error:
+                    errors.append(error)
+                    return
+                for offset, result in enumerate(answer.results):
+                    found[start + offset] = result.person_id
+
+    run_threads(send, clients)
+    if errors:
+        raise SystemExit(f"warming (Resolve) failed: {errors[0]}")
+    if not all(found):
+        raise SystemExit("warming (Resolve) left persons without an id")
+    return found
+
+
+def record_consents(target: str, persons: list[str], seed: int, threads: int) -> int:
+    """RecordConsent per person, all four decisions in one call; returns how many were granted."""
+    now = datetime.now(UTC)
+    queue = iter(range(len(persons)))
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+    granted = [0] * threads
+    channels = [grpc.insecure_channel(target) for _ in range(max(1, threads // 4))]
+
+    def send(index: int) -> None:
+        call = channels[index % len(channels)].unary_unary(
+            RECORD_CONSENT, None, C.RecordConsentResponse.FromString
+        )
+        rng = random.Random(seed + index)
+        while not errors:
+            with lock:
+                k = next(queue, None)
+            if k is None:
+                return
+            request = C.RecordConsentRequest(
+                subject=T.PersonRef(person_id=persons[k]),
+                source=C.CONSENT_SOURCE_WEB_BANNER,
+                locale="en-GB",
+            )
+            request.occurred_at.FromDatetime(now - timedelta(seconds=rng.uniform(3600, 90 * 86400)))
+            for purpose, grant in grants_of(k, seed).items():
+                request.decisions.add(
+                    purpose=purpose,
+                    decision=T.DECISION_GRANTED if grant else T.DECISION_DENIED,
+                    policy_version=POLICY_VERSION,
+                )
+                granted[index] += grant
+            try:
+                call(request.SerializeToString(), timeout=120, metadata=METADATA)
+            except grpc.RpcError as error:
+                errors.append(error)
+
+    try:
+        run_threads(send, threads)
+    finally:
+        for channel in channels:
+            channel.close()
+    if errors:
+        raise SystemExit(f"warming (RecordConsent) failed: {errors[0]}")
+    return sum(granted)
+
+
+@dataclass
+class Tally:
+    """What Collect answered."""
+
+    seconds: float = 0.0
+    offered: int = 0
+    accepted: int = 0
+    drops: Counter[int] = field(default_factory=Counter)
+    latencies: list[float] = field(default_factory=list)
+    built_late: int = 0
+    client_cpu: float = 0.0
+    """CPU seconds of this (client) process while sending."""
+
+    def add(self, response: consent_pb2.CollectResponse, latency: float) -> None:
+        self.latencies.append(latency)
+        self.offered += len(response.results)
+        self.accepted += response.accepted
+        if response.dropped:
+            self.drops.update(r.drop_reason for r in response.results if not r.accepted)
+
+    def merge(self, other: Tally) -> None:
+        self.offered += other.offered
+        self.accepted += other.accepted
+        self.drops += other.drops
+        self.latencies += other.latencies
+        self.built_late += other.built_late
+
+
+def prime_cache(target: str, persons: int, batch: int, clients: int, run: str) -> Tally:
+    """Collect one event per usual identifier set of every warm person."""
+    items = [item for k in range(persons) for item in usual_sets(k)]
+    now = datetime.now(UTC)
+    requests = [
+        collect_request(items[start : start + batch], f"{run}-prime-{start}", now)
+        for start in range(0, len(items), batch)
+    ]
+    return send_requests(target, [requests[i::clients] for i in range(clients)], None)
+
+
+def send_requests(
+    target: str,
+    pools: list[list[bytes]],
+    refill: Sequence[Callable[[], bytes]] | None,
+    *,
+    seconds: float = 0.0,
+) -> Tally:
+    """Send each pool from its own thread and channel; with ``refill``, until ``seconds``."""
+    clients = len(pools)
+    total = Tally()
+    lock = threading.Lock()
+    barrier = threading.Barrier(clients + 1)
+    stop_at = [float("inf")]
+    errors: list[BaseException] = []
+
+    def send(index: int) -> None:
+        pool, tally = pools[index], Tally()
+        with grpc.insecure_channel(target) as channel:
+            call = channel.unary_unary(COLLECT, None, C.CollectResponse.FromString)
+            grpc.channel_ready_future(channel).result(timeout=10)
+            barrier.wait()
+            position = 0
+            while time.monotonic() < stop_at[0] and not errors:
+                if position < len(pool):
+                    request = pool[position]
+                    pool[position] = b""
+                    position += 1
+                elif refill is not None:
+                    request = refill[index]()
+                    tally.built_late += 1
+                else:
+                    break
+                began = time.perf_counter()
+                try:
+                    response = call(request, timeout=120, metadata=METADATA)
+                except grpc.RpcError as error:
+                    errors.append(error)
+                    break
+                tally.add(response, time.perf_counter() - began)
+        with lock:
+            total.merge(tally)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    began, cpu_began = time.monotonic(), time.process_time()
+    if refill is not None:
+        stop_at[0] = began + seconds
+    for thread in threads:
+        thread.join()
+    total.seconds = time.monotonic() - began
+    total.client_cpu = time.process_time() - cpu_began
+    if errors:
+        raise SystemExit(f"Collect failed: {errors[0]}")
+    return total
+
+
+def measure(
+    target: str,
+    persons: list[str],
+    *,
+    batch: int,
+    clients: int,
+    seconds: float,
+    expected_rate: float,
+    run: str,
+) -> Tally:
+    per_client = max(4, int(expected_rate * 1.3 * seconds / batch / clients) + 2)
+    mixes = [ShopMix(persons, seed, run) for seed in range(1, clients + 1)]
+    now = datetime.now(UTC) + timedelta(seconds=60)  # occurred_at stays in the past while sent
+    pools = [[mix.request(batch, now) for _ in range(per_client)] for mix in mixes]
+    refill = [partial(mix.request, batch) for mix in mixes]
+    return send_requests(target, pools, refill, seconds=seconds)
+
+
+# The bare pipeline ---------------------------------------------------------------------------
+
+
+def bare_pipeline(directory: Path, events: int, batch: int, seed: int) -> float:
+    """Events/s of HMAC + AES-GCM + sqlite3 executemany alone: the ceiling of the real thing.
+
+    Per event: HMAC-SHA256 of each identifier (``TYPE::value``), AES-256-GCM of one field (the
+    query, else the item id) under a per-person key with a fresh nonce, and a row written with
+    executemany, one commit per batch, on a WAL file with synchronous=NORMAL and the consent
+    events table's primary key and indexes. No gRPC, no consent, no identity, no outbox.
+    """
+    rng = random.Random(seed)
+    hmac_key = os.urandom(32)
+    data_keys = [AESGCM.generate_key(bit_length=256) for _ in range(1024)]
+    raw: list[tuple[str, list[tuple[str, str]], bytes]] = []
+    for n in range(events):
+        k = rng.randrange(100_000)
+        ids = [("EMAIL", f"shopper.{k}@shop.example"), ("COOKIE_ID", f"ck-{k}")]
+        payload = (QUERIES[k % len(QUERIES)] if n % 20 == 0 else f"sku-{k % 20_000}").encode()
+        raw.append((f"bare-{n}", ids, payload))
+    connection = sqlite3.connect(directory / "bare.db", isolation_level=None)
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA synchronous=NORMAL")
+    connection.execute(
+        "CREATE TABLE events (event_id TEXT PRIMARY KEY, person TEXT NOT NULL, type INTEGER,"
+        " item_id TEXT, occurred_at TEXT, retain_until TEXT, ciphertext BLOB)"
+    )
+    connection.execute("CREATE INDEX ix_person ON events (person)")
+    connection.execute("CREATE INDEX ix_retain ON events (retain_until)")
+    occurred = datetime.now(UTC).isoformat()
+    started = time.perf_counter()
+    for start in range(0, events, batch):
+        rows = []
+        for event_id, ids, payload in raw[start : start + batch]:
+            digests = [
+                hmac.digest(hmac_key, f"{kind}::{value}".encode(), "sha256").hex()
+                for kind, value in ids
+            ]
+            key = data_keys[int(digests[0][:6], 16) % len(data_keys)]
+            nonce = os.urandom(12)
+            sealed = nonce + AESGCM(key).encrypt(nonce, payload, event_id.encode())
+            rows.append((event_id, digests[0][:32], 1, "sku", occurred, occurred, sealed))
+        connection.execute("BEGIN")
+        connection.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        connection.execute("COMMIT")
+    elapsed = time.perf_counter() - started
+    connection.close()
+    return events / elapsed
+
+
+# Reporting -----------------------------------------------------------------------------------
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else 0.0
+
+
+@contextmanager
+def py_spy(pid: int, output: str | None) -> Iterator[None]:
+    spy = Path(sys.executable).with_name("py-spy")
+    if not output:
+        yield
+        return
+    if not spy.exists():
+        print("--profile: py-spy is not installed in this environment; not profiling")
+        yield
+        return
+    command = [str(spy), "record", "--pid", str(pid), "--output", output, "--nonblocking"]
+    if output.endswith(".txt"):
+        command += ["--format", "raw"]
+    recorder = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        recorder.send_signal(signal.SIGINT)
+        recorder.wait(timeout=60)
+        print(f"py-spy profile of the server written to {output}")
+
+
+def reason_name(reason: int) -> str:
+    return C.DropReason.Name(reason).removeprefix("DROP_REASON_")  # type: ignore[arg-type]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
+    parser.add_argument(
+        "--postgres-url",
+        default=os.environ.get(
+            "STEWARD_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+        ),
+        help="an account that may create databases; the run's database is created and dropped",
+    )
+    parser.add_argument("--persons", type=int, default=100_000, help="warm population")
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of the measurement")
+    parser.add_argument("--batch", type=int, default=500, help="events per Collect call")
+    parser.add_argument("--clients", type=int, default=2, help="Collect calls in flight at once")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--bare-events", type=int, default=200_000)
+    parser.add_argument("--profile", help="py-spy output of the server while measuring")
+    args = parser.parse_args()
+
+    from services.common.keyring import Keyring
+
+    target_rate = TARGETS[args.backend]
+    run = uuid.uuid4().hex[:8]
+    with ExitStack() as stack:
+        data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="steward-ingest-")))
+        bare_rate = bare_pipeline(data_dir, args.bare_events, args.batch, args.seed)
+        env = {
+            "STEWARD_KEYRING_JSON": Keyring.generate(development=True).to_json(),
+            "STEWARD_KEYSTORE_DB_URL": f"sqlite:///{data_dir / 'keystore.db'}",
+        }
+        db_url = ""
+        if args.backend == "postgres":
+            db_url = stack.enter_context(postgres_database(args.postgres_url))
+            env["STEWARD_DATABASE_URL"] = db_url
+        server = stack.enter_context(suite_server(data_dir, env))
+
+        warm_started = time.monotonic()
+        persons = resolve_persons(server.target, args.persons, args.batch, args.clients)
+        resolved_at = time.monotonic()
+        grants = record_consents(server.target, persons, args.seed, 4 * args.clients)
+        consented_at = time.monotonic()
+        if db_url:
+            analyze(db_url)
+        primed = prime_cache(server.target, args.persons, args.batch, args.clients, run)
+        warm_seconds = time.monotonic() - warm_started
+        rss_warm = server.status("VmRSS")
+
+        cpu_before = server.cpu_seconds()
+        load_before = os.getloadavg()[0]
+        with py_spy(server.process.pid, args.profile):
+            result = measure(
+                server.target,
+                persons,
+                batch=args.batch,
+                clients=args.clients,
+                seconds=args.seconds,
+                expected_rate=target_rate,
+                run=run,
+            )
+        server_cpu = server.cpu_seconds() - cpu_before
+        load_after = os.getloadavg()[0]
+        rss_after, rss_peak = server.status("VmRSS"), server.status("VmHWM")
+
+    offered = result.offered / result.seconds
+    accepted = result.accepted / result.seconds
+    latencies = [seconds * 1000 for seconds in result.latencies]
+    keystore = "a SQLite file beside it" if args.backend == "postgres" else "SQLite"
+    store = "a fresh PostgreSQL database" if args.backend == "postgres" else "SQLite files"
+    print(
+        f"Collect on {args.backend}, batches of {args.batch}, {args.clients} clients, "
+        f"{os.cpu_count()} cores shared by client and server"
+    )
+    print(f"  storage:     consent and identity on {store}, key store on {keystore}")
+    print(
+        f"  warm-up:     {warm_seconds:.1f} s for {args.persons:,} persons: Resolve "
+        f"{resolved_at - warm_started:.1f} s, RecordConsent (4 decisions, {grants:,} grants) "
+        f"{consented_at - resolved_at:.1f} s "
+        f"({args.persons / (consented_at - resolved_at):,.0f} calls/s), cache-priming Collect "
+        f"{primed.seconds:.1f} s ({primed.offered / primed.seconds:,.0f} events/s, "
+        f"{primed.accepted:,} accepted)"
+    )
+    print(
+        f"  measured:    {result.offered:,} events offered, {result.accepted:,} accepted "
+        f"in {result.seconds:.1f} s"
+    )
+    drops = ", ".join(
+        f"{reason_name(reason)} {count:,} ({count / result.offered:.1%})"
+        for reason, count in result.drops.most_common()
+    )
+    print(f"  dropped:     {drops or 'none'}")
+    print(
+        f"  throughput:  {offered:,.0f} events/s offered, {accepted:,.0f} events/s accepted  "
+        f"({offered / target_rate:.2f} x the target of {target_rate:,.0f}/s)"
+    )
+    print(
+        f"  batch:       p50 {percentile(latencies, 0.5):.1f} ms, "
+        f"p99 {percentile(latencies, 0.99):.1f} ms, "
+        f"mean {statistics.fmean(latencies) if latencies else 0:.1f} ms"
+    )
+    print(
+        f"  bare:        HMAC + AES-GCM + sqlite3 executemany {bare_rate:,.0f} events/s; "
+        f"Collect reaches {offered / bare_rate:.1%} of it"
+    )
+    print(
+        f"  server RSS:  {rss_warm / 1024:,.0f} MiB after warming, "
+        f"{rss_after / 1024:,.0f} MiB after measuring, peak {rss_peak / 1024:,.0f} MiB"
+    )
+    per_event = server_cpu / result.offered * 1e6
+    print(
+        f"  server CPU:  {server_cpu / result.seconds:.0%} of one core while measuring, "
+        f"{per_event:.0f} us per event offered (one core at that cost: "
+        f"{1e6 / per_event:,.0f} events/s); client {result.client_cpu / result.seconds:.0%}"
+    )
+    print(
+        f"  machine:     load average {load_before:.1f} before measuring, {load_after:.1f} after "
+        f"(other processes share the {os.cpu_count()} cores)"
+    )
+    if result.built_late:
+        print(f"  note: {result.built_late} batches were built during the measurement")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,649 @@
+"""Resolve throughput of the identity service over gRPC, with a warm graph.
+
+Target (identity issue, DESIGN.md): Resolve in batches of 500 at >= 20,000 identifier sets/s on
+SQLite and >= 8,000/s on PostgreSQL, with 1,000,000 identifiers in the graph, on the 2-core
+machine with client and server on it.
+
+The identity service runs in its own process (``steward serve --service identity``) on a fresh
+SQLite file in a temporary directory, or on a fresh PostgreSQL database that this script creates
+and drops. The graph is first warmed to ``--identifiers`` identifiers, through Resolve itself by
+default (``--warm direct`` inserts the rows with the store's tables instead, and says so). Then
+``--clients`` threads send a shop's mix of identifier sets for ``--seconds``:
+
+- 70% have at least one known identifier: a returning web shopper (email + cookie), a login on a
+  new browser (known email + new cookie), an app user (cookie + device), an app on a new device,
+  a customer at the till (phone + loyalty card), a till customer giving an email that belongs to
+  another person (a merge), an anonymous cookie logging in with a new email (a merge);
+- 30% are all new: email + cookie, cookie + device, phone + loyalty card.
+
+Printed: identifier sets/s and its ratio to the target, p50/p99 batch latency, the server's
+resident set (VmRSS; VmHWM is the peak), its CPU use, and the warm-up time. Figures only.
+
+Run from the repository root::
+
+    .venv/bin/python bench/resolve.py --backend sqlite
+    .venv/bin/python bench/resolve.py --backend postgres \\
+        --postgres-url postgresql://postgres@127.0.0.1:5432/postgres
+
+``STEWARD_BENCH_PY_SPY=out.svg`` records the server with py-spy (if installed in the
+environment) while measuring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Final
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from steward.common.v1 import common_pb2
+from steward.identity.v1 import identity_pb2
+
+REPO: Final = Path(__file__).resolve().parent.parent
+TARGETS: Final = {"sqlite": 20_000.0, "postgres": 8_000.0}
+RESOLVE_METHOD: Final = "/steward.identity.v1.IdentityService/Resolve"
+T = common_pb2
+L = identity_pb2
+
+Spec = tuple[int, str]
+"""(identifier type, raw value)"""
+
+
+# The shop's identifiers ---------------------------------------------------------------------
+#
+# Warm person k has a shape k % 3: 0 a web shopper (email + cookie, every other one a device
+# too), 1 an app user (cookie + device), 2 a till customer (phone + loyalty card). Values derive
+# from k, so the mix can name known identifiers without asking the server.
+
+SHAPE_SOURCES: Final = ("web", "app", "pos")
+
+
+def email(tag: str) -> Spec:
+    return T.IDENTIFIER_TYPE_EMAIL, f"shopper.{tag}@shop.example"
+
+
+def cookie(tag: str) -> Spec:
+    return T.IDENTIFIER_TYPE_COOKIE_ID, f"ck-{tag}"
+
+
+def device(tag: str) -> Spec:
+    return T.IDENTIFIER_TYPE_DEVICE_ID, f"dv-{tag}"
+
+
+def phone(number: int) -> Spec:
+    return T.IDENTIFIER_TYPE_PHONE, f"+4474{number:08d}"
+
+
+def loyalty(tag: str) -> Spec:
+    return T.IDENTIFIER_TYPE_LOYALTY_CARD, f"LC-{tag}"
+
+
+def warm_person(k: int) -> tuple[str, list[Spec]]:
+    """(source, identifiers) of warm person ``k``."""
+    shape = k % 3
+    tag = str(k)
+    if shape == 0:
+        specs = [email(tag), cookie(tag)]
+        if k % 2 == 0:
+            specs.append(device(tag))
+    elif shape == 1:
+        specs = [cookie(tag), device(tag)]
+    else:
+        specs = [phone(k), loyalty(tag)]
+    return SHAPE_SOURCES[shape], specs
+
+
+def warm_persons_for(identifiers: int) -> int:
+    """How many warm persons hold at least ``identifiers`` identifiers."""
+    # Per 6 persons: 3 + 2 (shape 0), 2 + 2 (shape 1), 2 + 2 (shape 2) = 13 identifiers.
+    persons = identifiers * 6 // 13
+    while sum(len(warm_person(k)[1]) for k in range(persons)) < identifiers:
+        persons += 1
+    return persons
+
+
+class ShopMix:
+    """Random items of the measured mix; new identifiers are unique to this run."""
+
+    def __init__(self, persons: int, seed: int) -> None:
+        self.persons = persons
+        self.rng = random.Random(seed)
+        self.fresh = 0
+        self.phones = 50_000_000 + seed % 1_000_000 * 40
+        self.kinds: list[tuple[float, str, Callable[[], tuple[str, list[Spec]]]]] = []
+        cumulative = 0.0
+        for weight, name, make in (
+            (0.25, "returning web shopper", self._returning_web),
+            (0.15, "login on a new browser", self._new_browser),
+            (0.10, "app user", self._app_user),
+            (0.03, "app on a new device (a merge: a device outranks a cookie)", self._new_device),
+            (0.13, "till customer", self._till_customer),
+            (0.02, "till customer gives another's email (merge)", self._cross_channel),
+            (0.02, "anonymous cookie logs in, new email (merge)", self._anonymous_login),
+            (0.12, "new: email + cookie", self._new_web),
+            (0.10, "new: cookie + device", self._new_app),
+            (0.08, "new: phone + loyalty card", self._new_till),
+        ):
+            cumulative += weight
+            self.kinds.append((cumulative, name, make))
+
+    def _known(self, shape: int) -> int:
+        return 3 * self.rng.randrange((self.persons - shape + 2) // 3) + shape
+
+    def _tag(self) -> str:
+        self.fresh += 1
+        return f"n{self.fresh}-{self.rng.getrandbits(40):x}"
+
+    def _phone(self) -> int:
+        self.phones += 1
+        return self.phones
+
+    def _returning_web(self) -> tuple[str, list[Spec]]:
+        tag = str(self._known(0))
+        return "web", [email(tag), cookie(tag)]
+
+    def _new_browser(self) -> tuple[str, list[Spec]]:
+        return "web", [email(str(self._known(0))), cookie(self._tag())]
+
+    def _app_user(self) -> tuple[str, list[Spec]]:
+        tag = str(self._known(1))
+        return "app", [cookie(tag), device(tag)]
+
+    def _new_device(self) -> tuple[str, list[Spec]]:
+        return "app", [cookie(str(self._known(1))), device(self._tag())]
+
+    def _till_customer(self) -> tuple[str, list[Spec]]:
+        k = self._known(2)
+        return "pos", [phone(k), loyalty(str(k))]
+
+    def _cross_channel(self) -> tuple[str, list[Spec]]:
+        k = self._known(2)
+        return "pos", [phone(k), loyalty(str(k)), email(str(self._known(0)))]
+
+    def _anonymous_login(self) -> tuple[str, list[Spec]]:
+        return "app", [cookie(str(self._known(1))), email(self._tag())]
+
+    def _new_web(self) -> tuple[str, list[Spec]]:
+        tag = self._tag()
+        return "web", [email(tag), cookie(tag)]
+
+    def _new_app(self) -> tuple[str, list[Spec]]:
+        tag = self._tag()
+        return "app", [cookie(tag), device(tag)]
+
+    def _new_till(self) -> tuple[str, list[Spec]]:
+        return "pos", [phone(self._phone()), loyalty(self._tag())]
+
+    def item(self) -> tuple[str, list[Spec]]:
+        draw = self.rng.random()
+        for cumulative, _, make in self.kinds:
+            if draw < cumulative:
+                return make()
+        return self.kinds[-1][2]()
+
+
+def resolve_request(
+    items: list[tuple[str, list[Spec]]], seen_at: list[datetime] | None = None
+) -> bytes:
+    request = identity_pb2.ResolveRequest()
+    for position, (source, specs) in enumerate(items):
+        item = request.items.add(source=source)
+        for type_, value in specs:
+            item.identifiers.add(type=type_, value=value)  # type: ignore[arg-type]
+        if seen_at is not None:
+            item.seen_at.FromDatetime(seen_at[position])
+    return request.SerializeToString()
+
+
+def warm_seen_at(k: int, now: datetime) -> datetime:
+    """When warm person ``k`` was last seen: spread over the 90 days before the run."""
+    return now - timedelta(seconds=(k * 7919) % (90 * 86400))
+
+
+# The server process -------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    target: str
+    log: Path
+
+    def status(self, name: str) -> int:
+        """A /proc/<pid>/status figure in kB (VmRSS, VmHWM)."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith(f"{name}:"):
+                return int(line.split()[1])
+        return 0
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@contextmanager
+def identity_server(data_dir: Path, db_url: str) -> Iterator[Server]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "STEWARD_DATA_DIR": str(data_dir),
+        "STEWARD_IDENTITY_DB_URL": db_url,
+        "STEWARD_LOG_LEVEL": "WARNING",
+        "STEWARD_MAX_BATCH": "1000",
+    }
+    env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+    log = data_dir / "server.log"
+    steward = Path(sys.executable).with_name("steward")
+    command = [str(steward), "serve", "--service", "identity", "--port", str(port)]
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+    server = Server(process, f"127.0.0.1:{port}", log)
+    try:
+        wait_serving(server)
+        yield server
+    except BaseException:
+        if process.poll() is not None:
+            print(f"the server exited with {process.returncode}:", file=sys.stderr)
+            print(log.read_text()[-5000:], file=sys.stderr)
+        raise
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def wait_serving(server: Server, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(server.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if server.process.poll() is not None:
+                raise SystemExit(f"the server exited:\n{server.log.read_text()}")
+            try:
+                answer = stub.Check(
+                    health_pb2.HealthCheckRequest(service="steward.identity.v1.IdentityService"),
+                    timeout=1,
+                )
+                if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                time.sleep(0.2)
+    raise SystemExit(f"the server did not start within {timeout:.0f} s")
+
+
+@contextmanager
+def postgres_database(admin_url: str) -> Iterator[str]:
+    """A fresh database for the run, dropped afterwards; yields its URL."""
+    import psycopg
+    from psycopg import sql
+    from sqlalchemy.engine import make_url
+
+    libpq_url = make_url(admin_url).set(drivername="postgresql")
+    name = f"steward_bench_{uuid.uuid4().hex[:12]}"
+    admin = libpq_url.render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True) as connection:
+        connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        url = libpq_url.set(drivername="postgresql+psycopg", database=name)
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as connection:
+            connection.execute(
+                sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+# Warming ------------------------------------------------------------------------------------
+
+
+def warm_through_resolve(target: str, persons: int, batch: int, clients: int) -> None:
+    """Resolve every warm person's identifiers, ``clients`` batches in flight."""
+    starts = iter(range(0, persons, batch))
+    now = datetime.now(UTC)
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def send() -> None:
+        with grpc.insecure_channel(target) as channel:
+            call = channel.unary_unary(RESOLVE_METHOD, None, None)
+            while not errors:
+                with lock:
+                    start = next(starts, None)
+                if start is None:
+                    return
+                people = range(start, min(start + batch, persons))
+                request = resolve_request(
+                    [warm_person(k) for k in people], [warm_seen_at(k, now) for k in people]
+                )
+                try:
+                    call(request, timeout=600)
+                except grpc.RpcError as error:
+                    errors.append(error)
+
+    run_threads(send, clients)
+    if errors:
+        raise SystemExit(f"warming failed: {errors[0]}")
+
+
+def warm_directly(db_url: str, keyring_json: str, persons: int) -> None:
+    """Insert the warm persons' rows with the store's tables, skipping Resolve."""
+    from sqlalchemy import insert
+
+    from services.common.db import make_engine
+    from services.common.identifiers import hash_message, normalise
+    from services.common.keyring import Keyring
+    from services.common.migrations import upgrade
+    from services.identity import store
+    from services.identity.graph import new_person_id
+
+    keyring = Keyring.from_json(keyring_json)
+    engine = make_engine(db_url)
+    upgrade(engine, "identity")
+    now = datetime.now(UTC)
+    next_id = 1
+    try:
+        for start in range(0, persons, 10_000):
+            person_rows, identifier_rows, source_rows = [], [], []
+            for k in range(start, min(start + 10_000, persons)):
+                source, specs = warm_person(k)
+                person = new_person_id()
+                seen_at = warm_seen_at(k, now)
+                person_rows.append(
+                    {"person_id": person, "root_id": person, "alias_of": None, "merged_by": None}
+                    | {"created_at": seen_at}
+                )
+                for type_, value in specs:
+                    digest = keyring.pseudonymise(hash_message(type_, "", normalise(type_, value)))  # type: ignore[arg-type]
+                    identifier_rows.append(
+                        {
+                            "id": next_id,
+                            "digest": digest,
+                            "type": type_,
+                            "namespace": "",
+                            "person_id": person,
+                            "quarantined": False,
+                            "first_seen": seen_at,
+                            "last_seen": seen_at,
+                        }
+                    )
+                    source_rows.append({"identifier_id": next_id, "source": source})
+                    next_id += 1
+            with engine.begin() as connection:
+                connection.execute(insert(store.persons), person_rows)
+                connection.execute(insert(store.identifiers), identifier_rows)
+                connection.execute(insert(store.sources_table), source_rows)
+        if engine.dialect.name == "postgresql":
+            with engine.begin() as connection:
+                connection.exec_driver_sql(
+                    "SELECT setval(pg_get_serial_sequence('identifiers', 'id'), "
+                    "(SELECT max(id) FROM identifiers))"
+                )
+    finally:
+        engine.dispose()
+
+
+def analyze(db_url: str) -> None:
+    """Gather planner statistics, as autovacuum would after a bulk load (it is off here)."""
+    from services.common.db import make_engine
+
+    engine = make_engine(db_url)
+    try:
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            connection.exec_driver_sql("ANALYZE")
+    finally:
+        engine.dispose()
+
+
+# Measuring ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Measurement:
+    seconds: float = 0.0
+    items: int = 0
+    latencies: list[float] = field(default_factory=list)
+    statuses: Counter[str] = field(default_factory=Counter)
+    created: int = 0
+    merged: int = 0
+    generated_late: int = 0
+
+
+def measure(
+    target: str, persons: int, batch: int, clients: int, seconds: float, expected_rate: float
+) -> Measurement:
+    """Send the mix for ``seconds``; requests are built beforehand so the client stays light."""
+    per_client = max(4, int(expected_rate * 1.5 * seconds / batch / clients) + 2)
+    mixes = [ShopMix(persons, seed) for seed in range(1, clients + 1)]
+    pools = [
+        [resolve_request([mix.item() for _ in range(batch)]) for _ in range(per_client)]
+        for mix in mixes
+    ]
+    result = Measurement()
+    lock = threading.Lock()
+    barrier = threading.Barrier(clients + 1)
+    stop_at = [0.0]
+    errors: list[BaseException] = []
+
+    def send(index: int) -> None:
+        mix, pool = mixes[index], pools[index]
+        latencies: list[float] = []
+        statuses: Counter[str] = Counter()
+        created = merged = late = items = 0
+        with grpc.insecure_channel(target) as channel:
+            call = channel.unary_unary(
+                RESOLVE_METHOD, None, identity_pb2.ResolveResponse.FromString
+            )
+            grpc.channel_ready_future(channel).result(timeout=10)
+            barrier.wait()
+            while time.monotonic() < stop_at[0] and not errors:
+                if pool:
+                    request = pool.pop()
+                else:
+                    request = resolve_request([mix.item() for _ in range(batch)])
+                    late += 1
+                began = time.perf_counter()
+                try:
+                    response = call(request, timeout=120)
+                except grpc.RpcError as error:
+                    errors.append(error)
+                    break
+                latencies.append(time.perf_counter() - began)
+                items += len(response.results)
+                for outcome in response.results:
+                    created += outcome.created
+                    merged += bool(outcome.merge_id)
+                    for identifier in outcome.identifiers:
+                        statuses[L.LinkStatus.Name(identifier.status)] += 1
+        with lock:
+            result.latencies += latencies
+            result.statuses += statuses
+            result.items += items
+            result.created += created
+            result.merged += merged
+            result.generated_late += late
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    stop_at[0] = time.monotonic() + seconds + 3600  # until everyone is ready
+    barrier.wait()
+    began = time.monotonic()
+    stop_at[0] = began + seconds
+    for thread in threads:
+        thread.join()
+    result.seconds = time.monotonic() - began
+    if errors:
+        raise SystemExit(f"Resolve failed: {errors[0]}")
+    return result
+
+
+def run_threads(work: Callable[[], None], count: int) -> None:
+    threads = [threading.Thread(target=work) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+@contextmanager
+def py_spy(pid: int) -> Iterator[None]:
+    output = os.environ.get("STEWARD_BENCH_PY_SPY")
+    spy = Path(sys.executable).with_name("py-spy")
+    if not output or not spy.exists():
+        yield
+        return
+    command = [str(spy), "record", "--pid", str(pid), "--output", output, "--nonblocking"]
+    command += ["--threads"] if os.environ.get("STEWARD_BENCH_PY_SPY_THREADS") else []
+    if output.endswith(".txt"):
+        command += ["--format", "raw"]
+    recorder = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        recorder.send_signal(signal.SIGINT)
+        recorder.wait(timeout=60)
+        print(f"py-spy profile of the server written to {output}")
+
+
+def count_rows(db_url: str) -> dict[str, int]:
+    from sqlalchemy import text
+
+    from services.common.db import make_engine
+
+    engine = make_engine(db_url)
+    try:
+        with engine.connect() as connection:
+            return {
+                table: int(connection.execute(text(f"SELECT count(*) FROM {table}")).scalar_one())
+                for table in ("identifiers", "persons", "merges")
+            }
+    finally:
+        engine.dispose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
+    parser.add_argument(
+        "--postgres-url",
+        default=os.environ.get(
+            "STEWARD_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+        ),
+        help="an account that may create databases; the run's database is created and dropped",
+    )
+    parser.add_argument("--identifiers", type=int, default=1_000_000)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--clients", type=int, default=2, help="batches in flight at once")
+    parser.add_argument(
+        "--warm",
+        choices=("resolve", "direct"),
+        default="resolve",
+        help="warm through Resolve, or insert the warm rows directly with the store's tables",
+    )
+    args = parser.parse_args()
+
+    from services.common.keyring import Keyring
+
+    target_rate = TARGETS[args.backend]
+    persons = warm_persons_for(args.identifiers)
+    keyring_json = Keyring.generate(development=True).to_json()
+    with ExitStack() as stack:
+        data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="steward-bench-")))
+        if args.backend == "sqlite":
+            db_url = f"sqlite:///{data_dir / 'identity.db'}"
+        else:
+            db_url = stack.enter_context(postgres_database(args.postgres_url))
+        os.environ["STEWARD_KEYRING_JSON"] = keyring_json
+
+        warm_started = time.monotonic()
+        if args.warm == "direct":
+            warm_directly(db_url, keyring_json, persons)
+        server = stack.enter_context(identity_server(data_dir, db_url))
+        if args.warm == "resolve":
+            warm_through_resolve(server.target, persons, args.batch, args.clients)
+        if args.backend == "postgres":
+            analyze(db_url)
+        warm_seconds = time.monotonic() - warm_started
+        warm_rows = count_rows(db_url)
+        rss_warm = server.status("VmRSS")
+
+        cpu_before = server.cpu_seconds()
+        with py_spy(server.process.pid):
+            result = measure(
+                server.target, persons, args.batch, args.clients, args.seconds, target_rate
+            )
+        server_cpu = server.cpu_seconds() - cpu_before
+        rss_after, rss_peak = server.status("VmRSS"), server.status("VmHWM")
+        final_rows = count_rows(db_url)
+
+    rate = result.items / result.seconds
+    latencies_ms = [seconds * 1000 for seconds in result.latencies]
+    identifiers = sum(result.statuses.values())
+    how = "through Resolve" if args.warm == "resolve" else "rows inserted directly (not Resolve)"
+    print(f"Resolve on {args.backend}, batches of {args.batch}, {args.clients} clients")
+    print(
+        f"  warm graph:  {warm_rows['identifiers']:,} identifiers, {warm_rows['persons']:,} "
+        f"persons, warmed {how} in {warm_seconds:.1f} s "
+        f"({persons / warm_seconds:,.0f} sets/s)"
+    )
+    print(
+        f"  measured:    {result.items:,} sets ({identifiers:,} identifiers) in "
+        f"{result.seconds:.1f} s; {result.created:,} persons created, {result.merged:,} merges"
+    )
+    print(f"  outcomes:    {dict(result.statuses.most_common())}")
+    print(
+        f"  throughput:  {rate:,.0f} identifier sets/s  "
+        f"({rate / target_rate:.2f} x the target of {target_rate:,.0f}/s)"
+    )
+    print(
+        f"  batch p50 {percentile(latencies_ms, 0.5):.1f} ms, "
+        f"p99 {percentile(latencies_ms, 0.99):.1f} ms, "
+        f"mean {statistics.fmean(latencies_ms):.1f} ms"
+    )
+    print(
+        f"  server RSS:  {rss_warm / 1024:,.0f} MiB after warming, "
+        f"{rss_after / 1024:,.0f} MiB after measuring, peak {rss_peak / 1024:,.0f} MiB"
+    )
+    print(
+        f"  server CPU:  {server_cpu / result.seconds * 100:.0f}% of one core while measuring; "
+        f"graph now {final_rows['identifiers']:,} identifiers, {final_rows['merges']:,} merges"
+    )
+    if result.generated_late:
+        print(f"  note: {result.generated_late} batches were built during the measurement")
+
+
+if __name__ == "__main__":
+    main()
