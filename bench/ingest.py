@@ -36,6 +36,11 @@ Run from the repository root::
     .venv/bin/python bench/ingest.py --backend postgres \\
         --postgres-url postgresql://postgres@127.0.0.1:5432/postgres
 
+Warming 100,000 persons through RecordConsent takes minutes (one call a person, each appending
+to the ledger and creating the person's data key). ``--state DIR`` keeps the warm population
+(data files, keyring, and the PostgreSQL database, which is then not dropped) so that later
+runs, with other code say, only prime the cache and measure.
+
 ``--profile out.svg`` (or ``out.txt`` for py-spy's raw collapsed stacks) records the server with
 py-spy while measuring, when py-spy is installed in the environment (``pip install py-spy``).
 """
@@ -44,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import hmac
+import json
 import os
 import random
 import signal
@@ -161,13 +167,14 @@ class ShopMix:
     def __init__(self, persons: list[str], seed: int, run: str) -> None:
         self.persons = persons
         self.rng = random.Random(seed)
+        self.ids = random.Random(f"{run}-{seed}")  # unique across runs on a kept --state
         self.prefix = f"{run}-{seed}"
         self.count = 0
         self.recent_visitors: deque[str] = deque(maxlen=50)
 
     def _event_id(self) -> str:
         self.count += 1
-        return str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
+        return str(uuid.UUID(int=self.ids.getrandbits(128), version=4))
 
     def _subject(self, event: common_pb2.BehaviourEvent) -> None:
         rng = self.rng
@@ -324,6 +331,20 @@ def wait_serving(server: Server, timeout: float = 120.0) -> None:
     raise SystemExit(f"the server did not start within {timeout:.0f} s")
 
 
+def create_database(admin_url: str) -> str:
+    """A fresh database for the run; returns its URL."""
+    import psycopg
+    from psycopg import sql
+    from sqlalchemy.engine import make_url
+
+    libpq_url = make_url(admin_url).set(drivername="postgresql")
+    name = f"steward_ingest_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(libpq_url.render_as_string(hide_password=False), autocommit=True) as db:
+        db.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = libpq_url.set(drivername="postgresql+psycopg", database=name)
+    return url.render_as_string(hide_password=False)
+
+
 @contextmanager
 def postgres_database(admin_url: str) -> Iterator[str]:
     """A fresh database for the run, dropped afterwards; yields its URL."""
@@ -331,19 +352,14 @@ def postgres_database(admin_url: str) -> Iterator[str]:
     from psycopg import sql
     from sqlalchemy.engine import make_url
 
-    libpq_url = make_url(admin_url).set(drivername="postgresql")
-    name = f"steward_ingest_{uuid.uuid4().hex[:12]}"
-    admin = libpq_url.render_as_string(hide_password=False)
-    with psycopg.connect(admin, autocommit=True) as connection:
-        connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = create_database(admin_url)
     try:
-        url = libpq_url.set(drivername="postgresql+psycopg", database=name)
-        yield url.render_as_string(hide_password=False)
+        yield url
     finally:
-        with psycopg.connect(admin, autocommit=True) as connection:
-            connection.execute(
-                sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name))
-            )
+        admin = make_url(admin_url).set(drivername="postgresql")
+        name = make_url(url).database or ""
+        with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=True) as db:
+            db.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def analyze(db_url: str) -> None:
@@ -649,6 +665,73 @@ def reason_name(reason: int) -> str:
     return C.DropReason.Name(reason).removeprefix("DROP_REASON_")  # type: ignore[arg-type]
 
 
+@dataclass
+class Warmed:
+    """The warm population, and how long making it took (0 when reused from ``--state``)."""
+
+    persons: list[str]
+    grants: int
+    resolve_seconds: float = 0.0
+    consent_seconds: float = 0.0
+
+
+def warm(server: Server, args: argparse.Namespace, state: Path | None) -> Warmed:
+    """Persons through Resolve, then their consents; reused from ``state`` when it holds them."""
+    saved = state / "warm.json" if state else None
+    if saved is not None and saved.exists():
+        known = json.loads(saved.read_text())
+        return Warmed(known["persons"], known["grants"])
+    began = time.monotonic()
+    persons = resolve_persons(server.target, args.persons, args.batch, args.clients)
+    resolved = time.monotonic()
+    grants = record_consents(server.target, persons, args.seed, 4 * args.clients)
+    warmed = Warmed(persons, grants, resolved - began, time.monotonic() - resolved)
+    if saved is not None:
+        saved.write_text(json.dumps({"persons": persons, "grants": grants}))
+    return warmed
+
+
+@contextmanager
+def storage(args: argparse.Namespace) -> Iterator[tuple[Path, dict[str, str], str]]:
+    """(data directory, server environment, PostgreSQL URL or "") for this run.
+
+    Fresh and temporary, or kept in ``--state`` (with the keyring the digests depend on, and
+    the PostgreSQL database, which is then not dropped) so later runs skip the warm-up.
+    """
+    from services.common.keyring import Keyring
+
+    with ExitStack() as stack:
+        if args.state is None:
+            data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="steward-")))
+        else:
+            data_dir = args.state.resolve()
+            data_dir.mkdir(parents=True, exist_ok=True)
+        settings_file = data_dir / "bench.json"
+        if settings_file.exists():
+            saved: dict[str, str] = json.loads(settings_file.read_text())
+            if saved["backend"] != args.backend:
+                raise SystemExit(f"{data_dir} holds a {saved['backend']} population")
+        else:
+            saved = {"backend": args.backend}
+            saved["keyring"] = Keyring.generate(development=True).to_json()
+            if args.backend == "postgres":
+                saved["db_url"] = (
+                    create_database(args.postgres_url)
+                    if args.state
+                    else stack.enter_context(postgres_database(args.postgres_url))
+                )
+            if args.state:
+                settings_file.write_text(json.dumps(saved))
+        env = {
+            "STEWARD_KEYRING_JSON": saved["keyring"],
+            "STEWARD_KEYSTORE_DB_URL": f"sqlite:///{data_dir / 'keystore.db'}",
+        }
+        db_url = saved.get("db_url", "")
+        if db_url:
+            env["STEWARD_DATABASE_URL"] = db_url
+        yield data_dir, env, db_url
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
@@ -666,33 +749,26 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--bare-events", type=int, default=200_000)
     parser.add_argument("--profile", help="py-spy output of the server while measuring")
+    parser.add_argument(
+        "--state",
+        type=Path,
+        help="keep the warm population here (and its PostgreSQL database) for later runs, "
+        "which then skip the warm-up; delete the directory (and drop the database it names in "
+        "bench.json) when done",
+    )
     args = parser.parse_args()
-
-    from services.common.keyring import Keyring
 
     target_rate = TARGETS[args.backend]
     run = uuid.uuid4().hex[:8]
-    with ExitStack() as stack:
-        data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="steward-ingest-")))
-        bare_rate = bare_pipeline(data_dir, args.bare_events, args.batch, args.seed)
-        env = {
-            "STEWARD_KEYRING_JSON": Keyring.generate(development=True).to_json(),
-            "STEWARD_KEYSTORE_DB_URL": f"sqlite:///{data_dir / 'keystore.db'}",
-        }
-        db_url = ""
-        if args.backend == "postgres":
-            db_url = stack.enter_context(postgres_database(args.postgres_url))
-            env["STEWARD_DATABASE_URL"] = db_url
+    with storage(args) as (data_dir, env, db_url), ExitStack() as stack:
+        with tempfile.TemporaryDirectory(prefix="steward-bare-") as bare_dir:
+            bare_rate = bare_pipeline(Path(bare_dir), args.bare_events, args.batch, args.seed)
         server = stack.enter_context(suite_server(data_dir, env))
-
         warm_started = time.monotonic()
-        persons = resolve_persons(server.target, args.persons, args.batch, args.clients)
-        resolved_at = time.monotonic()
-        grants = record_consents(server.target, persons, args.seed, 4 * args.clients)
-        consented_at = time.monotonic()
+        warmed = warm(server, args, args.state)
         if db_url:
             analyze(db_url)
-        primed = prime_cache(server.target, args.persons, args.batch, args.clients, run)
+        primed = prime_cache(server.target, len(warmed.persons), args.batch, args.clients, run)
         warm_seconds = time.monotonic() - warm_started
         rss_warm = server.status("VmRSS")
 
@@ -701,7 +777,7 @@ def main() -> None:
         with py_spy(server.process.pid, args.profile):
             result = measure(
                 server.target,
-                persons,
+                warmed.persons,
                 batch=args.batch,
                 clients=args.clients,
                 seconds=args.seconds,
@@ -716,19 +792,24 @@ def main() -> None:
     accepted = result.accepted / result.seconds
     latencies = [seconds * 1000 for seconds in result.latencies]
     keystore = "a SQLite file beside it" if args.backend == "postgres" else "SQLite"
-    store = "a fresh PostgreSQL database" if args.backend == "postgres" else "SQLite files"
+    store = "a PostgreSQL database of its own" if args.backend == "postgres" else "SQLite files"
     print(
         f"Collect on {args.backend}, batches of {args.batch}, {args.clients} clients, "
         f"{os.cpu_count()} cores shared by client and server"
     )
     print(f"  storage:     consent and identity on {store}, key store on {keystore}")
+    if warmed.resolve_seconds:
+        how = (
+            f"Resolve {warmed.resolve_seconds:.1f} s, RecordConsent (one call a person, four "
+            f"decisions, {warmed.grants:,} grants) {warmed.consent_seconds:.1f} s "
+            f"({len(warmed.persons) / warmed.consent_seconds:,.0f} calls/s)"
+        )
+    else:
+        how = f"population reused from {args.state} (its warm-up not timed here)"
     print(
-        f"  warm-up:     {warm_seconds:.1f} s for {args.persons:,} persons: Resolve "
-        f"{resolved_at - warm_started:.1f} s, RecordConsent (4 decisions, {grants:,} grants) "
-        f"{consented_at - resolved_at:.1f} s "
-        f"({args.persons / (consented_at - resolved_at):,.0f} calls/s), cache-priming Collect "
-        f"{primed.seconds:.1f} s ({primed.offered / primed.seconds:,.0f} events/s, "
-        f"{primed.accepted:,} accepted)"
+        f"  warm-up:     {warm_seconds:.1f} s for {len(warmed.persons):,} persons: {how}, "
+        f"cache-priming Collect {primed.seconds:.1f} s "
+        f"({primed.offered / primed.seconds:,.0f} events/s, {primed.accepted:,} accepted)"
     )
     print(
         f"  measured:    {result.offered:,} events offered, {result.accepted:,} accepted "

@@ -8,7 +8,7 @@ import secrets
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -238,17 +238,19 @@ class CollectionService:
         purposes: dict[str, PurposeDefinition],
         now: datetime,
     ) -> tuple[list[dict[str, Any]], list[events_pb2.BehaviourRecorded]]:
-        # A batch has a handful of distinct purpose sets: what each keeps is worked out once.
-        serving_of: dict[tuple[str, ...], tuple[list[PurposeDefinition], frozenset[str]]] = {}
+        # A batch has a handful of distinct purpose sets: what each keeps, and for how long, is
+        # worked out once.
+        serving_of: dict[tuple[str, ...], tuple[frozenset[str], timedelta]] = {}
         for position in accepted:
             names = results[position].purposes
             if names not in serving_of:
                 serving = [purposes[name] for name in names]
-                serving_of[names] = (serving, kept_fields(serving))
+                kept_for = retain_until(_EPOCH, serving) - _EPOCH
+                serving_of[names] = (kept_fields(serving), kept_for)
         with_query = [
             results[p].person_id
             for p in accepted
-            if events[p].fields.query and "query" in serving_of[results[p].purposes][1]
+            if events[p].fields.query and "query" in serving_of[results[p].purposes][0]
         ]
         keys = self.consent.keystore.data_keys(with_query) if with_query else {}
         rows: list[dict[str, Any]] = []
@@ -256,7 +258,7 @@ class CollectionService:
         for position in accepted:
             result = results[position]
             person, names = result.person_id, result.purposes
-            serving, keep = serving_of[names]
+            keep, kept_for = serving_of[names]
             kept = minimise(events[position].fields, keep)
             occurred_at = kept.occurred_at
             assert occurred_at is not None
@@ -280,8 +282,8 @@ class CollectionService:
                     "channel": kept.channel,
                     "occurred_at": occurred_at,
                     "received_at": now,
-                    "retain_until": retain_until(occurred_at, serving),
-                    "purposes": list(names),
+                    "retain_until": occurred_at + kept_for,
+                    "purposes": names,
                     "attributes": attributes,
                     "query_ciphertext": ciphertext,
                 }

@@ -38,6 +38,16 @@ class PersonCache:
                 self._entries.move_to_end(key)
             return person
 
+    def get_many(self, keys: Sequence[tuple[str, ...]]) -> list[str | None]:
+        """``get`` of each key, under one acquisition of the lock (a Collect batch at once)."""
+        with self._lock:
+            entries = self._entries
+            found = [entries.get(key) for key in keys]
+            for key, person in zip(keys, found, strict=True):
+                if person is not None:
+                    entries.move_to_end(key)
+            return found
+
     def put(self, key: tuple[str, ...], person: str) -> None:
         if not key or not person:
             return

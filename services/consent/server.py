@@ -35,6 +35,7 @@ from services.common.identifiers import (
 )
 from services.common.migrations import upgrade
 from services.common.server import ServiceRegistration, deadline_remaining
+from services.common.tasks import PeriodicTask, start_all
 from services.common.telemetry import instrument_channel
 from services.consent import keystore as keystore_module
 from services.consent import ledger, signals, tcf
@@ -524,9 +525,10 @@ class ConsentServicer(consent_pb2_grpc.ConsentServiceServicer):
         ) -> list[str]:
             answers: list[str] = [""] * len(sets)
             missing: dict[tuple[str, ...], list[int]] = {}
-            for position, identifiers in enumerate(sets):
-                key = cache_key(identifiers)
-                person = self._cache.get(key)
+            keys = [cache_key(identifiers) for identifiers in sets]
+            for position, (key, person) in enumerate(
+                zip(keys, self._cache.get_many(keys), strict=True)
+            ):
                 if person is not None:
                     answers[position] = person
                 else:
@@ -595,7 +597,8 @@ class ConsentServicer(consent_pb2_grpc.ConsentServiceServicer):
             channel=event.channel,
             quantity=event.quantity,
             currency=event.currency,
-            attributes=dict(event.attributes),
+            # dict() of an empty map still costs 1.5 us, a tenth of reading the whole event
+            attributes=dict(event.attributes) if event.attributes else {},
         )
         path = f"events[{index}]"
         person_id, identifiers = event.person_id, event.identifiers
@@ -757,41 +760,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         yield from self._service.export(request.from_seq, request.to_seq)
 
 
-class PeriodicTask:
-    """Runs ``task`` every ``interval`` seconds on a thread of its own until stopped."""
-
-    def __init__(self, name: str, interval: float, task: Callable[[], object]) -> None:
-        self._name = name
-        self._interval = interval
-        self._task = task
-        self._stopped = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        if self._interval <= 0 or self._thread is not None:
-            return
-        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stopped.wait(self._interval):
-            try:
-                self._task()
-            except Exception:
-                logger.exception("%s failed; trying again in %.0f s", self._name, self._interval)
-
-    def stop(self) -> None:
-        self._stopped.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-
 SWEEP_INTERVAL_SECONDS: Final = 3600.0
-
-
-def _start_all(tasks: Sequence[PeriodicTask]) -> None:
-    for task in tasks:
-        task.start()
 
 
 def _logged_sweep(collection: CollectionService) -> Callable[[], None]:
@@ -884,6 +853,6 @@ def build(context: ServiceContext) -> ServiceParts:
     return ServiceParts(
         registrations,
         logs={PRODUCER: ProducerLog(store.outbox, engine)},
-        on_start=[connect_identity, lambda _target: _start_all(tasks)],
+        on_start=[connect_identity, lambda _target: start_all(tasks)],
         on_stop=[close],
     )

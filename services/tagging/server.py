@@ -22,6 +22,7 @@ from services.common.eventlog import ProducerLog
 from services.common.migrations import upgrade
 from services.common.outbox import Outbox
 from services.common.server import ServiceRegistration
+from services.common.tasks import PeriodicTask, start_all, stop_all
 from services.tagging.guardrails import AssignedTag, dry_run
 from services.tagging.profile import ProfileColumns
 from services.tagging.rules import ParsedRuleSet, parse_rule_set
@@ -32,6 +33,7 @@ T = tagging_pb2
 MAX_YAML: Final = 1024 * 1024
 MAX_PAGE: Final = 10_000
 ROLL_INTERVAL_SECONDS: Final = 3600.0
+RFM_INTERVAL_SECONDS: Final = 24 * 3600.0
 
 
 def _stamp(moment: datetime | None) -> Timestamp | None:
@@ -264,7 +266,14 @@ def build(context: ServiceContext) -> ServiceParts:
             consumers.append(consumer)
             consumer.start()
 
+    tasks = [
+        # The daily roll: expired tags go and the population's RFM quintiles are refreshed.
+        PeriodicTask("tag-expiry", ROLL_INTERVAL_SECONDS, service.expire),
+        PeriodicTask("rfm-refresh", RFM_INTERVAL_SECONDS, service.refresh_rfm),
+    ]
+
     def stop() -> None:
+        stop_all(tasks)
         for consumer in consumers:
             consumer.stop()
         for channel in channels:
@@ -280,6 +289,6 @@ def build(context: ServiceContext) -> ServiceParts:
             )
         ],
         logs={PRODUCER: ProducerLog(outbox, engine)},
-        on_start=[start_consumers],
+        on_start=[start_consumers, lambda _target: start_all(tasks)],
         on_stop=[stop],
     )

@@ -304,7 +304,7 @@ def tables_mentioning(engine: Engine, person: str) -> list[str]:
     return found
 
 
-def test_withdrawing_marketing_removes_only_the_tags_gated_on_marketing(
+def test_withdrawing_marketing_removes_only_its_tags_and_profiling_removes_all(
     channel: grpc.Channel,
 ) -> None:
     person = shopper(channel, "eve", ("profiling", "marketing"), spend=300.0, hours_ago=5)
