@@ -7,6 +7,7 @@ a URL that is set but unreachable fails the tests instead of skipping them silen
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,10 +71,23 @@ def postgres_schema_url(postgres_admin_url: str) -> Iterator[str]:
     try:
         yield url.render_as_string(hide_password=False)
     finally:
-        with psycopg.connect(admin_url, autocommit=True) as connection:
-            # Fail rather than hang if a test leaked a connection holding locks in the schema.
-            connection.execute("SET lock_timeout = '10s'")
-            connection.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+        _drop_schema(admin_url, schema)
+
+
+def _drop_schema(admin_url: str, schema: str, attempts: int = 5) -> None:
+    """Drop a test schema, retrying when a straggling background thread (a consumer still
+    finishing its last transaction on a loaded machine) deadlocks with the drop."""
+    for attempt in range(attempts):
+        try:
+            with psycopg.connect(admin_url, autocommit=True) as connection:
+                # Fail rather than hang if a test leaked a connection holding locks in the schema.
+                connection.execute("SET lock_timeout = '10s'")
+                connection.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+            return
+        except (psycopg.errors.DeadlockDetected, psycopg.errors.LockNotAvailable):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
 
 
 @pytest.fixture(
