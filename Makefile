@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 BUF := node_modules/.bin/buf
 
-.PHONY: install run test lint protos check-protos clean bench
+.PHONY: install run test lint protos clean
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

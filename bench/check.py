@@ -21,9 +21,16 @@ PostgreSQL database that this script creates and drops. The run has four parts:
    with 1 and with 4 decisions per call: calls/s, decisions/s (each decision is one ledger
    append, confirmed by the ledger's size before and after) and p50/p99 latency.
 
-Printed: the machine, the figures and their ratio to the target, the server's resident set
-(VmRSS from /proc/<pid>/status; VmHWM is the peak) at start and end, and the CPU used by server
-and client in each part. Figures only: nothing about time is asserted. Run from the repository
+Printed: the machine and its load average, the figures and their ratio to the target, the
+server's resident set (VmRSS from /proc/<pid>/status; VmHWM is the peak) at start and end, the
+CPU used by server and client in each part with the server's CPU per answered call (steadier than
+latency when other work shares the machine), and on PostgreSQL the database sessions opened in
+each part (pooled connections are reused, so a growing count means connections opened per call).
+An overloaded server refuses streams, which the client sees as UNAVAILABLE; calls answered late
+count in the latencies, failed ones only in the error counts. The client pauses its own cyclic
+garbage collector while keeping the schedule (see ``client_gc_paused``). Figures only: nothing
+about time is asserted. ``--identifiers-rate`` sets the by-identifiers rate separately (0 skips
+that part); ``--record-batches`` with no value skips RecordConsent. Run from the repository
 root::
 
     .venv/bin/python bench/check.py --backend sqlite
@@ -82,6 +89,8 @@ CALL_DEADLINE_SECONDS: Final = 10.0
 BY_IDENTIFIERS_EVERY: Final = 10
 UNKNOWN_PERSON_SHARE: Final = 0.03
 UNKNOWN_IDENTIFIERS_SHARE: Final = 0.05
+CHANNEL_OPTIONS: Final = [("grpc.use_local_subchannel_pool", 1)]
+"""Each client thread gets its own connection instead of sharing the process-wide one."""
 DECISIONS: Final = (
     (0.6, T.DECISION_GRANTED),
     (0.25, T.DECISION_DENIED),
@@ -375,10 +384,6 @@ def run_in_threads(
         thread.join()
     if errors:
         raise SystemExit(f"{method} failed: {errors[0]}")
-
-
-CHANNEL_OPTIONS: Final = [("grpc.use_local_subchannel_pool", 1)]
-"""Each client thread gets its own connection instead of sharing the process-wide one."""
 
 
 # Open-loop CheckConsent ---------------------------------------------------------------------

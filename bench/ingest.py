@@ -589,8 +589,9 @@ def bare_pipeline(directory: Path, events: int, batch: int, seed: int) -> float:
 
     Per event: HMAC-SHA256 of each identifier (``TYPE::value``), AES-256-GCM of one field (the
     query, else the item id) under a per-person key with a fresh nonce, and a row written with
-    executemany, one commit per batch, on a WAL file with synchronous=NORMAL and the consent
-    events table's primary key and indexes. No gRPC, no consent, no identity, no outbox.
+    executemany, one commit per batch, on a fresh WAL file with synchronous=NORMAL and the
+    consent events table's keys: the event id (random, as in the mix), the person (random) and
+    the retention time. No gRPC, no consent, no identity, no outbox.
     """
     rng = random.Random(seed)
     hmac_key = os.urandom(32)
@@ -600,7 +601,7 @@ def bare_pipeline(directory: Path, events: int, batch: int, seed: int) -> float:
         k = rng.randrange(100_000)
         ids = [("EMAIL", f"shopper.{k}@shop.example"), ("COOKIE_ID", f"ck-{k}")]
         payload = (QUERIES[k % len(QUERIES)] if n % 20 == 0 else f"sku-{k % 20_000}").encode()
-        raw.append((f"bare-{n}", ids, payload))
+        raw.append((str(uuid.UUID(int=rng.getrandbits(128), version=4)), ids, payload))
     connection = sqlite3.connect(directory / "bare.db", isolation_level=None)
     connection.execute("PRAGMA journal_mode=WAL")
     connection.execute("PRAGMA synchronous=NORMAL")

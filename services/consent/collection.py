@@ -7,11 +7,13 @@ import logging
 import secrets
 import threading
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from google.protobuf.timestamp_pb2 import Timestamp
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from steward.common.v1 import common_pb2
 from steward.consent.v1 import audit_pb2, consent_pb2
@@ -87,6 +89,37 @@ class SubjectData:
     events: list[dict[str, Any]] = field(default_factory=list)
 
 
+class _ErasedPersons:
+    """Which persons of a batch were erased, from the erasure markers held in memory.
+
+    Markers are only ever added, so while their number stays the same the set held is the set
+    in the database; a new count reloads it, and with none at all nobody's markers need
+    hashing. Past ``HELD`` markers each batch looks its persons' markers up instead.
+    """
+
+    HELD: Final = 10_000
+
+    def __init__(self, store: CollectionStore, markers_of: Callable[[str], list[str]]) -> None:
+        self._store = store
+        self._markers_of = markers_of
+        self._held: tuple[int, frozenset[str]] = (0, frozenset())
+
+    def among(self, connection: Connection, persons: Sequence[str]) -> set[str]:
+        count = self._store.erased_count(connection)
+        if not count:
+            return set()
+        markers = {person: self._markers_of(person) for person in persons}
+        found: AbstractSet[str]
+        if count > self.HELD:
+            found = self._store.erased(connection, [m for ms in markers.values() for m in ms])
+        else:
+            held_count, found = self._held
+            if held_count != count:
+                found = frozenset(self._store.all_erased(connection))
+                self._held = (len(found), found)
+        return {person for person, ms in markers.items() if not found.isdisjoint(ms)}
+
+
 def _stamp(moment: datetime | None) -> Timestamp | None:
     if moment is None:
         return None
@@ -114,6 +147,7 @@ class CollectionService:
             threading.Lock() if is_sqlite(consent.store.engine) else contextlib.nullcontext()
         )
         self.timelines = ConsentTimelines(self.store)
+        self._erased = _ErasedPersons(self.store, self.erased_digests)
         self._purposes: tuple[PurposeDefinition, ...] = ()
         """The purposes as of the last batch: one object while they stay the same."""
 
@@ -200,11 +234,9 @@ class CollectionService:
         in_order = self._purposes
         candidates = [p for p in live if not results[p].drop_reason]
         persons = sorted({results[p].person_id for p in candidates})
-        digests = {person: self.erased_digests(person) for person in persons}
         store = self.store
         with self._write_turn, self.consent.store.writing() as connection:
-            erased = store.erased(connection, [d for ds in digests.values() for d in ds])
-            erased_persons = {p for p, ds in digests.items() if not erased.isdisjoint(ds)}
+            erased_persons = self._erased.among(connection, persons)
             timelines = self.timelines.of(connection, persons)
             existing = store.existing_event_ids(
                 connection, [events[p].fields.event_id for p in candidates]

@@ -508,6 +508,8 @@ _EXISTING_EVENT_IDS: Final = select(events_table.c.event_id).where(
 _ERASED_AMONG: Final = select(erased_table.c.person_digest).where(
     erased_table.c.person_digest.in_(bindparam("digests", expanding=True))
 )
+_ERASED_COUNT: Final = select(func.count()).select_from(erased_table)
+_ALL_ERASED: Final = select(erased_table.c.person_digest)
 _DECISION_COLUMNS: Final = (
     decisions_table.c.seq,
     decisions_table.c.person_id,
@@ -574,6 +576,13 @@ class CollectionStore:
         for chunk in self._in_chunks(list(digests)):
             found.update(connection.execute(_ERASED_AMONG, {"digests": list(chunk)}).scalars())
         return found
+
+    def erased_count(self, connection: Connection) -> int:
+        """How many erasure markers there are (rows are only ever added)."""
+        return int(connection.execute(_ERASED_COUNT).scalar_one())
+
+    def all_erased(self, connection: Connection) -> set[str]:
+        return set(connection.execute(_ALL_ERASED).scalars())
 
     def decisions_of_many(
         self, connection: Connection, person_ids: Sequence[str]

@@ -186,3 +186,28 @@ def test_timelines_catch_up_with_decisions_recorded_since_the_last_batch(engine:
     timelines.forget(["p_a"])
     assert len(timelines) == 0
     assert admitted("p_a") == ("analytics",)
+
+
+def test_erased_persons_are_found_whether_the_markers_are_held_or_looked_up(
+    engine: Engine,
+) -> None:
+    from services.common.keyring import Keyring
+    from services.consent.collection import _ErasedPersons
+
+    upgrade(engine, "consent")
+    store = CollectionStore(ConsentStore(engine))
+    keyring = Keyring.generate()
+
+    def markers(person: str) -> list[str]:
+        return keyring.candidate_digests(b"erased:" + person.encode())
+
+    held, looked_up = _ErasedPersons(store, markers), _ErasedPersons(store, markers)
+    looked_up.HELD = 0  # type: ignore[misc]
+    with engine.begin() as connection:
+        assert held.among(connection, ["p_1", "p_2"]) == set()
+        store.mark_erased(connection, markers("p_2"), NOW)
+        assert held.among(connection, ["p_1", "p_2"]) == {"p_2"}
+        assert looked_up.among(connection, ["p_1", "p_2"]) == {"p_2"}
+        store.mark_erased(connection, markers("p_1"), NOW)  # a new count reloads the markers
+        assert held.among(connection, ["p_1", "p_3"]) == {"p_1"}
+        assert looked_up.among(connection, ["p_1", "p_3"]) == {"p_1"}
