@@ -47,9 +47,13 @@ def event_type_name(event_type: EventType) -> str:
     return _EVENT_TYPE_NAMES.get(event_type, "unspecified")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class EventFields:
-    """The content of a behaviour event, before minimisation."""
+    """The content of a behaviour event, before minimisation.
+
+    Not frozen, but never changed once made: one is made for every event Collect receives,
+    and a frozen dataclass takes three times as long to make (4 us against 1.4 us).
+    """
 
     event_id: str
     type: EventType

@@ -48,9 +48,12 @@ _ERASED_CONTEXT = b"steward-erased-person\x00"
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CollectInput:
-    """One event of a Collect batch, its subject already checked at the edge."""
+    """One event of a Collect batch, its subject already checked at the edge.
+
+    Not frozen, but never changed once made (one an event: see EventFields).
+    """
 
     index: int
     fields: EventFields
