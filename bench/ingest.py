@@ -164,16 +164,21 @@ def grants_of(k: int, seed: int) -> dict[str, bool]:
 class ShopMix:
     """Events of the measured mix; event ids and new visitors are unique to this run."""
 
-    def __init__(self, persons: list[str], seed: int, run: str) -> None:
+    def __init__(self, persons: list[str], seed: int, run: str, *, ordered_ids: bool) -> None:
         self.persons = persons
         self.rng = random.Random(seed)
         self.ids = random.Random(f"{run}-{seed}")  # unique across runs on a kept --state
+        self.ordered_ids = ordered_ids
+        self.id_base = (time.time_ns() // 1_000_000) << 80 | self.ids.getrandbits(40) << 40
         self.prefix = f"{run}-{seed}"
         self.count = 0
         self.recent_visitors: deque[str] = deque(maxlen=50)
 
     def _event_id(self) -> str:
+        """A random UUID (version 4), or with ``ordered_ids`` one that sorts by creation."""
         self.count += 1
+        if self.ordered_ids:
+            return str(uuid.UUID(int=self.id_base | self.count))
         return str(uuid.UUID(int=self.ids.getrandbits(128), version=4))
 
     def _subject(self, event: common_pb2.BehaviourEvent) -> None:
@@ -572,9 +577,10 @@ def measure(
     seconds: float,
     expected_rate: float,
     run: str,
+    ordered_ids: bool,
 ) -> Tally:
     per_client = max(4, int(expected_rate * 1.3 * seconds / batch / clients) + 2)
-    mixes = [ShopMix(persons, seed, run) for seed in range(1, clients + 1)]
+    mixes = [ShopMix(persons, seed, run, ordered_ids=ordered_ids) for seed in range(1, clients + 1)]
     now = datetime.now(UTC) + timedelta(seconds=60)  # occurred_at stays in the past while sent
     pools = [[mix.request(batch, now) for _ in range(per_client)] for mix in mixes]
     refill = [partial(mix.request, batch) for mix in mixes]
@@ -751,6 +757,12 @@ def main() -> None:
     parser.add_argument("--bare-events", type=int, default=200_000)
     parser.add_argument("--profile", help="py-spy output of the server while measuring")
     parser.add_argument(
+        "--ordered-ids",
+        action="store_true",
+        help="time-ordered event ids instead of random UUIDs (the primary key index then "
+        "grows at one end)",
+    )
+    parser.add_argument(
         "--state",
         type=Path,
         help="keep the warm population here (and its PostgreSQL database) for later runs, "
@@ -782,8 +794,11 @@ def main() -> None:
                 batch=args.batch,
                 clients=args.clients,
                 seconds=args.seconds,
-                expected_rate=target_rate,
+                # Requests are built beforehand for twice the cache-primed rate (the target
+                # at most); if they run out, more are built while measuring (and reported).
+                expected_rate=min(target_rate, max(2_000.0, 2 * primed.offered / primed.seconds)),
                 run=run,
+                ordered_ids=args.ordered_ids,
             )
         server_cpu = server.cpu_seconds() - cpu_before
         load_after = os.getloadavg()[0]
@@ -812,9 +827,10 @@ def main() -> None:
         f"cache-priming Collect {primed.seconds:.1f} s "
         f"({primed.offered / primed.seconds:,.0f} events/s, {primed.accepted:,} accepted)"
     )
+    ids = "time-ordered" if args.ordered_ids else "random (UUIDv4)"
     print(
         f"  measured:    {result.offered:,} events offered, {result.accepted:,} accepted "
-        f"in {result.seconds:.1f} s"
+        f"in {result.seconds:.1f} s, event ids {ids}"
     )
     drops = ", ".join(
         f"{reason_name(reason)} {count:,} ({count / result.offered:.1%})"
