@@ -29,7 +29,8 @@ each part (pooled connections are reused, so a growing count means connections o
 An overloaded server refuses streams, which the client sees as UNAVAILABLE; calls answered late
 count in the latencies, failed ones only in the error counts. The client pauses its own cyclic
 garbage collector while keeping the schedule (see ``client_gc_paused``). Figures only: nothing
-about time is asserted. ``--identifiers-rate`` sets the by-identifiers rate separately (0 skips
+about time is asserted. Several ``--rate`` values run the by-person part once at each (to find
+the rate the target holds to); ``--identifiers-rate`` sets the by-identifiers rate apart (0 skips
 that part); ``--record-batches`` with no value skips RecordConsent. Run from the repository
 root::
 
@@ -38,7 +39,7 @@ root::
         --postgres-url postgresql://postgres@127.0.0.1:5432/postgres
 
 ``STEWARD_BENCH_PY_SPY=out.svg`` (or ``.txt`` for raw folded stacks) records the server with
-py-spy during each CheckConsent part, one file per part (``out-by-person-id.svg``, ...);
+py-spy during each CheckConsent part, one file per part and rate (``out-by-person-id-2000.svg``);
 ``STEWARD_BENCH_PY_SPY_ARGS`` adds py-spy options (``--gil`` samples only the thread holding the
 GIL, which is where a saturated Python server spends its time).
 """
@@ -729,7 +730,7 @@ def print_open_loop(title: str, result: OpenLoopResult, usage: Usage) -> None:
     scheduled, sent = result.from_scheduled_ms(), result.from_sent_ms()
     lag = result.send_lag_ms()
     p50, p99 = percentile(scheduled, 0.5), percentile(scheduled, 0.99)
-    print(f"CheckConsent {title}")
+    print(f"CheckConsent {title} at {result.offered_rate:,.0f}/s")
     print(
         f"  offered {result.offered_rate:,.0f}/s for {len(result.scheduled):,} calls; "
         f"answered {len(scheduled):,} at {result.achieved_rate():,.0f}/s"
@@ -782,13 +783,19 @@ def main() -> None:
         ),
         help="an account that may create databases; the run's database is created and dropped",
     )
-    parser.add_argument("--rate", type=float, default=TARGET_RATE, help="CheckConsent calls/s")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        nargs="+",
+        default=[TARGET_RATE],
+        help="CheckConsent calls/s by person id; several values run that part at each",
+    )
     parser.add_argument("--seconds", type=float, default=20.0, help="per CheckConsent part")
     parser.add_argument("--persons", type=int, default=10_000)
     parser.add_argument(
         "--identifiers-rate",
         type=float,
-        help="CheckConsent calls/s by identifiers (default: --rate; 0 skips the part)",
+        help="CheckConsent calls/s by identifiers (default: the first --rate; 0 skips the part)",
     )
     parser.add_argument("--senders", type=int, default=2, help="threads issuing CheckConsent")
     parser.add_argument("--record-seconds", type=float, default=10.0, help="per batch size")
@@ -833,26 +840,25 @@ def main() -> None:
         )
         print(f"  {usage.stop().line(calls)}")
 
-        identifiers_rate = args.rate if args.identifiers_rate is None else args.identifiers_rate
-        for title, part, make, rate in (
-            (
-                "by person id (no identity call)",
-                "by-person-id",
-                check_requests_by_person,
-                args.rate,
-            ),
+        identifiers_rate = args.rate[0] if args.identifiers_rate is None else args.identifiers_rate
+        parts = [
+            ("by person id (no identity call)", "by-person-id", check_requests_by_person, rate)
+            for rate in args.rate
+        ]
+        parts.append(
             (
                 "by identifiers (identity Lookup first)",
                 "by-identifiers",
                 check_requests_by_identifiers,
                 identifiers_rate,
-            ),
-        ):
+            )
+        )
+        for title, part, make, rate in parts:
             if rate <= 0:
                 continue
             requests = make(population, purposes, min(int(rate * args.seconds), 50_000), 7)
             settle(server)
-            with py_spy(server.process.pid, part):
+            with py_spy(server.process.pid, f"{part}-{rate:.0f}"):
                 usage = Usage(server, sessions)
                 result = open_loop(server.target, requests, rate, args.seconds, args.senders)
                 usage.stop()

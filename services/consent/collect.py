@@ -160,8 +160,8 @@ _DecisionRow: TypeAlias = tuple[
     int, str, Decision, datetime, datetime | None, ConsentSource, str, str
 ]
 """A DecisionRecord without its person."""
-_ADMISSIONS: Final[dict[Admission, Admission]] = {}
-"""One object per distinct answer: timelines hold them, not copies."""
+_ADMISSIONS: Final[dict[tuple[tuple[str, ...], DropReason], Admission]] = {}
+"""Each distinct answer once, by its content: what timelines keep."""
 
 
 class ConsentTimeline:
@@ -171,12 +171,12 @@ class ConsentTimeline:
     person's decisions had been made, and which of their grants had lapsed, by then: the
     moments of the decisions and of their expiries cut time into spans, and two events whose
     times fall in the same spans get the same answer. The answer of the last pair of spans
-    asked about is kept for as long as the purposes stay the same object.
+    asked about is kept, for the purposes of one ``generation``.
 
-    A hundred thousand are held at once (:mod:`services.consent.timelines`), so the decisions
-    are kept as plain tuples (which the garbage collector stops scanning) that share their
-    strings and moments, 1 kB a person instead of 2, and made records again only when an
-    answer has to be worked out.
+    A hundred thousand are held at once (:mod:`services.consent.timelines`), so everything is
+    kept in plain tuples, which the garbage collector stops scanning (its full collections
+    stall every thread), sharing their strings and moments: 1 kB a person instead of 2. The
+    decisions are made records again only when an answer has to be worked out.
     """
 
     __slots__ = ("_answer", "_moments", "_person", "_rows")
@@ -198,8 +198,8 @@ class ConsentTimeline:
             for d in decisions
         )
         self._moments = tuple(sorted(moments))
-        self._answer: tuple[object, int, int, Admission] | None = None
-        """(purposes, span of the event, span of the arrival, answer) last worked out."""
+        self._answer: tuple[int, int, int, tuple[tuple[str, ...], DropReason]] | None = None
+        """(generation, span of the event, span of the arrival, answer) last worked out."""
 
     @property
     def decisions(self) -> tuple[DecisionRecord, ...]:
@@ -217,17 +217,32 @@ class ConsentTimeline:
         return ConsentTimeline([*self.decisions, *(d for d in later if d.seq > last)])
 
     def admit(
-        self, purposes: Sequence[PurposeDefinition], occurred_at: datetime, now: datetime
+        self,
+        purposes: Sequence[PurposeDefinition],
+        occurred_at: datetime,
+        now: datetime,
+        *,
+        generation: int | None = None,
     ) -> Admission:
-        """``admit(purposes, self.decisions, occurred_at, now)``."""
+        """``admit(purposes, self.decisions, occurred_at, now)``.
+
+        ``generation`` stands for the purposes (the caller changes it whenever they change):
+        with one, the answer is kept for the next event that falls in the same spans.
+        """
         then = bisect_right(self._moments, occurred_at)
         current = bisect_right(self._moments, now)
         known = self._answer
-        if known is not None and known[0] is purposes and known[1:3] == (then, current):
-            return known[3]
+        if (
+            generation is not None
+            and known is not None
+            and known[:3] == (generation, then, current)
+        ):
+            return _ADMISSIONS[known[3]]
         answer = admit(purposes, self.decisions, occurred_at, now)
-        answer = _ADMISSIONS.setdefault(answer, answer)
-        self._answer = (purposes, then, current, answer)
+        content = (answer.purposes, answer.drop_reason)
+        _ADMISSIONS.setdefault(content, answer)
+        if generation is not None:
+            self._answer = (generation, then, current, content)
         return answer
 
 

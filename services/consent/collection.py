@@ -151,8 +151,9 @@ class CollectionService:
         )
         self.timelines = ConsentTimelines(self.store)
         self._erased = _ErasedPersons(self.store, self.erased_digests)
-        self._purposes: tuple[PurposeDefinition, ...] = ()
-        """The purposes as of the last batch: one object while they stay the same."""
+        self._purposes: tuple[tuple[PurposeDefinition, ...], int] = ((), 0)
+        """The purposes as of the last batch, and their generation (for ConsentTimeline)."""
+        self._purposes_lock = threading.Lock()
 
     def erased_digests(self, person_id: str) -> list[str]:
         """Keyed hashes that mark an erased person (one per HMAC key, for rotation)."""
@@ -231,10 +232,14 @@ class CollectionService:
         now: datetime,
     ) -> None:
         purposes = self.consent.purposes()
-        in_order = tuple(purposes.values())
-        if in_order != self._purposes:
-            self._purposes = in_order
-        in_order = self._purposes
+        current = tuple(purposes.values())
+        in_order, generation = self._purposes
+        if current != in_order:
+            with self._purposes_lock:  # one generation, one set of purposes
+                in_order, generation = self._purposes
+                if current != in_order:
+                    self._purposes = (current, generation + 1)
+                in_order, generation = self._purposes
         candidates = [p for p in live if not results[p].drop_reason]
         persons = sorted({results[p].person_id for p in candidates})
         store = self.store
@@ -255,7 +260,9 @@ class CollectionService:
                 else:
                     occurred_at = fields.occurred_at
                     assert occurred_at is not None
-                    admission = timelines[result.person_id].admit(in_order, occurred_at, now)
+                    admission = timelines[result.person_id].admit(
+                        in_order, occurred_at, now, generation=generation
+                    )
                     if admission.purposes:
                         result.accepted, result.purposes = True, admission.purposes
                         accepted.append(position)

@@ -68,9 +68,9 @@ def test_a_timeline_answers_as_admit_does(
 ) -> None:
     timeline = ConsentTimeline(decisions)
     for occurred_at, now in asked:
-        assert timeline.admit(PURPOSES, occurred_at, now) == admit(
-            PURPOSES, decisions, occurred_at, now
-        )
+        expected = admit(PURPOSES, decisions, occurred_at, now)
+        assert timeline.admit(PURPOSES, occurred_at, now, generation=1) == expected
+        assert timeline.admit(PURPOSES, occurred_at, now) == expected
 
 
 @settings(max_examples=100, deadline=None)
@@ -79,23 +79,28 @@ def test_a_timeline_takes_later_decisions_once(
     decisions: list[DecisionRecord], known: int, occurred_at: datetime, now: datetime
 ) -> None:
     earlier = ConsentTimeline(decisions[:known])
-    earlier.admit(PURPOSES, occurred_at, now)  # remembered answers must not outlive the change
+    # A remembered answer must not outlive the change.
+    earlier.admit(PURPOSES, occurred_at, now, generation=1)
     # Later reads may repeat decisions the timeline already holds.
     caught_up = earlier.with_decisions(decisions[max(0, known - 2) :])
     assert caught_up.decisions == tuple(decisions)
-    assert caught_up.admit(PURPOSES, occurred_at, now) == admit(
+    assert caught_up.admit(PURPOSES, occurred_at, now, generation=1) == admit(
         PURPOSES, decisions, occurred_at, now
     )
 
 
-def test_a_timeline_forgets_its_answers_when_the_purposes_change() -> None:
+def test_a_timeline_forgets_its_answer_when_the_purposes_change() -> None:
     grant = DecisionRecord(
         1, "p_1", "analytics", T.DECISION_GRANTED, NOW, None, C.CONSENT_SOURCE_APP, "2026-01"
     )
     timeline = ConsentTimeline([grant])
-    assert timeline.admit(PURPOSES, NOW, NOW).purposes == ("analytics", "fraud_checks")
+    assert timeline.admit(PURPOSES, NOW, NOW, generation=1).purposes == (
+        "analytics",
+        "fraud_checks",
+    )
     fewer = tuple(p for p in PURPOSES if p.id != "fraud_checks")
-    assert timeline.admit(fewer, NOW, NOW).purposes == ("analytics",)
+    assert timeline.admit(fewer, NOW, NOW, generation=2).purposes == ("analytics",)
+    assert timeline.admit(PURPOSES, NOW, NOW, generation=3).purposes[-1] == "fraud_checks"
 
 
 fields = st.builds(
