@@ -2,11 +2,20 @@
 
 ``steward serve`` and the in-process test harness both start the suite through ``start_suite``,
 so there is one way the services are put together.
+
+A process serves its services twice: on the public address, for other processes, and on an
+internal server with its own worker threads, on a Unix socket in a private directory, for the
+calls its services make to each other (consent to identity, the consumers' Subscribe streams).
+Were those calls served by the public server's workers, enough concurrent external calls that
+each wait on identity would hold every worker, and the identity calls they wait for would queue
+behind them for ever.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -21,7 +30,7 @@ from services.common import eventlog
 from services.common.config import Settings
 from services.common.context import ServiceContext, ServiceParts
 from services.common.keyring import Keyring, KeyringError, init_keys, load_keyring
-from services.common.server import ServiceRegistration, build_server, shutdown
+from services.common.server import BuiltServer, ServiceRegistration, build_server, shutdown
 from services.common.telemetry import Telemetry, server_interceptor, setup_telemetry
 
 logger = logging.getLogger(__name__)
@@ -60,6 +69,10 @@ class RunningSuite:
     grace_seconds: float
     event_log: eventlog.EventLogServicer | None = None
     parts: list[ServiceParts] = field(default_factory=list)
+    internal: BuiltServer | None = None
+    """The same services for calls from inside this process, on their own worker threads."""
+    internal_target: str = ""
+    socket_dir: str | None = None
 
     @property
     def target(self) -> str:
@@ -71,10 +84,13 @@ class RunningSuite:
         self.started()
 
     def started(self) -> None:
-        """Run the services' start hooks; for callers that started the server themselves."""
+        """Start the internal server, then run the services' start hooks with its address; for
+        callers that started the public server themselves."""
+        if self.internal is not None:
+            self.internal.server.start()
         for parts in self.parts:
             for hook in parts.on_start:
-                hook(self.target)
+                hook(self.internal_target or self.target)
 
     def stop(self, grace_seconds: float | None = None) -> None:
         """Stop gracefully (in-flight calls finish), then the services' own parts and telemetry."""
@@ -90,6 +106,13 @@ class RunningSuite:
             for hook in reversed(parts.on_stop):
                 hook()
         self.parts = []
+        if self.internal is not None:
+            # Its callers (consumers, clients) are stopped by now: nothing is left in flight.
+            shutdown(self.internal.server, self.internal.health, 0).wait()
+            self.internal = None
+        if self.socket_dir is not None:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
+            self.socket_dir = None
         self.telemetry.shutdown()
 
 
@@ -123,12 +146,24 @@ def build_suite(
         registration = eventlog.registration(logs)
         event_log = registration.servicer
         registrations.append(registration)
+    interceptors = [server_interceptor(telemetry)]
     built = build_server(
         registrations,
         host=settings.host,
         port=settings.port,
         max_message_bytes=settings.max_message_bytes,
-        interceptors=[server_interceptor(telemetry)],
+        interceptors=interceptors,
+    )
+    # A private directory (mode 0700): only this user can reach the internal socket.
+    socket_dir = tempfile.mkdtemp(prefix="steward-")
+    internal_target = f"unix:{socket_dir}/internal.sock"
+    internal = build_server(
+        registrations,
+        host=settings.host,
+        port=0,
+        max_message_bytes=settings.max_message_bytes,
+        interceptors=interceptors,
+        address=internal_target,
     )
     return RunningSuite(
         built.server,
@@ -139,6 +174,9 @@ def build_suite(
         settings.grace_seconds,
         event_log,
         parts,
+        internal=internal,
+        internal_target=internal_target,
+        socket_dir=socket_dir,
     )
 
 

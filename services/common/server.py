@@ -79,11 +79,13 @@ def build_server(
     interceptors: Sequence[grpc.ServerInterceptor[Any, Any]] = (),
     max_workers: int = 32,
     credentials: grpc.ServerCredentials | None = None,
+    address: str | None = None,
 ) -> BuiltServer:
     """A bound, unstarted server with every registration, health, reflection and error mapping.
 
     ``interceptors`` run outermost first; :class:`ErrorInterceptor` is always added innermost so
     the others see the final status. Port 0 lets the OS pick; the bound port is returned.
+    ``address`` (e.g. ``unix:/path``) replaces ``host`` and ``port``.
     """
     names = [registration.name for registration in registrations]
     duplicates = sorted({name for name in names if names.count(name) > 1})
@@ -112,7 +114,7 @@ def build_server(
         [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
 
-    address = _address(host, port)
+    address = address or _address(host, port)
     if credentials is None:
         bound_port = server.add_insecure_port(address)
     else:
