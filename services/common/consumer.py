@@ -17,6 +17,11 @@ Typical use in a consumer::
     source = GrpcEnvelopeSource(channel, producer="consent", consumer="tagging")
     consumer = Consumer("tagging", "consent", source, engine, apply, tables=tables)
     consumer.start()                                     # follows until consumer.stop()
+
+A consumer whose work per envelope is cheap but whose follow-up is not (tagging re-evaluates a
+person's tags after each of their events) passes ``end_batch`` too: ``apply`` records what each
+envelope says, and ``end_batch`` does the follow-up once for the whole batch, in the same
+transaction, before the cursor moves.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final, Protocol
@@ -57,6 +62,11 @@ Envelope = events_pb2.Envelope
 
 Apply = Callable[[Connection, Envelope], None]
 """Applies one envelope's effects with the consumer's connection; must not commit."""
+
+EndBatch = Callable[[Connection, Sequence[Envelope]], None]
+"""Finishes a batch: called once per transaction, after ``apply`` has run for each of the
+envelopes given (those applied in it, in seq order) and before the cursor moves; must not
+commit. Whatever it writes commits, or rolls back, with the batch and the cursor."""
 
 BATCH_SIZE: Final = 200
 """Most envelopes applied per transaction of the consumer's database."""
@@ -121,10 +131,20 @@ class EnvelopeGap(Exception):
 class ApplyFailed(Exception):
     """``apply`` raised for an envelope; the cause is chained. Nothing of its batch was kept."""
 
-    def __init__(self, seq: int, envelope_id: str) -> None:
-        super().__init__(f"applying envelope seq {seq} ({envelope_id}) failed")
+    def __init__(self, seq: int, envelope_id: str, message: str = "") -> None:
+        super().__init__(message or f"applying envelope seq {seq} ({envelope_id}) failed")
         self.seq = seq
         self.envelope_id = envelope_id
+
+
+class BatchEndFailed(ApplyFailed):
+    """``end_batch`` raised for the batch ending at ``seq``; the cause is chained. Nothing of the
+    batch was kept, and its envelopes are retried one per transaction."""
+
+    def __init__(self, seq: int, envelope_id: str) -> None:
+        super().__init__(
+            seq, envelope_id, f"finishing the batch that ends at seq {seq} ({envelope_id}) failed"
+        )
 
 
 class EnvelopeStream(Protocol):
@@ -260,6 +280,11 @@ class Consumer:
     rolled back and retried after a backoff, one envelope per transaction up to the failing one,
     so the cursor never passes an envelope that was not applied.
 
+    ``end_batch``, if given, is called once per transaction after the batch's envelopes are
+    applied and before the cursor is stored (see :data:`EndBatch`); if it raises, the batch is
+    rolled back and retried one envelope per transaction, each with its own ``end_batch``, just
+    as when ``apply`` fails.
+
     Two instances with the same name never apply an envelope twice either: the cursor row is
     locked for the transaction (PostgreSQL) or the transaction is exclusive (SQLite), and each
     re-reads the cursor before applying.
@@ -274,6 +299,7 @@ class Consumer:
         apply: Apply,
         *,
         tables: ConsumerTables,
+        end_batch: EndBatch | None = None,
         tracer_provider: TracerProvider | None = None,
         batch_size: int = BATCH_SIZE,
         ack_interval: float = ACK_INTERVAL_SECONDS,
@@ -291,6 +317,7 @@ class Consumer:
         self._engine = engine
         self._writes = for_writes(engine)  # read-modify-write: take SQLite's lock up front
         self._apply = apply
+        self._end_batch = end_batch
         self._cursors = tables.cursors
         self._tracer = None if tracer_provider is None else tracer_provider.get_tracer(__name__)
         self._batch_size = batch_size
@@ -371,7 +398,8 @@ class Consumer:
                 failed = True
                 self._retry_singly_through = exc.seq
                 logger.error(
-                    "applying an envelope failed; will retry",
+                    "%s; will retry",
+                    exc,
                     exc_info=exc.__cause__,
                     extra={**self._log_fields(), "seq": exc.seq, "envelope_id": exc.envelope_id},
                 )
@@ -434,6 +462,7 @@ class Consumer:
             start = connection.execute(select(cursors.c.seq).where(row).with_for_update())
             cursor = first = int(start.scalar_one())
             gap: EnvelopeGap | None = None
+            applied: list[Envelope] = []
             for envelope in batch:
                 if envelope.seq <= cursor:
                     continue  # delivered again after a reconnect: applied already
@@ -446,7 +475,13 @@ class Consumer:
                     self._apply_one(connection, envelope)
                 except Exception as exc:
                     raise ApplyFailed(envelope.seq, envelope.id) from exc
+                applied.append(envelope)
                 cursor = envelope.seq
+            if applied and self._end_batch is not None:
+                try:
+                    self._finish_batch(connection, applied)
+                except Exception as exc:
+                    raise BatchEndFailed(applied[-1].seq, applied[-1].id) from exc
             if cursor != first:
                 connection.execute(
                     update(cursors).where(row).values(seq=cursor, updated_at=datetime.now(UTC))
@@ -471,6 +506,23 @@ class Consumer:
             },
         ):
             self._apply(connection, envelope)
+
+    def _finish_batch(self, connection: Connection, applied: list[Envelope]) -> None:
+        assert self._end_batch is not None
+        if self._tracer is None:
+            self._end_batch(connection, applied)
+            return
+        with self._tracer.start_as_current_span(
+            f"end batch {self.producer}",
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "steward.producer": self.producer,
+                "steward.consumer": self.name,
+                "steward.seq": applied[-1].seq,
+                "steward.batch_size": len(applied),
+            },
+        ):
+            self._end_batch(connection, applied)
 
     def _ensure_cursor_row(self) -> None:
         if self._cursor_row_exists:

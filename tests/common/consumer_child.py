@@ -3,8 +3,9 @@
     python consumer_child.py TARGET CONSUMER_DB_URL BATCH_SIZE
 
 Follows the `consent` log at TARGET and applies each envelope by inserting its id into
-``applied`` (UNIQUE, so applying one twice would fail) and bumping ``apply_counter``. Runs until
-SIGTERM, or until the test SIGKILLs it.
+``applied`` (UNIQUE, so applying one twice would fail) and bumping ``apply_counter``; at the end
+of each batch it adds the batch's size to ``apply_counter.ended``. Runs until SIGTERM, or until
+the test SIGKILLs it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Sequence
 
 import grpc
 from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, insert, update
@@ -42,14 +44,20 @@ def main(target: str, db_url: str, batch_size: int) -> None:
         metadata,
         Column("id", Integer, primary_key=True),
         Column("applies", Integer, nullable=False),
+        Column("ended", Integer, nullable=False),
     )
     metadata.create_all(engine)
     with for_writes(engine).begin() as connection:
-        connection.execute(sqlite_insert(counter).values(id=1, applies=0).on_conflict_do_nothing())
+        connection.execute(
+            sqlite_insert(counter).values(id=1, applies=0, ended=0).on_conflict_do_nothing()
+        )
 
     def apply(connection: Connection, envelope: events_pb2.Envelope) -> None:
         connection.execute(insert(applied).values(envelope_id=envelope.id, seq=envelope.seq))
         connection.execute(update(counter).values(applies=counter.c.applies + 1))
+
+    def end_batch(connection: Connection, envelopes: Sequence[events_pb2.Envelope]) -> None:
+        connection.execute(update(counter).values(ended=counter.c.ended + len(envelopes)))
 
     channel = grpc.insecure_channel(target)
     source = GrpcEnvelopeSource(channel, "consent", CONSUMER, timeout=5)
@@ -60,6 +68,7 @@ def main(target: str, db_url: str, batch_size: int) -> None:
         engine,
         apply,
         tables=tables,
+        end_batch=end_batch,
         batch_size=batch_size,
         initial_backoff=0.05,
         max_backoff=0.5,

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from steward.events.v1 import events_pb2
 
 from services.common.consumer import (
     ApplyFailed,
+    BatchEndFailed,
     Consumer,
     ConsumerTables,
     EnvelopeGap,
@@ -119,9 +120,12 @@ class ConsumerStore:
     engine: Engine
     tables: ConsumerTables
     applied: Table
+    batch_ends: Table
     failures: dict[int, int] = field(default_factory=dict)
     """seq to how many more times applying it should fail."""
     attempts: dict[int, int] = field(default_factory=dict)
+    end_failures: dict[int, int] = field(default_factory=dict)
+    """seq to how many more times finishing a batch that holds it should fail."""
 
     def apply(self, connection: Connection, envelope: events_pb2.Envelope) -> None:
         self.attempts[envelope.seq] = self.attempts.get(envelope.seq, 0) + 1
@@ -130,10 +134,31 @@ class ConsumerStore:
             self.failures[envelope.seq] -= 1
             raise RuntimeError("the consumer's store is having a bad day")
 
+    def end_batch(self, connection: Connection, envelopes: Sequence[events_pb2.Envelope]) -> None:
+        """Records the batch's seqs, and checks they were applied in this very transaction."""
+        seqs = [e.seq for e in envelopes]
+        applied_here = select(self.applied.c.seq).where(self.applied.c.seq.in_(seqs))
+        assert sorted(connection.execute(applied_here).scalars()) == seqs
+        connection.execute(
+            insert(self.batch_ends).values(
+                first_seq=seqs[0], last_seq=seqs[-1], envelopes=len(seqs)
+            )
+        )
+        for seq in seqs:
+            if self.end_failures.get(seq, 0) > 0:
+                self.end_failures[seq] -= 1
+                raise RuntimeError("the batch's follow-up is having a bad day")
+
     def applied_seqs(self) -> list[int]:
         with self.engine.connect() as connection:
             query = select(self.applied.c.seq).order_by(self.applied.c.seq)
             return list(connection.execute(query).scalars())
+
+    def batches(self) -> list[tuple[int, int, int]]:
+        """(first seq, last seq, envelopes) of each batch whose end was committed."""
+        with self.engine.connect() as connection:
+            query = select(self.batch_ends).order_by(self.batch_ends.c.first_seq)
+            return [tuple(row) for row in connection.execute(query)]  # type: ignore[misc]
 
 
 @pytest.fixture
@@ -147,8 +172,15 @@ def store(tmp_path: Path) -> Iterator[ConsumerStore]:
         Column("envelope_id", String(36), primary_key=True),  # applying twice would fail
         Column("seq", BigInteger, nullable=False),
     )
+    batch_ends = Table(
+        "batch_ends",
+        metadata,
+        Column("first_seq", BigInteger, primary_key=True),  # ending a batch twice would fail
+        Column("last_seq", BigInteger, nullable=False),
+        Column("envelopes", BigInteger, nullable=False),
+    )
     metadata.create_all(engine)
-    yield ConsumerStore(engine, tables, applied)
+    yield ConsumerStore(engine, tables, applied, batch_ends)
     engine.dispose()
 
 
@@ -357,6 +389,58 @@ def test_apply_joins_the_trace_of_the_call_that_wrote_the_envelope(
     assert applied.attributes is not None and applied.attributes["steward.seq"] == 1
 
 
+# The batch-end hook ---------------------------------------------------------------------------
+
+
+def test_end_batch_runs_once_per_batch_with_the_envelopes_it_applied(
+    store: ConsumerStore,
+) -> None:
+    deliveries = [envelope(seq) for seq in [1, 2, 3, 2, 3, 4, 5, 1, 5, 6, 7, 8, 9, 10]]
+    consumer = make_consumer(store, ListSource(deliveries), batch_size=3, end_batch=store.end_batch)
+
+    assert consumer.run_once() == 10
+
+    batches = store.batches()
+    # Redelivered envelopes are in no batch; every applied one is in exactly one.
+    covered = [seq for first, last, _ in batches for seq in range(first, last + 1)]
+    assert covered == list(range(1, 11)) == store.applied_seqs()
+    assert all(count == last - first + 1 <= 3 for first, last, count in batches)
+    assert consumer.cursor() == 10
+
+
+def test_a_failing_end_batch_keeps_nothing_of_its_batch_and_is_retried_singly(
+    producer: Producer,
+    channel: grpc.Channel,
+    store: ConsumerStore,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    producer.append(8)
+    store.end_failures[5] = 2
+    consumer = grpc_consumer(
+        store, channel, batch_size=8, initial_backoff=0.01, end_batch=store.end_batch
+    )
+
+    with pytest.raises(BatchEndFailed) as failure:
+        consumer.run_once()
+    assert isinstance(failure.value, ApplyFailed)
+    kept = consumer.cursor()
+    assert kept < 5  # the batch holding seq 5 was rolled back, its end with it
+    assert store.applied_seqs() == list(range(1, kept + 1))
+    assert all(last <= kept for _, last, _ in store.batches())
+
+    with caplog.at_level(logging.ERROR, logger="services.common.consumer"):
+        consumer.start()
+        wait_until(lambda: consumer.cursor() == 8)
+        consumer.stop()
+
+    assert store.applied_seqs() == list(range(1, 9))
+    covered = [seq for first, last, _ in store.batches() for seq in range(first, last + 1)]
+    assert covered == list(range(1, 9))
+    # Retried one envelope per transaction up to the failed batch's last envelope.
+    assert (5, 5, 1) in store.batches()
+    assert "finishing the batch that ends at seq" in caplog.text
+
+
 # The crash test -------------------------------------------------------------------------------
 
 
@@ -422,6 +506,7 @@ def test_a_consumer_killed_mid_stream_applies_every_envelope_exactly_once(
     with reader.connect() as connection:
         seqs = list(connection.execute(text("SELECT seq FROM applied ORDER BY seq")).scalars())
         counted = connection.execute(text("SELECT applies FROM apply_counter")).scalar_one()
+        ended = connection.execute(text("SELECT ended FROM apply_counter")).scalar_one()
         cursor = connection.execute(text("SELECT seq FROM consumer_cursors")).scalar_one()
         applied_ids = set(connection.execute(text("SELECT envelope_id FROM applied")).scalars())
     reader.dispose()
@@ -431,4 +516,5 @@ def test_a_consumer_killed_mid_stream_applies_every_envelope_exactly_once(
         )
     assert seqs == list(range(1, total + 1))
     assert counted == total == cursor
+    assert ended == total  # every batch-end effect kept exactly once too
     assert applied_ids == written_ids
