@@ -397,5 +397,5 @@ def build(context: ServiceContext) -> ServiceParts:
             )
         ],
         logs={PRODUCER: ProducerLog(store.outbox, engine)},
-        on_stop=[engine.dispose],
+        on_stop=[engine.dispose, store.close],
     )
