@@ -266,10 +266,11 @@ class Ranker:
         content = by_source.get(FROM_CONTENT, empty)
         total = interactions + content
         need_terms = self.matcher.terms(need) if need else []
+        leaders = self._contributors(total)
         answer = []
         for row, index in enumerate(chosen.tolist()):
             item = self.catalogue.items[index]
-            contributors = self._contributors(history, total[row])
+            contributors = leaders[row]
             matched = self.matcher.matched_terms(need, index) if need_terms else []
             reason = self._reason(
                 item.category,
@@ -290,11 +291,17 @@ class Ranker:
             )
         return answer
 
-    def _contributors(self, history: History, contribution: FloatArray) -> list[int]:
-        """Positions in the history of the entries that added most (positive only)."""
-        positive = np.flatnonzero(contribution > 0)
-        order = np.lexsort((positive, -contribution[positive]))
-        return [int(position) for position in positive[order][: self.explained_items]]
+    def _contributors(self, contributions: FloatArray) -> list[list[int]]:
+        """Per answer row, the history positions that added most (positive only; the earlier
+        position among equals)."""
+        if contributions.size == 0:
+            return [[] for _ in range(contributions.shape[0])]
+        order = np.argsort(-contributions, axis=1, kind="stable")[:, : self.explained_items]
+        leading = np.take_along_axis(contributions, order, axis=1) > 0
+        return [
+            [int(p) for p, positive in zip(row, keep, strict=True) if positive]
+            for row, keep in zip(order.tolist(), leading.tolist(), strict=True)
+        ]
 
     def _reason(
         self,

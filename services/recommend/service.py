@@ -14,19 +14,21 @@ import dataclasses
 import hashlib
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from steward.common.v1 import common_pb2
 from steward.events.v1 import events_pb2
 
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.recommend.impressions import ImpressionWriter
 from services.recommend.interactions import (
     EventType,
     InteractionSettings,
@@ -75,6 +77,26 @@ _EVENT_TYPES: Final[Mapping[int, str]] = {
 }
 
 
+# A person's grant and interactions in one round trip (no grant row: no rows at all). Built once,
+# so a request pays neither statement construction nor its cache key.
+_PERSON_NOW: Final = (
+    select(
+        consents_table.c.allowed,
+        consents_table.c.expires_at,
+        interactions_table.c.item_id,
+        interactions_table.c.weight,
+        interactions_table.c.occurred_at,
+        interactions_table.c.event_type,
+    )
+    .select_from(
+        consents_table.outerjoin(
+            interactions_table, interactions_table.c.person_id == consents_table.c.person_id
+        )
+    )
+    .where(consents_table.c.person_id == bindparam("person_id"))
+)
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -100,6 +122,7 @@ class RecommendSettings:
     ease_max_items: int = 5_000
     ease_l2: float = 100.0
     recent_impressions: int = 50
+    experiment_cache_seconds: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -223,6 +246,8 @@ class RecommendService:
         self._states: dict[str, str] = {}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._experiment: tuple[float, ExperimentSpec | None] | None = None
+        self.impressions = ImpressionWriter(engine)
 
     # Consumers -----------------------------------------------------------------------------------
 
@@ -326,6 +351,7 @@ class RecommendService:
             )
         )
         if not change.allowed:
+            self.impressions.forget([change.person_id], erase=False)
             removed = connection.execute(
                 delete(interactions_table).where(interactions_table.c.person_id == change.person_id)
             ).rowcount
@@ -342,6 +368,7 @@ class RecommendService:
         persons = [p for p in person_ids if p]
         if not persons:
             return
+        self.impressions.forget(persons, erase=True)
         removed = connection.execute(
             delete(interactions_table).where(
                 or_(
@@ -596,6 +623,7 @@ class RecommendService:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=5.0)
+        self.impressions.stop()
 
     # Queries -------------------------------------------------------------------------------------
 
@@ -617,6 +645,7 @@ class RecommendService:
         ]
 
     def model_info(self, names: Sequence[str]) -> ModelInfo:
+        self.impressions.flush()
         with self.engine.connect() as connection:
             pending, deadline = connection.execute(
                 select(func.count(), func.min(forgets_table.c.due_at))
@@ -664,22 +693,17 @@ class RecommendService:
         now = self.clock()
         arm: ArmSpec | None = None
         experiment: ExperimentSpec | None = None
-        with self.engine.connect() as connection:
-            personalised = bool(query.person_id) and self._allowed(connection, query.person_id)
-            events: Sequence[Any] = []
-            if personalised:
-                events = connection.execute(
-                    select(
-                        interactions_table.c.item_id,
-                        interactions_table.c.weight,
-                        interactions_table.c.occurred_at,
-                        interactions_table.c.event_type,
-                    ).where(interactions_table.c.person_id == query.person_id)
-                ).all()
-                if not query.model:
-                    experiment = self._active_experiment(connection)
-                    if experiment is not None:
-                        arm = assign_arm(query.person_id, experiment.salt, experiment.arms)
+        personalised = False
+        events: Sequence[Any] = []
+        if query.person_id:
+            with self.engine.connect() as connection:
+                rows = connection.execute(_PERSON_NOW, {"person_id": query.person_id}).all()
+            personalised = bool(rows) and self._grant_holds(rows[0].allowed, rows[0].expires_at)
+            events = [row for row in rows if row.item_id is not None] if personalised else []
+            if personalised and not query.model:
+                experiment = self._current_experiment()
+                if experiment is not None:
+                    arm = assign_arm(query.person_id, experiment.salt, experiment.arms)
         if query.person_id and not personalised:
             name = "popular"
         elif query.model:
@@ -722,19 +746,18 @@ class RecommendService:
             exclude=seen,
         )
         impression_id = uuid.uuid4().hex
-        with self.engine.begin() as connection:
-            connection.execute(
-                insert(impressions_table).values(
-                    impression_id=impression_id,
-                    person_id=query.person_id if personalised else "",
-                    experiment_id=experiment.experiment_id if arm and experiment else "",
-                    arm=arm.name if arm else "",
-                    model=model.name,
-                    model_version=model.report.version,
-                    item_ids=[item.item_id for item in items],
-                    shown_at=now,
-                )
-            )
+        self.impressions.record(
+            {
+                "impression_id": impression_id,
+                "person_id": query.person_id if personalised else "",
+                "experiment_id": experiment.experiment_id if arm and experiment else "",
+                "arm": arm.name if arm else "",
+                "model": model.name,
+                "model_version": model.report.version,
+                "item_ids": [item.item_id for item in items],
+                "shown_at": now,
+            }
+        )
         return Answer(
             items,
             personalised,
@@ -744,20 +767,30 @@ class RecommendService:
             model.report.version,
         )
 
-    def _allowed(self, connection: Connection, person_id: str) -> bool:
-        row = connection.execute(
-            select(consents_table.c.allowed, consents_table.c.expires_at).where(
-                consents_table.c.person_id == person_id
-            )
-        ).first()
-        if row is None or not row.allowed:
+    def _grant_holds(self, allowed: bool | None, expires_at: datetime | None) -> bool:
+        if not allowed:
             return False
-        return row.expires_at is None or utc(row.expires_at) > self.clock()
+        return expires_at is None or utc(expires_at) > self.clock()
+
+    def _current_experiment(self) -> ExperimentSpec | None:
+        """The active experiment, re-read at most every `experiment_cache_seconds` (PutExperiment
+        in this process takes effect at once)."""
+        cached = self._experiment
+        if (
+            cached is not None
+            and time.monotonic() - cached[0] < self.settings.experiment_cache_seconds
+        ):
+            return cached[1]
+        with self.engine.connect() as connection:
+            experiment = self._active_experiment(connection)
+        self._experiment = (time.monotonic(), experiment)
+        return experiment
 
     def record_feedback(
         self, impression_id: str, item_id: str, kind: str, occurred_at: datetime | None
     ) -> str:
         """Record feedback on one item of an answer; returns the arm credited."""
+        self.impressions.flush()
         with self.engine.begin() as connection:
             row = connection.execute(
                 select(impressions_table).where(impressions_table.c.impression_id == impression_id)
@@ -814,6 +847,7 @@ class RecommendService:
                     set_={k: v for k, v in values.items() if k != "experiment_id"},
                 )
             )
+        self._experiment = None
         parameterised = any(arm.parameters for arm in experiment.arms)
         if experiment.active and parameterised and self._snapshot is not None:
             self.train_in_background([])
@@ -843,6 +877,7 @@ class RecommendService:
     # Data-subject access -------------------------------------------------------------------------
 
     def export_person(self, person_id: str) -> PersonExport:
+        self.impressions.flush()
         with self.engine.connect() as connection:
             interactions = [
                 (row.item_id, row.event_type, float(row.weight), utc(row.occurred_at))

@@ -289,7 +289,9 @@ def top_k(scores: FloatArray, k: int, candidates: IntArray | None = None) -> Int
 
     With `candidates`, only those indices compete. `-inf` scores never make the list.
     """
-    pool = np.arange(scores.shape[0], dtype=np.int64) if candidates is None else candidates
+    if candidates is None:
+        return _top_k_of_all(scores, k)
+    pool = candidates
     values = scores[pool]
     competing = values > -np.inf
     pool, values = pool[competing], values[competing]
@@ -304,6 +306,24 @@ def top_k(scores: FloatArray, k: int, candidates: IntArray | None = None) -> Int
         pool, values = pool[chosen], values[chosen]
     order = np.lexsort((pool, -values))
     return np.asarray(pool[order], dtype=np.int64)
+
+
+def _top_k_of_all(scores: FloatArray, k: int) -> IntArray:
+    """`top_k` over every index (the request path): no copies of the scores."""
+    competing = scores > -np.inf
+    count = int(np.count_nonzero(competing))
+    if k <= 0 or count == 0:
+        return np.zeros(0, dtype=np.int64)
+    if k >= count:
+        chosen = np.flatnonzero(competing)
+    else:
+        size = scores.shape[0]
+        threshold = np.partition(scores, size - k)[size - k]
+        above = np.flatnonzero(scores > threshold)
+        ties = np.flatnonzero(scores == threshold)[: k - above.size]
+        chosen = np.concatenate([above, ties])
+    order = np.lexsort((chosen, -scores[chosen]))
+    return np.asarray(chosen[order], dtype=np.int64)
 
 
 def rows_top_m(matrix: Any, m: int) -> Any:
@@ -328,21 +348,60 @@ def check_history(history: History, n_items: int) -> None:
         raise IndexError("history holds an item index outside the catalogue")
 
 
+def csr_entries(matrix: Any, rows: IntArray) -> tuple[IntArray, IntArray, FloatArray]:
+    """The stored entries of some CSR rows as (position in `rows`, column, value) arrays.
+
+    Plain numpy on the CSR arrays: scipy's fancy row indexing builds and validates a new matrix,
+    which costs more than the arithmetic on the few rows a request reads.
+    """
+    indptr = matrix.indptr
+    starts = np.asarray(indptr[rows], dtype=np.int64)
+    lengths = np.asarray(indptr[rows + 1], dtype=np.int64) - starts
+    total = int(lengths.sum())
+    positions = np.repeat(np.arange(rows.shape[0], dtype=np.int64), lengths)
+    offsets = np.arange(total, dtype=np.int64) + np.repeat(
+        starts - (np.cumsum(lengths) - lengths), lengths
+    )
+    return (
+        positions,
+        np.asarray(matrix.indices[offsets], dtype=np.int64),
+        np.asarray(matrix.data[offsets], dtype=np.float64),
+    )
+
+
 def weighted_rows(matrix: Any, history: History) -> FloatArray:
     """Σ_j w_j · matrix[j] over the history, as a dense vector (CSR or dense matrix)."""
     if len(history) == 0:
         return np.zeros(matrix.shape[1], dtype=np.float64)
     if isinstance(matrix, np.ndarray):
         return np.asarray(history.weights @ matrix[history.indices], dtype=np.float64)
-    rows = matrix[history.indices]
-    return np.asarray(rows.T @ history.weights, dtype=np.float64).ravel()
+    positions, columns, values = csr_entries(matrix, history.indices)
+    return np.bincount(
+        columns, weights=values * history.weights[positions], minlength=matrix.shape[1]
+    ).astype(np.float64, copy=False)
+
+
+def dense_rows(matrix: Any, rows: IntArray) -> FloatArray:
+    """matrix[rows] as a dense float64 array (CSR)."""
+    dense = np.zeros((rows.shape[0], matrix.shape[1]), dtype=np.float64)
+    positions, columns, values = csr_entries(matrix, rows)
+    dense[positions, columns] = values
+    return dense
 
 
 def dense_block(matrix: Any, rows: IntArray, columns: IntArray) -> FloatArray:
     """matrix[rows][:, columns] as a dense float64 array (CSR or dense)."""
     if isinstance(matrix, np.ndarray):
         return np.asarray(matrix[np.ix_(rows, columns)], dtype=np.float64)
-    return np.asarray(matrix[rows][:, columns].toarray(), dtype=np.float64)
+    if np.unique(columns).size != columns.size:
+        return np.asarray(matrix[rows][:, columns].toarray(), dtype=np.float64)
+    block = np.zeros((rows.shape[0], columns.shape[0]), dtype=np.float64)
+    positions, stored, values = csr_entries(matrix, rows)
+    place = np.full(matrix.shape[1], -1, dtype=np.int64)
+    place[columns] = np.arange(columns.shape[0], dtype=np.int64)
+    wanted = place[stored] >= 0
+    block[positions[wanted], place[stored[wanted]]] = values[wanted]
+    return block
 
 
 def parse_parameters(config_type: type[Any], parameters: Mapping[str, str]) -> Any:

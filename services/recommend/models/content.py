@@ -26,10 +26,15 @@ from services.recommend.models.base import (
     TrainingReport,
     arrays_size,
     check_history,
+    csr_entries,
+    dense_rows,
     model_version,
     sparse_arrays,
     top_k,
 )
+
+_DENSE_LIMIT = 1 << 20
+"""Largest number of cells explanations densify (items x features) at once."""
 
 
 @dataclass(frozen=True)
@@ -116,22 +121,27 @@ class TrainedContent:
         check_history(history, n_items)
         if len(history) == 0:
             return np.zeros(n_items, dtype=np.float64)
-        profile = np.asarray(
-            self.features[history.indices].T @ history.weights, dtype=np.float64
-        ).ravel()
+        positions, columns, values = csr_entries(self.features, history.indices)
+        weighted = values * history.weights[positions]
+        profile = np.bincount(columns, weights=weighted, minlength=self.features.shape[1])
         scores = np.asarray(self.features @ profile, dtype=np.float64).ravel()
-        own = np.asarray(
-            self.features[history.indices].multiply(self.features[history.indices]).sum(axis=1),
-            dtype=np.float64,
-        ).ravel()
-        scores[history.indices] -= history.weights * own
+        own = np.bincount(positions, weights=weighted * values, minlength=len(history))
+        scores[history.indices] -= own
         return scores
 
     def contributions(self, history: History, items: IntArray) -> dict[str, FloatArray]:
-        block = np.asarray(
-            (self.features[items] @ self.features_t[:, history.indices]).toarray(),
-            dtype=np.float64,
-        )
+        block = np.zeros((len(items), len(history)), dtype=np.float64)
+        if len(items) * self.features.shape[1] <= _DENSE_LIMIT:
+            # Sums of products over the history's stored features: no BLAS call on the request
+            # path (OpenBLAS's threads cost more than these few products when threads share it).
+            positions, columns, values = csr_entries(self.features, history.indices)
+            if columns.size:
+                products = dense_rows(self.features, items)[:, columns] * values
+                starts = np.flatnonzero(np.r_[True, positions[1:] != positions[:-1]])
+                block[:, positions[starts]] = np.add.reduceat(products, starts, axis=1)
+        else:
+            product = self.features[items] @ self.features_t[:, history.indices]
+            block = np.asarray(product.toarray(), dtype=np.float64)
         block[items[:, None] == history.indices[None, :]] = 0.0
         return {FROM_CONTENT: block * history.weights[None, :]}
 

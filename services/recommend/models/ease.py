@@ -168,7 +168,12 @@ class TrainedEASE:
         rows, weights = self._history_rows(history)
         scores = np.zeros(self.position.shape[0], dtype=np.float64)
         if rows.size:
-            scores[self.covered] = weights @ self.weights[rows]
+            # A sum of rows rather than a BLAS product: no OpenBLAS threads on the request path.
+            block = self.weights[rows]
+            if self.binary:
+                scores[self.covered] = block.sum(axis=0, dtype=np.float64)
+            else:
+                scores[self.covered] = (block * weights[:, None]).sum(axis=0, dtype=np.float64)
         return scores
 
     def contributions(self, history: History, items: IntArray) -> dict[str, FloatArray]:

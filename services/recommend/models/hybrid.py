@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import numpy as np
 import numpy.typing as npt
@@ -98,6 +99,11 @@ class TrainedHybrid:
     config: HybridConfig
     report: TrainingReport
     name: str = "hybrid"
+    _parts: WeakKeyDictionary[History, list[tuple[str, float, FloatArray]]] = field(
+        default_factory=WeakKeyDictionary, repr=False
+    )
+    """The scaled components of the histories being answered: a request scores its history and
+    then explains the winners from the same parts, so each component scores it only once."""
 
     def route(self, history: History) -> str:
         """Which step of the fallback chain serves this history: popular, thin or full."""
@@ -113,6 +119,9 @@ class TrainedHybrid:
 
     def _scaled(self, history: History) -> list[tuple[str, float, FloatArray]]:
         """(component, share / max score, raw scores) of every component with a share."""
+        remembered = self._parts.get(history)
+        if remembered is not None:
+            return remembered
         blend = self.blend(history)
         parts = []
         for name in COMPONENTS:
@@ -123,6 +132,7 @@ class TrainedHybrid:
             top = float(scores.max()) if scores.size else 0.0
             if top > 0:
                 parts.append((name, share / top, scores))
+        self._parts[history] = parts
         return parts
 
     def score(self, history: History) -> FloatArray:
