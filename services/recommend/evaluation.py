@@ -539,13 +539,14 @@ def holdout_metrics(
     k: int = 10,
     seed: int = 0,
     persons: int | None = 2_000,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], int]:
     """Metrics at k of a model retrained without a seeded 20% of (up to `persons`) persons'
-    items: the offline figures `Train` can report beside a model trained on everything."""
+    items, and how many persons were measured: the offline figures `Train` reports beside a
+    model trained on everything (the protocol of `run_evaluation` on a validation split)."""
     reduced, held = holdout_matrix(data, 0.2, seed, persons=persons)
     rows = sorted(held)
     lists = recommend_lists(candidate.train(reduced, catalogue), reduced, rows, k)
-    return measure(lists, [held[row] for row in rows], k, reduced)
+    return measure(lists, [held[row] for row in rows], k, reduced), len(rows)
 
 
 @dataclass(frozen=True)

@@ -89,8 +89,9 @@ def _model_message(status: ModelStatus) -> recommend_pb2.ModelInfo:
         message.interactions = report.interactions
         message.size_bytes = report.size_bytes
         message.training_time.FromNanoseconds(int(report.training_seconds * 1e9))
+        measured = {**report.details, **status.metrics}
         message.metrics.update(
-            {k: float(v) for k, v in report.details.items() if math.isfinite(float(v))}
+            {k: float(v) for k, v in measured.items() if math.isfinite(float(v))}
         )
     if status.trained_at is not None:
         message.trained_at.FromDatetime(status.trained_at)

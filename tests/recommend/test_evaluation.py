@@ -306,9 +306,12 @@ def test_holdout_metrics_measure_a_model_on_its_own_training_data(tmp_path: Path
     dataset = load_movielens(write_movielens(tmp_path))
     data = build_interaction_matrix(dataset.interactions, dataset.catalogue, now=0)
     model = build_model("item_knn")
-    metrics = holdout_metrics(model, data, dataset.catalogue, k=3)
+    metrics, persons = holdout_metrics(model, data, dataset.catalogue, k=3)
     assert set(metrics) == set(METRICS)
-    assert metrics == holdout_metrics(model, data, dataset.catalogue, k=3)
+    assert persons == sum(1 for row in range(data.n_persons) if data.matrix[row].nnz >= 2)
+    assert (metrics, persons) == holdout_metrics(model, data, dataset.catalogue, k=3)
+    _, one = holdout_metrics(model, data, dataset.catalogue, k=3, persons=1)
+    assert one == 1
 
 
 # `steward eval` -------------------------------------------------------------------------------

@@ -11,19 +11,26 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
+from sqlalchemy import delete
+from sqlalchemy.engine import Engine
 from steward.common.v1 import common_pb2
 from steward.consent.v1 import consent_pb2, consent_pb2_grpc
 from steward.events.v1 import events_pb2
+from steward.identity.v1 import identity_pb2, identity_pb2_grpc
 from steward.recommend.v1 import recommend_pb2, recommend_pb2_grpc
 
 from services.common.config import Settings
 from services.common.db import make_engine
 from services.common.errors import read_error_details
 from services.common.migrations import upgrade
-from services.recommend.models import CatalogueItem
-from services.recommend.service import RecommendService, RecommendSettings
+from services.recommend.evaluation import holdout_metrics
+from services.recommend.interactions import build_interaction_matrix
+from services.recommend.models import MODEL_NAMES, Catalogue, CatalogueItem, build_model
+from services.recommend.service import Query, RecommendService, RecommendSettings
+from services.recommend.store import target_metadata
 from services.runtime import RunningSuite, start_suite
 
 T = common_pb2
@@ -344,4 +351,265 @@ def test_a_forget_past_its_deadline_rebuilds_the_models(db_url: str) -> None:
         assert info.pending_forgets == 0 and info.models[0].model.report.persons == 0  # type: ignore[union-attr]
         assert not service.rebuild_due_forgets()
     finally:
+        engine.dispose()
+
+
+# Merges, erasure and forgetting through the logs ------------------------------------------------
+
+
+def popular_persons(stub: recommend_pb2_grpc.RecommendServiceStub) -> int:
+    info = stub.GetModelInfo(R.GetModelInfoRequest(models=["popular"]), timeout=10)
+    return info.models[0].persons
+
+
+def test_a_merge_folds_histories_and_an_unmerge_splits_them(
+    channel: grpc.Channel, recommend: recommend_pb2_grpc.RecommendServiceStub
+) -> None:
+    ann, bob = person(channel, "ann.m"), person(channel, "bob.m")
+    view(channel, ann, "k1")
+    view(channel, bob, "g1", "g2")
+    eventually(
+        lambda: held(recommend, ann) == ["k1"] and sorted(held(recommend, bob)) == ["g1", "g2"]
+    )
+    identity = identity_pb2_grpc.IdentityServiceStub(channel)
+    merged = identity.Merge(
+        identity_pb2.MergeRequest(person_ids=[ann, bob], reason="same customer"), timeout=10
+    ).merge
+    survivor, [absorbed] = merged.surviving_person_id, list(merged.absorbed_person_ids)
+    assert {survivor, absorbed} == {ann, bob}
+    eventually(lambda: sorted(held(recommend, survivor)) == ["g1", "g2", "k1"])
+    assert held(recommend, absorbed) == []
+    answer = recommend.Recommend(R.RecommendRequest(person_id=survivor, k=10), timeout=30)
+    assert answer.personalised
+    shown = [item.item_id for item in answer.items]
+    assert not {"k1", "g1", "g2"} & set(shown)  # the folded history counts as seen
+    contributing = {i for item in answer.items for i in item.reason.contributing_item_ids}
+    assert contributing & {"g1", "g2"} and contributing & {"k1"}  # both histories explain
+
+    identity.Unmerge(
+        identity_pb2.UnmergeRequest(merge_id=merged.merge_id, reason="two people"), timeout=10
+    )
+    own = {ann: ["k1"], bob: ["g1", "g2"]}
+    eventually(lambda: sorted(held(recommend, absorbed)) == own[absorbed])
+    assert sorted(held(recommend, survivor)) == own[survivor]
+
+
+def test_erasure_deletes_interactions_at_once_and_their_influence_on_rebuild(
+    channel: grpc.Channel, recommend: recommend_pb2_grpc.RecommendServiceStub
+) -> None:
+    gone, stays = person(channel, "eve.e"), person(channel, "sam.e")
+    view(channel, gone, "k1", "k2", "b1")
+    view(channel, stays, "g1", "k1")
+    eventually(lambda: len(held(recommend, gone)) == 3 and len(held(recommend, stays)) == 2)
+    recommend.Train(R.TrainRequest(wait=True), timeout=60)
+    first = recommend.Recommend(R.RecommendRequest(person_id=gone), timeout=30)
+    assert first.personalised and popular_persons(recommend) == 2
+
+    consent_pb2_grpc.ConsentServiceStub(channel).EraseSubject(
+        C.EraseSubjectRequest(subject=T.PersonRef(person_id=gone), reason="ticket 42"), timeout=30
+    )
+    eventually(lambda: held(recommend, gone) == [])
+    export = recommend.ExportPerson(R.ExportPersonRequest(person_id=gone), timeout=10)
+    assert not export.interactions and not export.shown  # the answers shown to them too
+    assert not recommend.Recommend(R.RecommendRequest(person_id=gone), timeout=30).personalised
+    # Popularity, the non-personalised answer, stops counting them within a check...
+    eventually(lambda: popular_persons(recommend) == 1)
+    info = recommend.GetModelInfo(R.GetModelInfoRequest(models=["hybrid"]), timeout=10)
+    assert info.pending_forgets >= 1 and info.models[0].persons == 2
+    # ... and a rebuild removes them from every model.
+    recommend.Train(R.TrainRequest(wait=True), timeout=60)
+    info = recommend.GetModelInfo(R.GetModelInfoRequest(), timeout=10)
+    assert info.pending_forgets == 0
+    assert {m.name: m.persons for m in info.models if m.persons} == {
+        name: 1 for name in ("content", "ease", "hybrid", "item_knn", "popular")
+    }
+    assert sorted(held(recommend, stays)) == ["g1", "k1"]
+
+
+def test_get_model_info_reports_offline_metrics_measured_at_training(
+    channel: grpc.Channel, recommend: recommend_pb2_grpc.RecommendServiceStub
+) -> None:
+    shoppers = [person(channel, f"val{n}") for n in range(4)]
+    for n, shopper in enumerate(shoppers):
+        view(channel, shopper, *(["k1", "k2", "k3"] if n % 2 else ["g1", "g2", "g3"]))
+    eventually(lambda: all(len(held(recommend, shopper)) == 3 for shopper in shoppers))
+    recommend.Train(R.TrainRequest(wait=True), timeout=60)
+    info = recommend.GetModelInfo(R.GetModelInfoRequest(models=["item_knn", "hybrid"]), timeout=10)
+    for model in info.models:
+        assert model.metrics["validation_persons"] == 4
+        for name in ("precision@10", "recall@10", "f1@10", "ndcg@10", "map@10", "hit_rate@10"):
+            assert 0.0 <= model.metrics[name] <= 1.0
+        assert model.metrics["hit_rate@10"] == 1.0  # ten items: whatever is held out is listed
+        assert model.metrics["coverage"] > 0 and model.metrics["novelty"] > 0
+
+
+# The service on its database (both backends), with a fixed clock ---------------------------------
+
+CLOCK = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+FORGET_AT_ONCE = RecommendSettings(forget_delay_seconds=0.0)
+SHOP = [
+    CatalogueItem(f"{group}{n}", f"{group} item {n}", group, (group,), 10.0 + n)
+    for group in ("a", "b", "c")
+    for n in range(6)
+]
+
+
+def behaviour(
+    person_id: str, item_id: str, n: int, kind: int = T.EVENT_TYPE_VIEW
+) -> events_pb2.Envelope:
+    return events_pb2.Envelope(
+        behaviour_recorded=events_pb2.BehaviourRecorded(
+            person_id=person_id,
+            event_id=f"{person_id}-{item_id}-{n}",
+            type=kind,  # type: ignore[arg-type]
+            item_id=item_id,
+            occurred_at=stamp(CLOCK - timedelta(days=n % 20)),
+            purposes=["personalisation"],
+        )
+    )
+
+
+def grant(person_id: str, allowed: bool = True) -> events_pb2.Envelope:
+    return events_pb2.Envelope(
+        consent_changed=events_pb2.ConsentChanged(
+            person_id=person_id, purpose="personalisation", allowed=allowed
+        )
+    )
+
+
+def shoppers(count: int) -> list[tuple[str, list[str]]]:
+    """Persons who each stay inside one group of items (a planted structure)."""
+    result = []
+    for n in range(count):
+        group = "abc"[n % 3]
+        items = [f"{group}{(n + step) % 6}" for step in range(3 + n % 3)]
+        result.append((f"p{n:03d}", items))
+    return result
+
+
+def fed_service(
+    db_url: str,
+    persons: list[tuple[str, list[str]]],
+    settings: RecommendSettings = FORGET_AT_ONCE,
+) -> tuple[RecommendService, Engine]:
+    """A service on the database at a fixed time, fed the persons' grants and events as
+    consent's log would (first event of each a purchase)."""
+    engine = make_engine(db_url)
+    upgrade(engine, "recommend")
+    with engine.begin() as connection:
+        for table in target_metadata.sorted_tables:
+            connection.execute(delete(table))
+    service = RecommendService(engine, settings, clock=lambda: CLOCK)
+    service.put_items(SHOP, [None] * len(SHOP))
+    with engine.begin() as connection:
+        for person_id, items in persons:
+            service.apply_consent_envelope(connection, grant(person_id))
+            for n, item_id in enumerate(items):
+                kind = T.EVENT_TYPE_PURCHASE if n == 0 else T.EVENT_TYPE_VIEW
+                service.apply_consent_envelope(connection, behaviour(person_id, item_id, n, kind))
+    return service, engine
+
+
+def answers(service: RecommendService, person_id: str) -> dict[str, list[tuple[str, float, str]]]:
+    return {
+        name: [
+            (item.item_id, item.score, item.reason.text)
+            for item in service.recommend(Query(person_id=person_id, k=6, model=name)).items
+        ]
+        for name in MODEL_NAMES
+    }
+
+
+@pytest.mark.parametrize("how", ["erasure", "withdrawal", "identity forget"])
+def test_forgetting_through_the_service_equals_never_having_known_the_person(
+    db_url: str, how: str
+) -> None:
+    everyone = shoppers(12)
+    forgotten, kept = everyone[0][0], everyone[1:]
+    with_them, engine = fed_service(db_url, everyone)
+    try:
+        with_them.train([])
+        before = {s.name: s.model.report.version for s in with_them.statuses([]) if s.model}
+        envelope = {
+            "erasure": events_pb2.Envelope(
+                subject_erased=events_pb2.SubjectErased(person_id=forgotten)
+            ),
+            "withdrawal": grant(forgotten, allowed=False),
+            "identity forget": events_pb2.Envelope(
+                person_forgotten=events_pb2.PersonForgotten(person_id=forgotten)
+            ),
+        }[how]
+        with engine.begin() as connection:
+            if how == "identity forget":
+                with_them.apply_identity_envelope(connection, envelope)
+            else:
+                with_them.apply_consent_envelope(connection, envelope)
+        assert with_them.export_person(forgotten).interactions == []
+        assert with_them.model_info([]).pending_forgets == 1
+        assert with_them.rebuild_due_forgets()
+        after = {s.name: s.model for s in with_them.statuses([]) if s.model}
+        assert after and all(after[name].report.version != before[name] for name in after)
+        remembered = answers(with_them, kept[0][0])
+    finally:
+        with_them.stop()
+        engine.dispose()
+
+    # A second service on the emptied database, that never heard of the person.
+    without, engine = fed_service(db_url, kept)
+    try:
+        without.train([])
+        never = {s.name: s.model for s in without.statuses([]) if s.model}
+        assert set(never) == set(after)
+        for name, model in after.items():
+            assert model.report.version == never[name].report.version, name
+            theirs = never[name].arrays()
+            for key, array in model.arrays().items():
+                assert np.array_equal(array, theirs[key]), (name, key)
+        assert answers(without, kept[0][0]) == remembered
+    finally:
+        without.stop()
+        engine.dispose()
+
+
+def test_metrics_at_training_come_from_the_evaluation_protocol(db_url: str) -> None:
+    persons = shoppers(30)
+    settings = RecommendSettings(forget_delay_seconds=0.0, evaluation_k=3)
+    service, engine = fed_service(db_url, persons, settings)
+    try:
+        service.train([])
+        statuses = {s.name: s for s in service.statuses([])}
+        catalogue = Catalogue(SHOP)
+        data = build_interaction_matrix(
+            [
+                (person_id, item_id, 8.0 if n == 0 else 1.0, CLOCK - timedelta(days=n % 20))
+                for person_id, items in persons
+                for n, item_id in enumerate(items)
+            ],
+            catalogue,
+            now=CLOCK,
+            half_life_days=30.0,
+        )
+        expected, measured = holdout_metrics(build_model("item_knn"), data, catalogue, k=3)
+        knn = statuses["item_knn"].metrics
+        assert knn["validation_persons"] == measured == 30
+        assert {name: knn[f"{name}@3"] for name in ("precision", "recall", "ndcg", "hit_rate")} == {
+            name: expected[name] for name in ("precision", "recall", "ndcg", "hit_rate")
+        }
+        assert knn["coverage"] == expected["coverage"]
+        # The planted groups: neighbours find a person's held-out item, popularity does not.
+        assert knn["hit_rate@3"] > statuses["popular"].metrics["hit_rate@3"]
+        assert statuses["hybrid"].metrics["ndcg@3"] > statuses["popular"].metrics["ndcg@3"]
+    finally:
+        service.stop()
+        engine.dispose()
+
+
+def test_no_metrics_are_reported_when_evaluation_is_off(db_url: str) -> None:
+    settings = RecommendSettings(evaluation_persons=0)
+    service, engine = fed_service(db_url, shoppers(9), settings)
+    try:
+        service.train([])
+        assert all(not s.metrics for s in service.statuses([]))
+    finally:
+        service.stop()
         engine.dispose()
