@@ -371,17 +371,18 @@ def warm_directly(db_url: str, keyring_json: str, persons: int) -> None:
     engine = make_engine(db_url)
     upgrade(engine, "identity")
     now = datetime.now(UTC)
-    next_id = 1
+    next_id = next_key = 1
     try:
         for start in range(0, persons, 10_000):
             person_rows, identifier_rows, source_rows = [], [], []
             for k in range(start, min(start + 10_000, persons)):
                 source, specs = warm_person(k)
-                person = new_person_id()
+                person, key = new_person_id(), next_key
+                next_key += 1
                 seen_at = warm_seen_at(k, now)
                 person_rows.append(
-                    {"person_id": person, "root_id": person, "alias_of": None, "merged_by": None}
-                    | {"created_at": seen_at}
+                    {"key": key, "person_id": person, "root_key": key, "alias_of": None}
+                    | {"merged_by": None, "created_at": seen_at}
                 )
                 for type_, value in specs:
                     digest = keyring.pseudonymise(hash_message(type_, "", normalise(type_, value)))  # type: ignore[arg-type]
@@ -391,7 +392,7 @@ def warm_directly(db_url: str, keyring_json: str, persons: int) -> None:
                             "digest": digest,
                             "type": type_,
                             "namespace": "",
-                            "person_id": person,
+                            "person_key": key,
                             "quarantined": False,
                             "first_seen": seen_at,
                             "last_seen": seen_at,
@@ -405,10 +406,11 @@ def warm_directly(db_url: str, keyring_json: str, persons: int) -> None:
                 connection.execute(insert(store.sources_table), source_rows)
         if engine.dialect.name == "postgresql":
             with engine.begin() as connection:
-                connection.exec_driver_sql(
-                    "SELECT setval(pg_get_serial_sequence('identifiers', 'id'), "
-                    "(SELECT max(id) FROM identifiers))"
-                )
+                for table, column in (("identifiers", "id"), ("persons", "key")):
+                    connection.exec_driver_sql(
+                        f"SELECT setval(pg_get_serial_sequence('{table}', '{column}'), "
+                        f"(SELECT max({column}) FROM {table}))"
+                    )
     finally:
         engine.dispose()
 

@@ -77,10 +77,25 @@ class IdentityTable(SQLModel, registry=registry()):
     """Base of the identity service's tables: their own metadata, apart from other services."""
 
 
+_BIG_KEY: Final = BigInteger().with_variant(Integer, "sqlite")
+"""A 64-bit key, SQLite's INTEGER PRIMARY KEY (the rowid) there."""
+
+
 class Person(IdentityTable, table=True):
+    """A person: ``person_id`` is its random public id, ``key`` the internal one.
+
+    Identifiers and roots refer to persons by ``key``, which grows with every new person, so a
+    new person or identifier appends to those indexes instead of dirtying a random page of each
+    (a page written to the WAL and checkpointed back for every few rows on SQLite).
+    """
+
     __tablename__ = "persons"
-    person_id: str = Field(primary_key=True, max_length=40)
-    root_id: str = Field(index=True, max_length=40)
+    key: int | None = Field(
+        default=None, sa_column=Column(_BIG_KEY, primary_key=True, autoincrement=True)
+    )
+    person_id: str = Field(unique=True, max_length=40)
+    root_key: int = Field(sa_column=Column(BigInteger, nullable=False, index=True))
+    """``key`` of the person this one resolves to (its own while it is no alias)."""
     alias_of: str | None = Field(default=None, max_length=40)
     merged_by: str | None = Field(default=None, max_length=40)
     created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
@@ -89,15 +104,13 @@ class Person(IdentityTable, table=True):
 class IdentifierRow(IdentityTable, table=True):
     __tablename__ = "identifiers"
     id: int | None = Field(
-        default=None,
-        sa_column=Column(
-            BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
-        ),
+        default=None, sa_column=Column(_BIG_KEY, primary_key=True, autoincrement=True)
     )
     digest: str = Field(unique=True, max_length=96)
     type: int
     namespace: str = Field(default="", max_length=64)
-    person_id: str = Field(index=True, max_length=40)
+    person_key: int = Field(sa_column=Column(BigInteger, nullable=False, index=True))
+    """``persons.key`` of the person in whose name the identifier came (never changes)."""
     quarantined: bool = False
     first_seen: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
     last_seen: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
@@ -199,9 +212,10 @@ _ATTACH: Final = (
 )
 _REROOT: Final = (
     update(persons)
-    .where(persons.c.root_id == bindparam("absorbed"))
-    .values(root_id=bindparam("survivor"))
+    .where(persons.c.root_key == bindparam("absorbed"))
+    .values(root_key=bindparam("survivor"))
 )
+_ROOT_PERSON: Final = persons.alias("root_person")
 
 
 @lru_cache(maxsize=256)
@@ -239,19 +253,27 @@ class _DriverSql:
             return f"{column} IN (SELECT value FROM json_each(?))"
 
         self.known = sql(
-            "SELECT i.id, i.digest, i.type, i.namespace, i.person_id, i.quarantined, p.root_id,"
-            " s.source FROM identifiers i JOIN persons p ON p.person_id = i.person_id"
+            "SELECT i.id, i.digest, i.type, i.namespace, o.person_id, i.quarantined, r.person_id,"
+            " s.source, o.key, r.key FROM identifiers i JOIN persons o ON o.key = i.person_key"
+            " JOIN persons r ON r.key = o.root_key"
             " LEFT JOIN identifier_sources s ON s.identifier_id = i.id"
             f" WHERE {among('i.digest')}"
         )
         # Only the root's creation matters; parsing every member's costs per row.
         self.groups = sql(
-            "SELECT p.root_id, p.person_id,"
-            " CASE WHEN p.person_id = p.root_id THEN p.created_at END,"
-            " i.id, i.digest, i.type, i.namespace, s.source FROM persons p"
-            " LEFT JOIN identifiers i ON i.person_id = p.person_id"
+            "SELECT r.person_id, p.person_id, CASE WHEN p.key = r.key THEN p.created_at END,"
+            " i.id, i.digest, i.type, i.namespace, s.source, p.key, r.key"
+            " FROM persons r JOIN persons p ON p.root_key = r.key"
+            " LEFT JOIN identifiers i ON i.person_key = p.key"
             " LEFT JOIN identifier_sources s ON s.identifier_id = i.id"
-            f" WHERE {among('p.root_id')}"
+            f" WHERE {among('r.person_id')}"
+        )
+        self.person_keys = sql(f"SELECT person_id, key FROM persons WHERE {among('person_id')}")
+        # The graph's write lock is held, so on SQLite the keys it would pick can be known first.
+        self.new_person_keys = (
+            "SELECT nextval(pg_get_serial_sequence('persons', 'key')) FROM generate_series(1, %s)"
+            if postgres
+            else "SELECT max(key) FROM persons"
         )
         self.copresence = sql(
             f"SELECT identifier_id, other_person_id FROM copresence WHERE {among('identifier_id')}"
@@ -259,10 +281,10 @@ class _DriverSql:
         self.ids_of_digests = sql(f"SELECT digest, id FROM identifiers WHERE {among('digest')}")
         self.last_identifier_id = "SELECT max(id) FROM identifiers"
         self.insert_person = sql(
-            "INSERT INTO persons (person_id, root_id, alias_of, merged_by, created_at)"
-            " VALUES (?, ?, NULL, NULL, ?)"
+            "INSERT INTO persons (key, person_id, root_key, alias_of, merged_by, created_at)"
+            " VALUES (?, ?, ?, NULL, NULL, ?)"
         )
-        columns = "digest, type, namespace, person_id, quarantined, first_seen, last_seen"
+        columns = "digest, type, namespace, person_key, quarantined, first_seen, last_seen"
         self.insert_identifier = sql(
             f"INSERT INTO identifiers ({columns}) VALUES (?, ?, ?, ?, ?, ?, ?)"
         )
@@ -443,6 +465,8 @@ class GraphStore:
         self.connection = connection
         self.outbox = outbox
         self._sql = _DRIVER_SQL[connection.dialect.name]
+        self._keys: dict[str, int] = {}
+        """person_id -> key of the persons this transaction has met (keys never change)."""
 
     def _cursor(self) -> Any:
         """A DBAPI cursor on the transaction's own connection."""
@@ -458,13 +482,16 @@ class GraphStore:
         roots: dict[str, str] = {}
         cursor = self._cursor()
         cursor.execute(self._sql.known, (self._sql.values(set(digests)),))
-        for identifier_id, digest, type_, namespace, origin, hub, root, source in cursor.fetchall():
+        keys = self._keys
+        for row in cursor.fetchall():
+            identifier_id, digest, type_, namespace, origin, hub, root, source = row[:8]
             found = known.get(digest)
             if found is None:
                 found = known[digest] = KnownIdentifier(
                     identifier_id, digest, type_, namespace, origin, bool(hub), set()
                 )
                 roots[origin] = root
+                keys[origin], keys[root] = row[8], row[9]
             if source is not None:
                 found.sources.add(source)
         return known, roots
@@ -479,9 +506,11 @@ class GraphStore:
                     identifiers.c.digest,
                     identifiers.c.type,
                     identifiers.c.namespace,
-                    identifiers.c.person_id,
+                    persons.c.person_id,
                     identifiers.c.quarantined,
-                ).where(identifiers.c.digest.in_(chunk))
+                )
+                .join(persons, persons.c.key == identifiers.c.person_key)
+                .where(identifiers.c.digest.in_(chunk))
             )
             for row in rows:
                 found[row.digest] = KnownIdentifier(
@@ -506,19 +535,43 @@ class GraphStore:
             yield from self.connection.execute(select(table).where(column.in_(chunk)))
 
     def roots_of(self, persons_: Iterable[str]) -> dict[str, str]:
-        wanted = sorted(set(persons_))
-        return {
-            row.person_id: row.root_id
-            for row in self._select_in(persons, persons.c.person_id, wanted)
-        }
+        roots: dict[str, str] = {}
+        for chunk in _chunks(sorted(set(persons_))):
+            rows = self.connection.execute(
+                select(
+                    persons.c.person_id,
+                    persons.c.key,
+                    _ROOT_PERSON.c.person_id,
+                    _ROOT_PERSON.c.key,
+                )
+                .join(_ROOT_PERSON, _ROOT_PERSON.c.key == persons.c.root_key)
+                .where(persons.c.person_id.in_(chunk))
+            )
+            for person, key, root, root_key in rows:
+                roots[person] = root
+                self._keys[person], self._keys[root] = key, root_key
+        return roots
+
+    def _person_keys(self, person_ids: Iterable[str]) -> dict[str, int]:
+        """Keys of persons, those this transaction has not met yet read in one query."""
+        keys = self._keys
+        wanted = set(person_ids)
+        missing = wanted - keys.keys()
+        if missing:
+            cursor = self._cursor()
+            cursor.execute(self._sql.person_keys, (self._sql.values(missing),))
+            keys.update(cursor.fetchall())
+        return {person: keys[person] for person in wanted}
 
     def groups(self, roots: Iterable[str]) -> dict[str, PersonGroup]:
         result: dict[str, PersonGroup] = {}
         held: dict[int, tuple[str, str, IdentifierType, str, set[str]]] = {}
         cursor = self._cursor()
         cursor.execute(self._sql.groups, (self._sql.values(set(roots)),))
+        keys = self._keys
         for row in cursor.fetchall():
-            root, person, created_at, identifier_id, digest, type_, namespace, source = row
+            root, person, created_at, identifier_id, digest, type_, namespace, source = row[:8]
+            keys[person], keys[root] = row[8], row[9]
             group = result.get(root)
             if group is None:
                 group = result[root] = PersonGroup(root, _NEVER, set(), {})
@@ -594,22 +647,42 @@ class GraphStore:
     # Writes --------------------------------------------------------------------------------------
 
     def create_persons(self, new_persons: Sequence[tuple[str, datetime]]) -> None:
-        if new_persons:
-            time = self._sql.time
-            self._cursor().executemany(
-                self._sql.insert_person, [(p, p, time(at)) for p, at in new_persons]
-            )
+        if not new_persons:
+            return
+        sql, cursor = self._sql, self._cursor()
+        if sql.postgres:
+            cursor.execute(sql.new_person_keys, (len(new_persons),))
+            keys = [key for (key,) in cursor.fetchall()]
+        else:
+            cursor.execute(sql.new_person_keys)
+            first = int(cursor.fetchone()[0] or 0) + 1
+            keys = list(range(first, first + len(new_persons)))
+        time = sql.time
+        cursor.executemany(
+            sql.insert_person,
+            [(key, p, key, time(at)) for key, (p, at) in zip(keys, new_persons, strict=True)],
+        )
+        self._keys.update((p, key) for key, (p, _) in zip(keys, new_persons, strict=True))
 
     def link_identifiers(self, new: Sequence[NewIdentifier]) -> dict[str, int]:
         if not new:
             return {}
+        keys = self._person_keys({n.origin for n in new})
         sql, cursor = self._sql, self._cursor()
         time = sql.time
         if sql.postgres:
             cursor.executemany(
                 sql.insert_identifier,
                 [
-                    (n.digest, int(n.type), n.namespace, n.origin, False, n.seen_at, n.seen_at)
+                    (
+                        n.digest,
+                        int(n.type),
+                        n.namespace,
+                        keys[n.origin],
+                        False,
+                        n.seen_at,
+                        n.seen_at,
+                    )
                     for n in new
                 ],
             )
@@ -627,7 +700,7 @@ class GraphStore:
                         n.digest,
                         int(n.type),
                         n.namespace,
-                        n.origin,
+                        keys[n.origin],
                         False,
                         time(n.seen_at),
                         time(n.seen_at),
@@ -680,7 +753,9 @@ class GraphStore:
             update(identifiers).where(identifiers.c.id == identifier_id).values(quarantined=True)
         )
         row = self.connection.execute(
-            select(identifiers).where(identifiers.c.id == identifier_id)
+            select(identifiers, persons.c.person_id)
+            .join(persons, persons.c.key == identifiers.c.person_key)
+            .where(identifiers.c.id == identifier_id)
         ).one()
         return KnownIdentifier(
             row.id, row.digest, row.type, row.namespace, row.person_id, True, set()
@@ -703,9 +778,15 @@ class GraphStore:
             ],
         )
         # In order: a later merge may absorb an earlier one's survivor.
+        keys = self._person_keys(
+            person for merge in applied for person in (merge.survivor, *merge.absorbed)
+        )
         self.connection.execute(
             _REROOT,
-            [{"absorbed": person, "survivor": merge.survivor} for merge, person in absorbed],
+            [
+                {"absorbed": keys[person], "survivor": keys[merge.survivor]}
+                for merge, person in absorbed
+            ],
         )
         self.connection.execute(
             insert(merges),
@@ -780,12 +861,15 @@ class GraphStore:
         )
         # Recompute roots of everything that resolved through the survivor's current root.
         current_root = self.connection.execute(
-            select(persons.c.root_id).where(persons.c.person_id == merge.survivor)
+            select(persons.c.root_key).where(persons.c.person_id == merge.survivor)
         ).scalar_one()
         rows = self.connection.execute(
-            select(persons.c.person_id, persons.c.alias_of).where(persons.c.root_id == current_root)
+            select(persons.c.person_id, persons.c.key, persons.c.alias_of).where(
+                persons.c.root_key == current_root
+            )
         ).all()
         alias_of = {row.person_id: row.alias_of for row in rows}
+        key_of = {row.person_id: row.key for row in rows}
 
         def root_of(person: str) -> str:
             seen = set()
@@ -798,10 +882,12 @@ class GraphStore:
         for person in alias_of:
             by_root[root_of(person)].append(person)
         for root, members in by_root.items():
-            if root != current_root:
-                for chunk in _chunks(members):
+            if key_of[root] != current_root:
+                for chunk in _chunks([key_of[member] for member in members]):
                     self.connection.execute(
-                        update(persons).where(persons.c.person_id.in_(chunk)).values(root_id=root)
+                        update(persons)
+                        .where(persons.c.key.in_(chunk))
+                        .values(root_key=key_of[root])
                     )
         self.connection.execute(
             update(merges).where(merges.c.merge_id == merge.merge_id).values(undone_at=at)
@@ -858,12 +944,14 @@ class GraphStore:
         ).first()
         if row is None:
             return None
-        root = row.root_id
-        members = self.connection.execute(select(persons).where(persons.c.root_id == root)).all()
-        created_at = next(utc(m.created_at) for m in members if m.person_id == root)
+        members = self.connection.execute(
+            select(persons).where(persons.c.root_key == row.root_key)
+        ).all()
+        root_row = next(m for m in members if m.key == row.root_key)
+        root, created_at = root_row.person_id, utc(root_row.created_at)
         aliases = sorted(m.person_id for m in members if m.person_id != root)
         rows = list(
-            self._select_in(identifiers, identifiers.c.person_id, [m.person_id for m in members])
+            self._select_in(identifiers, identifiers.c.person_key, [m.key for m in members])
         )
         by_id: dict[int, list[str]] = defaultdict(list)
         for source_row in self._select_in(
@@ -877,13 +965,13 @@ class GraphStore:
     ) -> list[Any]:
         """History of a person and everyone who resolves to the same root, newest first."""
         root = self.connection.execute(
-            select(persons.c.root_id).where(persons.c.person_id == person_id)
+            select(persons.c.root_key).where(persons.c.person_id == person_id)
         ).scalar_one_or_none()
         members = [person_id]
         if root is not None:
             members = list(
                 self.connection.execute(
-                    select(persons.c.person_id).where(persons.c.root_id == root)
+                    select(persons.c.person_id).where(persons.c.root_key == root)
                 ).scalars()
             )
         query = (
@@ -915,19 +1003,21 @@ class GraphStore:
 
     def forget(self, person_id: str, reason: str) -> tuple[str, list[str], int] | None:
         """Delete a person, its aliases and their identifiers; returns (root, aliases, count)."""
-        root = self.connection.execute(
-            select(persons.c.root_id).where(persons.c.person_id == person_id)
+        root_key = self.connection.execute(
+            select(persons.c.root_key).where(persons.c.person_id == person_id)
         ).scalar_one_or_none()
-        if root is None:
+        if root_key is None:
             return None
-        members = list(
-            self.connection.execute(
-                select(persons.c.person_id).where(persons.c.root_id == root)
-            ).scalars()
-        )
+        rows = self.connection.execute(
+            select(persons.c.person_id, persons.c.key).where(persons.c.root_key == root_key)
+        ).all()
+        members = [row.person_id for row in rows]
+        root = next(row.person_id for row in rows if row.key == root_key)
         ids = list(
             self.connection.execute(
-                select(identifiers.c.id).where(identifiers.c.person_id.in_(members))
+                select(identifiers.c.id).where(
+                    identifiers.c.person_key.in_([row.key for row in rows])
+                )
             ).scalars()
         )
         for chunk in _chunks(ids):
