@@ -23,6 +23,11 @@ For each rule, in this order:
    first, ties to the stronger evidence (the rule's evidence count now), then to the tag id.
    Tags left over are suppressed and listed, with reason ``budget``.
 
+:func:`decide_population` is :func:`assign_tags` for many persons at once: the conditions are
+evaluated vectorised over the profiles' columns and every guardrail above is applied to whole
+arrays, one rule at a time; the result (tags, suppressions and changes, in the same order) is the
+same as calling :func:`assign_tags` for each person.
+
 :func:`dry_run` evaluates a rule set on a whole population (numpy) and warns about tags that
 would be uninformative (more than half the population), unusable (fewer than k persons) or
 crowded out (more tags per person than the budget on average). Audience sizes below the k floor
@@ -32,9 +37,9 @@ are never reported exactly (:func:`audience_size_report`).
 from __future__ import annotations
 
 import enum
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import numpy as np
@@ -67,6 +72,15 @@ REASON_RULE_REMOVED: Final = "rule removed"
 
 def withdrawal_reason(purpose: str) -> str:
     return f"withdrawal:{purpose}"
+
+
+def evidence_count(rule: TagRule, profile: Mapping[str, Any], lifetime_events: int) -> int:
+    """The evidence ``min_evidence`` is checked against: the person's events in the rule's
+    evidence window (``events_7d``, ``events_30d``, ``events_90d``), or every event held."""
+    if rule.evidence_window == "lifetime":
+        return lifetime_events
+    value = profile.get(f"events_{rule.evidence_window}", 0)
+    return value if isinstance(value, int) else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +320,232 @@ def audience_size_report(size: int, k: int) -> tuple[int, bool]:
     if size < k:
         return 0, True
     return size, False
+
+
+# Many persons at once ------------------------------------------------------------------------
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND: Final = timedelta(microseconds=1)
+
+
+def microseconds(moment: datetime) -> int:
+    """A moment as whole microseconds since the epoch: exact for Python's datetimes, so that
+    comparisons on arrays agree with comparisons on datetimes."""
+    return (moment - _EPOCH) // _MICROSECOND
+
+
+@dataclass(frozen=True, slots=True)
+class PersonsState:
+    """What the guardrails need to know about many persons, row ``i`` being one person.
+
+    Every person here has a profile, hence events.
+    """
+
+    columns: ProfileColumns
+    """The persons' profiles as columns (the conditions are evaluated on them)."""
+    profiles: Sequence[Mapping[str, Any]]
+    """The same profiles one by one (each tag's explanation reads its fields)."""
+    lifetime_events: npt.NDArray[np.int64]
+    """Events held per person (the ``lifetime`` evidence window)."""
+    latest_evidence_at: Sequence[datetime]
+    """Time of each person's newest event."""
+    consented: Mapping[str, npt.NDArray[np.bool_]]
+    """Per purpose, whether each person has it granted (absent purpose: nobody has)."""
+    objected_to_all: npt.NDArray[np.bool_]
+    objected_to: Mapping[str, npt.NDArray[np.bool_]]
+    """Per tag id, who objected to it."""
+    carried: Sequence[Mapping[str, AssignedTag]]
+    """The tags each person carries, by tag id."""
+    afresh: npt.NDArray[np.bool_]
+    """Persons whose tags are decided as if they carried none (after an unmerge); the tags they
+    carried and do not get again are removed with ``afresh_reason``."""
+
+
+@dataclass(frozen=True, slots=True)
+class PopulationDecision:
+    """What changes for many persons: rows of tags to (re)write and to delete, each person's
+    suppressed tags, and the changes, in the order :func:`assign_tags` gives them."""
+
+    written: list[tuple[int, AssignedTag]]
+    """Tags assigned or renewed, by row."""
+    deleted: list[tuple[int, str]]
+    """Carried tags whose row goes (removed, expired, over the budget, or rewritten)."""
+    suppressed: dict[int, list[SuppressedTag]]
+    """Per row with any, the tags the budget kept off."""
+    changes: list[tuple[int, TagChange, datetime | None]]
+    """(row, change, the tag's new expiry for assignments and renewals), by row."""
+
+
+def _rows(mask: npt.NDArray[np.bool_]) -> list[int]:
+    return np.flatnonzero(mask).tolist()  # type: ignore[no-any-return]
+
+
+def decide_population(
+    rule_set: ParsedRuleSet,
+    state: PersonsState,
+    *,
+    now: datetime,
+    afresh_reason: str,
+    budget: int | None = None,
+) -> PopulationDecision:
+    """:func:`assign_tags` for every row of ``state``, with arrays instead of loops."""
+    n = state.columns.size
+    rules = rule_set.rules
+    limit = rule_set.tag_budget if budget is None else budget
+    now_us = microseconds(now)
+    latest_us = np.fromiter(
+        (microseconds(moment) for moment in state.latest_evidence_at), dtype=np.int64, count=n
+    )
+    evidence_us = np.minimum(latest_us, now_us)
+    evidence_at = [min(moment, now) for moment in state.latest_evidence_at]
+    no = np.zeros(n, dtype=bool)
+    profiling = state.consented.get(PROFILING_PURPOSE, no)
+
+    # The carried tags as (row, rule) matrices; tags of rules no longer in the set apart.
+    index = {rule.id: j for j, rule in enumerate(rules)}
+    shape = (n, len(rules))
+    carried = np.zeros(shape, dtype=bool)
+    confirmed_us = np.zeros(shape, dtype=np.int64)
+    expires_us = np.zeros(shape, dtype=np.int64)
+    carried_priority = np.zeros(shape, dtype=np.int64)
+    orphans: list[tuple[int, str]] = []
+    for row in _rows(~state.afresh) if n else []:
+        for tag_id, tag in state.carried[row].items():
+            j = index.get(tag_id)
+            if j is None:
+                orphans.append((row, tag_id))
+                continue
+            carried[row, j] = True
+            confirmed_us[row, j] = microseconds(tag.confirmed_at)
+            expires_us[row, j] = microseconds(tag.expires_at)
+            carried_priority[row, j] = tag.priority
+    universe = sorted(
+        {rule.id for rule in rules} | {tag_id for tags in state.carried for tag_id in tags}
+    )
+    tag_rank = {tag_id: k for k, tag_id in enumerate(universe)}
+
+    evidence = np.zeros(shape, dtype=np.int64)
+    priority = np.zeros(shape, dtype=np.int64)
+    candidate = np.zeros(shape, dtype=bool)
+    new = np.zeros(shape, dtype=bool)
+    renewed = np.zeros(shape, dtype=bool)
+    # (row, phase, order within the phase, change, expiry): sorted into assign_tags's order.
+    changes: list[tuple[int, int, int, TagChange, datetime | None]] = []
+    deleted: list[tuple[int, str]] = list(orphans)
+    changes.extend(
+        (row, 0, tag_rank[tag_id], TagChange(tag_id, ChangeKind.REMOVED, REASON_RULE_REMOVED), None)
+        for row, tag_id in orphans
+    )
+    for j, rule in enumerate(rules):
+        objected = state.objected_to.get(rule.id, no)
+        own_purpose = state.consented.get(rule.purpose, no)
+        allowed = own_purpose & profiling & ~state.objected_to_all & ~objected
+        counts = _evidence_column(rule, state)
+        evidence[:, j] = counts
+        holds = rule.condition.evaluate_batch(state.columns) & (counts >= rule.min_evidence)
+        fresh = evidence_us + rule.ttl // _MICROSECOND > now_us
+        held = carried[:, j]
+        new[:, j] = allowed & ~held & holds & fresh
+        renewed[:, j] = allowed & held & holds & (evidence_us > confirmed_us[:, j]) & fresh
+        kept = allowed & held & ~renewed[:, j] & (expires_us[:, j] > now_us)
+        expired = allowed & held & ~renewed[:, j] & ~kept
+        candidate[:, j] = new[:, j] | renewed[:, j] | kept
+        priority[:, j] = np.where(kept, carried_priority[:, j], rule.priority)
+
+        refused = held & ~allowed
+        for row in _rows(refused):
+            reason = (
+                REASON_OBJECTION_ALL
+                if state.objected_to_all[row]
+                else REASON_OBJECTION
+                if objected[row]
+                else withdrawal_reason(rule.purpose)
+                if not own_purpose[row]
+                else withdrawal_reason(PROFILING_PURPOSE)
+            )
+            changes.append(
+                (row, 0, tag_rank[rule.id], TagChange(rule.id, ChangeKind.REMOVED, reason), None)
+            )
+            deleted.append((row, rule.id))
+        for row in _rows(expired):
+            reason = REASON_NO_NEW_EVIDENCE if holds[row] else REASON_CONDITION_FAILS
+            changes.append((row, 1, j, TagChange(rule.id, ChangeKind.EXPIRED, reason), None))
+            deleted.append((row, rule.id))
+
+    # The budget: per row, candidates by priority (highest first), evidence, then tag id.
+    ranks = np.broadcast_to(np.array([tag_rank[rule.id] for rule in rules], dtype=np.int64), shape)
+    order = np.lexsort((ranks, -evidence, -priority, ~candidate), axis=1)
+    position = np.empty(shape, dtype=np.int64)
+    np.put_along_axis(position, order, np.broadcast_to(np.arange(len(rules)), shape), axis=1)
+    within = candidate & (position < limit)
+    over = candidate & (position >= limit)
+
+    written: list[tuple[int, AssignedTag]] = []
+    kept_ids: dict[int, set[str]] = {}
+    suppressed: dict[int, list[tuple[int, SuppressedTag]]] = {}
+    for j, rule in enumerate(rules):
+        for row in _rows(within[:, j] & (new[:, j] | renewed[:, j])):
+            is_new = bool(new[row, j])
+            tag = _explained(
+                rule,
+                rule_set.version,
+                state.profiles[row],
+                int(evidence[row, j]),
+                assigned_at=now if is_new else state.carried[row][rule.id].assigned_at,
+                confirmed_at=evidence_at[row],
+            )
+            change = (
+                TagChange(rule.id, ChangeKind.ASSIGNED, REASON_MATCHED)
+                if is_new
+                else TagChange(rule.id, ChangeKind.RENEWED, REASON_NEW_EVIDENCE)
+            )
+            changes.append((row, 2, int(position[row, j]), change, tag.expires_at))
+            written.append((row, tag))
+            if not is_new:
+                deleted.append((row, rule.id))
+        for row in _rows(within[:, j] & state.afresh):
+            kept_ids.setdefault(row, set()).add(rule.id)
+        for row in _rows(over[:, j]):
+            was_carried = bool(carried[row, j])
+            tag_priority = int(priority[row, j])
+            suppressed.setdefault(row, []).append(
+                (
+                    int(position[row, j]),
+                    SuppressedTag(rule.id, tag_priority, int(evidence[row, j])),
+                )
+            )
+            kind = ChangeKind.REMOVED if was_carried else ChangeKind.SUPPRESSED
+            changes.append(
+                (row, 3, int(position[row, j]), TagChange(rule.id, kind, REASON_BUDGET), None)
+            )
+            if was_carried:
+                deleted.append((row, rule.id))
+
+    for row in _rows(state.afresh):
+        again = kept_ids.get(row, set())
+        for tag_id in state.carried[row]:
+            deleted.append((row, tag_id))
+            if tag_id not in again:
+                change = TagChange(tag_id, ChangeKind.REMOVED, afresh_reason)
+                changes.append((row, 4, tag_rank[tag_id], change, None))
+
+    changes.sort(key=lambda item: (item[0], item[1], item[2]))
+    return PopulationDecision(
+        written=written,
+        deleted=deleted,
+        suppressed={
+            row: [tag for _, tag in sorted(entries, key=lambda entry: entry[0])]
+            for row, entries in suppressed.items()
+        },
+        changes=[(row, change, expiry) for row, _, _, change, expiry in changes],
+    )
+
+
+def _evidence_column(rule: TagRule, state: PersonsState) -> npt.NDArray[np.int64]:
+    if rule.evidence_window == "lifetime":
+        return state.lifetime_events
+    column: npt.NDArray[np.int64] = state.columns.scalar(f"events_{rule.evidence_window}")
+    return column
 
 
 # Population-wide evaluation ----------------------------------------------------------------------

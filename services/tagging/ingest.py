@@ -2,7 +2,8 @@
 
 Each function runs inside the consumer's transaction (the cursor advances in the same commit),
 so an envelope is applied exactly once. They return the persons whose profile and tags must be
-recomputed; the caller does that in the same transaction.
+recomputed (:func:`touched` says the same from the envelope alone); the caller does that in the
+same transaction, once per person for a whole batch of envelopes.
 
 - BehaviourRecorded for ``profiling``: the minimised event is kept (other events are ignored).
 - ConsentChanged: the consent state is remembered; a withdrawal of ``profiling`` deletes the
@@ -45,6 +46,25 @@ PERSON_TABLES: Final = (
 
 def _upsert(connection: Connection) -> object:
     return postgresql if connection.dialect.name == "postgresql" else sqlite
+
+
+def touched(envelope: events_pb2.Envelope) -> tuple[set[str], set[str]]:
+    """The persons whose profile and tags an envelope changes, and those of them whose tags must
+    be decided afresh (both persons of an unmerge). Erased and forgotten persons have nothing left
+    to re-evaluate."""
+    body = envelope.WhichOneof("body")
+    if body == "behaviour_recorded":
+        event = envelope.behaviour_recorded
+        return ({event.person_id} if PROFILING in event.purposes else set()), set()
+    if body == "consent_changed":
+        return {envelope.consent_changed.person_id}, set()
+    if body == "persons_merged":
+        return {envelope.persons_merged.surviving_person_id}, set()
+    if body == "person_unmerged":
+        split = envelope.person_unmerged
+        both = {split.surviving_person_id, split.restored_person_id}
+        return both, set(both)
+    return set(), set()
 
 
 def apply_consent_log(connection: Connection, envelope: events_pb2.Envelope) -> set[str]:

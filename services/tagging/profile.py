@@ -213,6 +213,7 @@ class ProfileColumns:
         self._scalars: dict[str, npt.NDArray[Any]] = {}
         self._map_values: dict[tuple[str, str], npt.NDArray[Any]] = {}
         self._map_sizes: dict[str, npt.NDArray[np.int64]] = {}
+        self._map_rows: dict[str, list[Any]] = {}
         self._complete_maps: set[str] = set()
         for name, column in (scalars or {}).items():
             self._scalars[name] = self._checked(name, column, PROFILE_FIELDS[name])
@@ -270,11 +271,18 @@ class ProfileColumns:
                 column = np.empty(self.size, dtype=object)
                 column[:] = [str(p.get(name) or "") for p in profiles]
             else:
-                column = np.fromiter(
-                    (p.get(name) or default for p in profiles),
-                    dtype=_dtype(cel_type),
-                    count=self.size,
-                )
+                try:  # profiles as stored hold every field, never None
+                    column = np.fromiter(
+                        map(operator.methodcaller("get", name, default), profiles),
+                        dtype=_dtype(cel_type),
+                        count=self.size,
+                    )
+                except TypeError:
+                    column = np.fromiter(
+                        (p.get(name) or default for p in profiles),
+                        dtype=_dtype(cel_type),
+                        count=self.size,
+                    )
             self._scalars[name] = column
         return column
 
@@ -290,12 +298,20 @@ class ProfileColumns:
                 column = np.zeros(self.size, dtype=_dtype(cel_type))
             else:
                 column = np.fromiter(
-                    ((p.get(name) or EMPTY_MAP).get(key, 0) for p in profiles),
+                    map(operator.methodcaller("get", key, 0), self._maps(name, profiles)),
                     dtype=_dtype(cel_type),
                     count=self.size,
                 )
             self._map_values[(name, key)] = column
         return column
+
+    def _maps(self, name: str, profiles: Sequence[Mapping[str, Any]]) -> list[Any]:
+        """Each profile's map ``name`` (an empty one where it has none), looked up once for
+        all the keys read from it."""
+        rows = self._map_rows.get(name)
+        if rows is None:
+            rows = self._map_rows[name] = [p.get(name) or EMPTY_MAP for p in profiles]
+        return rows
 
     def map_sizes(self, name: str) -> npt.NDArray[np.int64]:
         """How many keys of a map field are non-zero, per profile (CEL ``size(p.map)``)."""

@@ -15,12 +15,18 @@ A rule set looks like this (``rules/example.yaml`` is a complete one)::
         purpose: profiling               # purpose that must be granted, default profiling
         condition: p.spend_90d >= 500.0 && p.orders_90d >= 2
         min_evidence: 3                  # events in the evidence window, default 1
+        evidence_window: 90d             # 7d, 30d, 90d (default) or lifetime
         ttl: 30d                         # lifetime without new evidence, default 30d
         priority: 50                     # higher wins under the budget, default 0
 
 Durations are a whole number of days or hours: ``30d``, ``12h`` (no minutes, so ``6m`` can't be
 mistaken for six months), from 1 hour to 365 days. Every problem is reported with its place
 (``tags[2].condition``), all at once.
+
+``min_evidence`` counts the person's events in the rule's ``evidence_window``: the trailing 7, 30
+or 90 days (``events_7d`` … ``events_90d``), or ``lifetime``, every event tagging holds for the
+person. A tag about absence (``p.lifecycle == "churned"``: nothing for 90 days) has no recent
+events by definition, so it counts its evidence over the lifetime.
 """
 
 from __future__ import annotations
@@ -51,6 +57,9 @@ DEFAULT_TAG_BUDGET: Final = 5
 DEFAULT_K_FLOOR: Final = 50
 DEFAULT_MIN_EVIDENCE: Final = 1
 DEFAULT_TTL: Final = timedelta(days=30)
+EVIDENCE_WINDOWS: Final = ("7d", "30d", "90d", "lifetime")
+"""Where ``min_evidence`` counts events: a trailing window, or every event held."""
+DEFAULT_EVIDENCE_WINDOW: Final = "90d"
 MIN_K_FLOOR: Final = 10
 MAX_TAG_BUDGET: Final = 50
 MAX_TAGS: Final = 200
@@ -72,6 +81,7 @@ _TAG_KEYS: Final = (
     "purpose",
     "condition",
     "min_evidence",
+    "evidence_window",
     "ttl",
     "priority",
 )
@@ -89,6 +99,8 @@ class TagRule:
     min_evidence: int
     ttl: timedelta
     priority: int
+    evidence_window: str = DEFAULT_EVIDENCE_WINDOW
+    """One of :data:`EVIDENCE_WINDOWS`: where ``min_evidence`` counts events."""
 
     @property
     def condition_text(self) -> str:
@@ -290,6 +302,7 @@ class _TagParser:
             low=1,
             high=MAX_MIN_EVIDENCE,
         )
+        window = self.evidence_window(raw.get("evidence_window"), f"{path}.evidence_window")
         ttl = self.ttl(raw.get("ttl"), f"{path}.ttl")
         priority = _integer(
             raw.get("priority"),
@@ -303,7 +316,7 @@ class _TagParser:
             return None
         assert tag_id and category and description and purpose and condition
         return TagRule(
-            tag_id, category, description, purpose, condition, min_evidence, ttl, priority
+            tag_id, category, description, purpose, condition, min_evidence, ttl, priority, window
         )
 
     def tag_id(self, value: Any, path: str, index: int) -> str | None:
@@ -387,6 +400,14 @@ class _TagParser:
         for message in messages:
             self.problems.add(path, message)
         return None if messages else compiled
+
+    def evidence_window(self, value: Any, path: str) -> str:
+        if value is None:
+            return DEFAULT_EVIDENCE_WINDOW
+        if value not in EVIDENCE_WINDOWS:
+            self.problems.add(path, f"must be one of {', '.join(EVIDENCE_WINDOWS)}, not {value!r}")
+            return DEFAULT_EVIDENCE_WINDOW
+        return str(value)
 
     def ttl(self, value: Any, path: str) -> timedelta:
         if value is None:

@@ -249,9 +249,11 @@ def build(context: ServiceContext) -> ServiceParts:
     def start_consumers(own_target: str) -> None:
         channel = grpc.insecure_channel(context.settings.identity_target or own_target)
         channels.append(channel)
+        # Each envelope is only recorded; each person a batch touched is re-evaluated once at
+        # its end, in the same transaction.
         feeds: Sequence[tuple[str, Callable[..., None]]] = (
-            ("consent", service.apply_consent_envelope),
-            ("identity", service.apply_identity_envelope),
+            ("consent", service.ingest_consent_envelope),
+            ("identity", service.ingest_identity_envelope),
         )
         for producer, apply in feeds:
             consumer = Consumer(
@@ -261,15 +263,18 @@ def build(context: ServiceContext) -> ServiceParts:
                 engine,
                 apply,
                 tables=CONSUMER_TABLES,
+                end_batch=service.end_batch,
                 tracer_provider=context.telemetry.tracer_provider,
             )
             consumers.append(consumer)
             consumer.start()
 
     tasks = [
-        # The daily roll: expired tags go and the population's RFM quintiles are refreshed.
+        # Hourly, expired tags go. Daily, and once at start (in the background, so a restart
+        # never leaves every buyer at the default score of 3 for a day): the RFM quintiles are
+        # refreshed and every profile is recomputed, its windows having moved on.
         PeriodicTask("tag-expiry", ROLL_INTERVAL_SECONDS, service.expire),
-        PeriodicTask("rfm-refresh", RFM_INTERVAL_SECONDS, service.refresh_rfm),
+        PeriodicTask("rfm-refresh", RFM_INTERVAL_SECONDS, service.refresh_rfm, run_at_start=True),
     ]
 
     def stop() -> None:
