@@ -12,9 +12,11 @@ from typing import Any
 
 import pytest
 from google.protobuf import json_format
+from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 from steward.common.v1 import common_pb2
+from steward.events.v1 import events_pb2
 
 from services.common.migrations import upgrade
 from services.common.outbox import Outbox
@@ -373,3 +375,112 @@ def test_put_rule_set_reevaluates_in_pages_of_stored_profiles(
     monkeypatch.setattr("services.tagging.service.STORED_PAGE", 7)
     assert outcome(service, with_b) == whole
     assert whole["tags"]
+
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "rules" / "example.yaml"
+
+
+def test_the_examples_churned_tag_is_granted_to_a_customer_gone_quiet(engine: Engine) -> None:
+    """A churned person has no events in the last 90 days by definition: the example's churned
+    tag counts its evidence over the lifetime, so it can actually be granted."""
+    upgrade(engine, "tagging")
+    clock = Clock(T0)
+    service = TaggingService(engine, Outbox(PRODUCER, OUTBOX_TABLES), clock=clock)
+    rng = random.Random(4)
+    gone_quiet, one_visit, active = "p-gone-quiet", "p-one-visit", "p-active"
+    events = [
+        *random_events(rng, gone_quiet, gone_quiet, T0 - timedelta(days=100), 5, 40.0),
+        *random_events(rng, one_visit, one_visit, T0 - timedelta(days=100), 1, 1.0),
+        *random_events(rng, active, active, T0, 5, 20.0),
+    ]
+    with engine.begin() as connection:
+        connection.execute(insert(events_table), events)
+        connection.execute(
+            insert(consents_table),
+            [
+                {"person_id": p, "purpose": "profiling", "allowed": True, "ledger_seq": 0}
+                for p in (gone_quiet, one_visit, active)
+            ],
+        )
+    with service.outbox.begin(engine) as connection:
+        service.reevaluate(connection, [gone_quiet, one_visit, active])
+    service.put_rule_set(EXAMPLE.read_text(), "test")  # on the stored profiles
+
+    assert service.profile_of(gone_quiet)["events_90d"] == 0
+    (churned,) = [tag for tag in service.tags_of(gone_quiet).tags if tag.tag_id == "churned"]
+    newest = max(utc(e["occurred_at"]) for e in events if e["person_id"] == gone_quiet)
+    assert churned.evidence_count == 5
+    assert churned.field_values == {"lifecycle": "churned"}
+    assert churned.expires_at == newest + timedelta(days=180)
+    # One visit long ago is not a customer who left; an active one has not left.
+    assert service.profile_of(one_visit)["lifecycle"] == "churned"
+    assert "churned" not in {tag.tag_id for tag in service.tags_of(one_visit).tags}
+    assert "churned" not in {tag.tag_id for tag in service.tags_of(active).tags}
+
+    # The per-person path agrees.
+    fresh = outcome(
+        service, lambda c: service.reevaluate_each(c, [gone_quiet], afresh=[gone_quiet])
+    )
+    assert any(row[1] == "churned" for row in fresh["tags"] if row[0] == gone_quiet)
+
+
+def test_a_consumer_batch_reevaluates_each_person_it_touched_once(engine: Engine) -> None:
+    """Envelopes are only recorded; the batch's end re-evaluates each person once, so a burst of
+    one person's events makes one decision (one ASSIGNED), not one per event."""
+    upgrade(engine, "tagging")
+    clock = Clock(T0)
+    service = TaggingService(engine, Outbox(PRODUCER, OUTBOX_TABLES), clock=clock)
+    service.put_rule_set(RULES_A, "test")
+
+    def visit(seq: int, person: str) -> events_pb2.Envelope:
+        stamp = Timestamp()
+        stamp.FromDatetime(T0 - timedelta(minutes=seq))
+        return events_pb2.Envelope(
+            id=f"consent-{seq}",
+            seq=seq,
+            producer="consent",
+            behaviour_recorded=events_pb2.BehaviourRecorded(
+                person_id=person,
+                event_id=f"visit-{seq}",
+                type=T.EVENT_TYPE_VIEW,
+                category="outdoor",
+                channel="web",
+                occurred_at=stamp,
+                purposes=["profiling"],
+            ),
+        )
+
+    grant = [
+        events_pb2.Envelope(
+            id=f"consent-{n}",
+            seq=n,
+            producer="consent",
+            consent_changed=events_pb2.ConsentChanged(
+                person_id=person, purpose="profiling", decision=T.DECISION_GRANTED, allowed=True
+            ),
+        )
+        for n, person in enumerate(("p-ann", "p-bob"), start=1)
+    ]
+    batch = [*grant, *(visit(seq, ("p-ann", "p-bob")[seq % 2]) for seq in range(3, 13))]
+    with service.outbox.begin(engine) as connection:
+        for envelope in batch:
+            service.ingest_consent_envelope(connection, envelope)
+        assert service.outbox.last_seq(connection) == 0  # nothing decided yet
+        service.end_batch(connection, batch)
+        changes = [
+            (e.tag_changed.person_id, e.tag_changed.tag_id, e.tag_changed.change)
+            for e in service.outbox.read(connection, 1, 100)
+        ]
+    # One decision per person: busy and outdoor_fan within the budget of 2, weekly_visitor
+    # left out; no renewal per further event.
+    assert changes == [
+        (person, tag_id, kind)
+        for person in ("p-ann", "p-bob")
+        for tag_id, kind in (
+            ("busy", events_pb2.TAG_CHANGE_ASSIGNED),
+            ("outdoor_fan", events_pb2.TAG_CHANGE_ASSIGNED),
+            ("weekly_visitor", events_pb2.TAG_CHANGE_SUPPRESSED),
+        )
+    ]
+    assert service.profile_of("p-ann")["events_90d"] == 5
+    assert [tag.tag_id for tag in service.tags_of("p-bob").tags] == ["busy", "outdoor_fan"]

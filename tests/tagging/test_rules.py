@@ -67,6 +67,9 @@ def test_example_rule_set_parses_and_compiles() -> None:
     hesitant = parsed.rule("hesitant_buyer")
     assert hesitant is not None and hesitant.purpose == "marketing"
     assert all(rule.condition.checked_text for rule in parsed.rules)
+    churned = parsed.rule("churned")
+    assert churned is not None
+    assert (churned.evidence_window, churned.min_evidence) == ("lifetime", 3)
 
 
 def test_defaults_apply() -> None:
@@ -78,9 +81,23 @@ def test_defaults_apply() -> None:
         timedelta(days=30),
         0,
     )
+    assert rule.evidence_window == "90d"
     assert parsed.tag_budget == DEFAULT_TAG_BUDGET and parsed.k_floor == DEFAULT_K_FLOOR
     assert parsed.version == 0 and parsed.with_version(3).version == 3
     assert isinstance(parsed, ParsedRuleSet)
+
+
+@pytest.mark.parametrize("window", ["7d", "30d", "90d", "lifetime"])
+def test_evidence_windows(window: str) -> None:
+    parsed = parse_rule_set(_rule_set(_tag(extra=f"    evidence_window: {window}\n")))
+    assert parsed.rules[0].evidence_window == window
+
+
+@pytest.mark.parametrize("window", ["60d", "forever", "90", "[90d]"])
+def test_an_unknown_evidence_window_is_refused(window: str) -> None:
+    problems = _problems(_rule_set(_tag(extra=f"    evidence_window: {window}\n")))
+    (message,) = problems["tags[0].evidence_window"]
+    assert message.startswith("must be one of 7d, 30d, 90d, lifetime")
 
 
 def test_every_problem_is_reported_at_its_place() -> None:
