@@ -76,6 +76,7 @@ def serve(
 ) -> None:
     """Run the services (all four in one process by default) until SIGTERM or Ctrl-C."""
     import dataclasses
+    import gc
 
     settings = _settings()
     overrides: dict[str, object] = {}
@@ -97,12 +98,19 @@ def serve(
         suite.port,
         extra={"services": list(suite.services), "port": suite.port},
     )
+
+    def started() -> None:
+        suite.started()
+        # What start-up allocated lives as long as the process: keeping it out of the
+        # collector's reach makes each full collection, and so the tail latency, shorter.
+        gc.freeze()
+
     try:
         serve_until_stopped(
             suite.server,
             suite.health,
             settings.grace_seconds,
-            on_started=suite.started,
+            on_started=started,
             on_stopping=suite.event_log.close if suite.event_log else None,
         )
     finally:

@@ -11,6 +11,7 @@ control (gRPC status descriptions, recorded exceptions) would let one through.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, cast
@@ -34,6 +35,7 @@ from opentelemetry.sdk.trace.export import (
     SimpleSpanProcessor,
     SpanExporter,
 )
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Sampler
 from opentelemetry.trace import Link, Status
 from opentelemetry.util.types import Attributes, AttributeValue
 
@@ -84,11 +86,18 @@ def setup_telemetry(
 
     ``span_exporter`` (exported synchronously, as tests need) and ``metric_reader`` are added
     alongside OTLP export, which is enabled only by ``settings.otlp_endpoint``. Without either,
-    spans are created for context propagation but go nowhere. ``install_global`` also makes them
-    the process-wide providers, which OpenTelemetry allows only once per process.
+    spans are not recorded (nothing would read them; recording costs about a tenth of a cheap
+    call's CPU) but still carry trace context from caller to callee. The sampler is otherwise the
+    SDK's, so ``OTEL_TRACES_SAMPLER`` (e.g. ``parentbased_traceidratio``) applies as documented.
+    ``install_global`` also makes them the process-wide providers, which OpenTelemetry allows
+    only once per process.
     """
     resource = Resource.create({SERVICE_NAME: service_name, SERVICE_NAMESPACE: "steward"})
-    tracer_provider = TracerProvider(resource=resource)
+    exported = span_exporter is not None or bool(settings.otlp_endpoint)
+    sampler: Sampler | None = None
+    if not exported and not os.environ.get("OTEL_TRACES_SAMPLER"):
+        sampler = ALWAYS_OFF
+    tracer_provider = TracerProvider(resource=resource, sampler=sampler)
     readers: list[MetricReader] = []
     if span_exporter is not None:
         tracer_provider.add_span_processor(

@@ -505,7 +505,7 @@ class ConsentServicer(consent_pb2_grpc.ConsentServiceServicer):
             person,
             request.purpose,
             _at(request.at),
-            erased_digests=self._collection.erased_digests(person),
+            erasure_markers=lambda: self._collection.erased_digests(person),
         )
         return C.CheckConsentResponse(
             allowed=state.allowed,

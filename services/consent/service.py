@@ -341,21 +341,28 @@ class ConsentService:
         purpose_id: str,
         at: datetime,
         *,
-        erased_digests: Sequence[str] = (),
+        erasure_markers: Callable[[], Sequence[str]] | None = None,
     ) -> ConsentState:
-        """Whether one purpose is allowed; ERASED when one of ``erased_digests`` is recorded.
+        """Whether one purpose is allowed; ERASED when one of ``erasure_markers()`` is recorded.
 
-        The erasure markers and the decisions are read on one connection: a second checkout
-        costs more than either query (on PostgreSQL a pre-ping, BEGIN and ROLLBACK each).
+        Erasure deletes a person's decisions and no decision is accepted for an erased person,
+        so the markers are looked up (and their keyed hashes computed) only for a person with
+        no decision for the purpose: one query answers almost every check. Both queries run on
+        one connection: a second checkout costs more than either query (on PostgreSQL a
+        pre-ping, BEGIN and ROLLBACK each).
         """
         purposes = self.purposes()
         purpose = purposes.get(purpose_id)
         if purpose is None:
             raise NotFound("purpose", purpose_id)
         with self.store.reading() as connection:
-            if erased_digests and self.store.is_erased(connection, erased_digests):
-                return ConsentState(purpose.id, False, consent_pb2.CONSENT_REASON_ERASED)
             decisions = self.store.decisions_of(connection, person_id, purpose_id)
+            if (
+                not decisions
+                and erasure_markers is not None
+                and self.store.is_erased(connection, erasure_markers())
+            ):
+                return ConsentState(purpose.id, False, consent_pb2.CONSENT_REASON_ERASED)
         return effective_state(purpose, decisions, at)
 
     # Ledger and checkpoints ----------------------------------------------------------------------

@@ -239,3 +239,35 @@ def test_otlp_export_goes_through_redaction() -> None:
     keys = {attribute.key for attribute in otlp_span.attributes}
     assert keys == {"steward.identifiers", REDACTED_COUNT_ATTRIBUTE}
     assert b"alice@example.com" not in collector.requests[0].SerializeToString()
+
+
+def test_spans_are_not_recorded_when_nothing_exports_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
+    telemetry = setup_telemetry(Settings.from_env({}), "steward-test")
+    tracer = telemetry.tracer_provider.get_tracer("test")
+    with tracer.start_as_current_span("parent") as parent:
+        assert not parent.is_recording()
+        # Still a valid context, so callees join the caller's trace.
+        assert parent.get_span_context().is_valid
+        with tracer.start_as_current_span("child") as child:
+            assert child.get_span_context().trace_id == parent.get_span_context().trace_id
+
+
+def test_the_standard_sampler_variable_overrides_not_recording(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_on")
+    telemetry = setup_telemetry(Settings.from_env({}), "steward-test")
+    with telemetry.tracer_provider.get_tracer("test").start_as_current_span("span") as span:
+        assert span.is_recording()
+
+
+def test_spans_are_recorded_when_an_exporter_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
+    exporter = InMemorySpanExporter()
+    telemetry = setup_telemetry(Settings.from_env({}), "steward-test", span_exporter=exporter)
+    with telemetry.tracer_provider.get_tracer("test").start_as_current_span("span"):
+        pass
+    assert [span.name for span in exporter.get_finished_spans()] == ["span"]
