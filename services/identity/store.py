@@ -30,7 +30,6 @@ from sqlalchemy import (
     Index,
     Integer,
     and_,
-    bindparam,
     delete,
     event,
     func,
@@ -203,18 +202,6 @@ def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
 
 
 _TOUCH_STATEMENTS: Final = 8
-# Statements of merges, built once (parameters are named after no column, as UPDATE ... SET
-# reserves the column names for itself).
-_ATTACH: Final = (
-    update(persons)
-    .where(persons.c.person_id == bindparam("absorbed"))
-    .values(alias_of=bindparam("attach_to"), merged_by=bindparam("by_merge"))
-)
-_REROOT: Final = (
-    update(persons)
-    .where(persons.c.root_key == bindparam("absorbed"))
-    .values(root_key=bindparam("survivor"))
-)
 _ROOT_PERSON: Final = persons.alias("root_person")
 
 
@@ -280,27 +267,96 @@ class _DriverSql:
         )
         self.ids_of_digests = sql(f"SELECT digest, id FROM identifiers WHERE {among('digest')}")
         self.last_identifier_id = "SELECT max(id) FROM identifiers"
-        self.insert_person = sql(
-            "INSERT INTO persons (key, person_id, root_key, alias_of, merged_by, created_at)"
-            " VALUES (?, ?, ?, NULL, NULL, ?)"
+        self.insert_person = self._insert(
+            "persons",
+            ("key", "bigint"),
+            ("person_id", "text"),
+            ("root_key", "bigint"),
+            ("created_at", "timestamptz"),
         )
-        columns = "digest, type, namespace, person_key, quarantined, first_seen, last_seen"
-        self.insert_identifier = sql(
-            f"INSERT INTO identifiers ({columns}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+        identifier_columns = (
+            ("digest", "text"),
+            ("type", "int"),
+            ("namespace", "text"),
+            ("person_key", "bigint"),
+            ("quarantined", "boolean"),
+            ("first_seen", "timestamptz"),
+            ("last_seen", "timestamptz"),
         )
-        self.insert_identifier_with_id = sql(
-            f"INSERT INTO identifiers (id, {columns}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+        # PostgreSQL hands the ids back; on SQLite they are chosen first (see link_identifiers).
+        self.insert_identifiers = (
+            self._insert("identifiers", *identifier_columns) + " RETURNING digest, id"
+            if postgres
+            else self._insert("identifiers", ("id", "bigint"), *identifier_columns)
         )
-        self.insert_source = sql(
-            "INSERT INTO identifier_sources (identifier_id, source) VALUES (?, ?)"
+        self.insert_source = self._insert(
+            "identifier_sources", ("identifier_id", "bigint"), ("source", "text")
         )
         self.touch_all = sql(
             f"UPDATE identifiers SET last_seen = ? WHERE {among('id')} AND last_seen < ?"
         )
         self.touch_one = sql("UPDATE identifiers SET last_seen = ? WHERE id = ? AND last_seen < ?")
-        self.insert_copresence = sql(
-            "INSERT INTO copresence (identifier_id, other_person_id, observed_at) VALUES (?, ?, ?)"
+        self.insert_copresence = self._insert(
+            "copresence",
+            ("identifier_id", "bigint"),
+            ("other_person_id", "text"),
+            ("observed_at", "timestamptz"),
         )
+        self.attach = sql("UPDATE persons SET alias_of = ?, merged_by = ? WHERE person_id = ?")
+        self.reroot = sql("UPDATE persons SET root_key = ? WHERE root_key = ?")
+        self.insert_merge = self._insert(
+            "merges",
+            ("merge_id", "text"),
+            ("survivor_id", "text"),
+            ("absorbed", "json"),
+            ("actor", "text"),
+            ("source", "text"),
+            ("reason", "text"),
+            ("rules_version", "int"),
+            ("merged_at", "timestamptz"),
+        )
+        self.insert_evidence = self._insert(
+            "merge_evidence",
+            ("merge_id", "text"),
+            ("identifier_id", "bigint"),
+            ("side_person_id", "text"),
+        )
+        self.insert_history = self._insert(
+            "history",
+            ("id", "text"),
+            ("kind", "int"),
+            ("at", "timestamptz"),
+            ("actor", "text"),
+            ("source", "text"),
+            ("rules_version", "int"),
+            ("reason", "text"),
+            ("merge_id", "text"),
+            ("evidence", "json"),
+        )
+        self.insert_history_persons = self._insert(
+            "history_persons", ("history_id", "text"), ("person_id", "text")
+        )
+
+    def _insert(self, table: str, *columns: tuple[str, str]) -> str:
+        """INSERT of many rows: run per row on SQLite, once over one array per column on
+        PostgreSQL (``rows`` does either). JSON values are passed as their text."""
+        names = ", ".join(name for name, _ in columns)
+        if not self.postgres:
+            return f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' for _ in columns)})"
+        arrays = ", ".join(f"%s::{'text' if type_ == 'json' else type_}[]" for _, type_ in columns)
+        aliases = ", ".join(f"c{i}" for i in range(len(columns)))
+        values = ", ".join(
+            f"c{i}::json" if type_ == "json" else f"c{i}" for i, (_, type_) in enumerate(columns)
+        )
+        rows = f"unnest({arrays}) AS u({aliases})"
+        return f"INSERT INTO {table} ({names}) SELECT {values} FROM {rows}"
+
+    def rows(self, cursor: Any, statement: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Run an :meth:`_insert` statement for ``rows``."""
+        if self.postgres:
+            cursor.execute(statement, [list(column) for column in zip(*rows, strict=True)])
+        else:
+            cursor.executemany(statement, rows)
 
     def values(self, values: Iterable[Any]) -> Any:
         """A list bound as one parameter: an array on PostgreSQL, JSON for json_each on SQLite."""
@@ -467,6 +523,8 @@ class GraphStore:
         self._sql = _DRIVER_SQL[connection.dialect.name]
         self._keys: dict[str, int] = {}
         """person_id -> key of the persons this transaction has met (keys never change)."""
+        self._ids: dict[str, int] = {}
+        """digest -> id of the identifiers this transaction has met."""
 
     def _cursor(self) -> Any:
         """A DBAPI cursor on the transaction's own connection."""
@@ -492,6 +550,7 @@ class GraphStore:
                 )
                 roots[origin] = root
                 keys[origin], keys[root] = row[8], row[9]
+                self._ids[digest] = identifier_id
             if source is not None:
                 found.sources.add(source)
         return known, roots
@@ -658,7 +717,8 @@ class GraphStore:
             first = int(cursor.fetchone()[0] or 0) + 1
             keys = list(range(first, first + len(new_persons)))
         time = sql.time
-        cursor.executemany(
+        sql.rows(
+            cursor,
             sql.insert_person,
             [(key, p, key, time(at)) for key, (p, at) in zip(keys, new_persons, strict=True)],
         )
@@ -671,8 +731,9 @@ class GraphStore:
         sql, cursor = self._sql, self._cursor()
         time = sql.time
         if sql.postgres:
-            cursor.executemany(
-                sql.insert_identifier,
+            sql.rows(
+                cursor,
+                sql.insert_identifiers,
                 [
                     (
                         n.digest,
@@ -686,14 +747,15 @@ class GraphStore:
                     for n in new
                 ],
             )
-            ids = self._identifier_ids([n.digest for n in new])
+            ids = dict(cursor.fetchall())
         else:
             # The graph's write lock is held, so the ids SQLite would pick can be known first.
             cursor.execute(sql.last_identifier_id)
             first = int(cursor.fetchone()[0] or 0) + 1
             ids = {n.digest: identifier_id for identifier_id, n in enumerate(new, first)}
-            cursor.executemany(
-                sql.insert_identifier_with_id,
+            sql.rows(
+                cursor,
+                sql.insert_identifiers,
                 [
                     (
                         identifier_id,
@@ -708,7 +770,8 @@ class GraphStore:
                     for identifier_id, n in enumerate(new, first)
                 ],
             )
-        cursor.executemany(sql.insert_source, [(ids[n.digest], n.source) for n in new])
+        sql.rows(cursor, sql.insert_source, [(ids[n.digest], n.source) for n in new])
+        self._ids.update(ids)
         return ids
 
     def touch_identifiers(self, seen: dict[int, tuple[datetime, set[str]]]) -> None:
@@ -733,17 +796,20 @@ class GraphStore:
             )
         new_sources = [(i, s) for i, (_, sources) in seen.items() for s in sources]
         if new_sources:
-            cursor.executemany(sql.insert_source, new_sources)
+            sql.rows(cursor, sql.insert_source, new_sources)
 
     def relink_digest(self, identifier_id: int, new_digest: str) -> None:
         self.connection.execute(
             update(identifiers).where(identifiers.c.id == identifier_id).values(digest=new_digest)
         )
+        self._ids = {d: i for d, i in self._ids.items() if i != identifier_id}
+        self._ids[new_digest] = identifier_id
 
     def record_copresence(self, observations: set[tuple[int, str]], at: datetime) -> None:
         if observations:
             observed_at = self._sql.time(at)
-            self._cursor().executemany(
+            self._sql.rows(
+                self._cursor(),
                 self._sql.insert_copresence,
                 [(i, p, observed_at) for i, p in sorted(observations)],
             )
@@ -765,57 +831,46 @@ class GraphStore:
         """Apply merges in order, each statement once for all of them; record and publish them."""
         if not applied:
             return
+        sql, cursor = self._sql, self._cursor()
         absorbed = [(merge, person) for merge in applied for person in merge.absorbed]
-        self.connection.execute(
-            _ATTACH,
-            [
-                {
-                    "absorbed": person,
-                    "attach_to": merge.attach_point(person),
-                    "by_merge": merge.merge_id,
-                }
-                for merge, person in absorbed
-            ],
+        cursor.executemany(
+            sql.attach,
+            [(merge.attach_point(person), merge.merge_id, person) for merge, person in absorbed],
         )
         # In order: a later merge may absorb an earlier one's survivor.
         keys = self._person_keys(
             person for merge in applied for person in (merge.survivor, *merge.absorbed)
         )
-        self.connection.execute(
-            _REROOT,
-            [
-                {"absorbed": keys[person], "survivor": keys[merge.survivor]}
-                for merge, person in absorbed
-            ],
+        cursor.executemany(
+            sql.reroot, [(keys[merge.survivor], keys[person]) for merge, person in absorbed]
         )
-        self.connection.execute(
-            insert(merges),
+        sql.rows(
+            cursor,
+            sql.insert_merge,
             [
-                {
-                    "merge_id": merge.merge_id,
-                    "survivor_id": merge.survivor,
-                    "absorbed": list(merge.absorbed),
-                    "actor": merge.actor,
-                    "source": merge.source,
-                    "reason": merge.reason,
-                    "rules_version": merge.rules_version,
-                    "merged_at": merge.merged_at,
-                    "undone_at": None,
-                }
+                (
+                    merge.merge_id,
+                    merge.survivor,
+                    json.dumps(list(merge.absorbed)),
+                    merge.actor,
+                    merge.source,
+                    merge.reason,
+                    merge.rules_version,
+                    sql.time(merge.merged_at),
+                )
                 for merge in applied
             ],
         )
-        digests = {e.digest for merge in applied for e in merge.evidence}
-        ids = self._identifier_ids(list(digests)) if digests else {}
+        ids = self._identifier_ids([e.digest for merge in applied for e in merge.evidence])
         evidence = [
-            {"merge_id": merge.merge_id, "identifier_id": identifier_id, "side_person_id": side}
+            (merge.merge_id, identifier_id, side)
             for merge in applied
             for identifier_id, side in {
                 ids[e.digest]: e.side for e in merge.evidence if e.digest in ids
             }.items()
         ]
         if evidence:
-            self.connection.execute(insert(evidence_table), evidence)
+            sql.rows(cursor, sql.insert_evidence, evidence)
         self.add_history(
             [
                 HistoryRecord(
@@ -847,10 +902,15 @@ class GraphStore:
                 occurred_at=merged_at,
             )
 
-    def _identifier_ids(self, digests: Sequence[str]) -> dict[str, int]:
-        cursor = self._cursor()
-        cursor.execute(self._sql.ids_of_digests, (self._sql.values(sorted(set(digests))),))
-        return dict(cursor.fetchall())
+    def _identifier_ids(self, digests: Iterable[str]) -> dict[str, int]:
+        """Ids of the identifiers among ``digests``, those this transaction has not met read."""
+        wanted = set(digests)
+        missing = wanted - self._ids.keys()
+        if missing:
+            cursor = self._cursor()
+            cursor.execute(self._sql.ids_of_digests, (self._sql.values(sorted(missing)),))
+            self._ids.update(cursor.fetchall())
+        return {digest: self._ids[digest] for digest in wanted if digest in self._ids}
 
     def undo_merge(self, merge: MergeRecord, at: datetime, actor: str, reason: str) -> list[str]:
         restored = list(merge.absorbed)
@@ -909,29 +969,29 @@ class GraphStore:
     def add_history(self, entries: Sequence[HistoryRecord]) -> None:
         if not entries:
             return
-        rows: list[dict[str, Any]] = []
-        links: list[dict[str, str]] = []
+        sql, cursor = self._sql, self._cursor()
+        rows: list[tuple[Any, ...]] = []
+        links: list[tuple[str, str]] = []
         for entry in entries:
             entry_id = new_record_id("h")
+            evidence = json.dumps([[int(t), d] for t, d in entry.evidence])
             rows.append(
-                {
-                    "id": entry_id,
-                    "kind": int(entry.kind),
-                    "at": entry.at,
-                    "actor": entry.actor,
-                    "source": entry.source,
-                    "rules_version": entry.rules_version,
-                    "reason": entry.reason,
-                    "merge_id": entry.merge_id,
-                    "evidence": [[int(t), d] for t, d in entry.evidence],
-                }
+                (
+                    entry_id,
+                    int(entry.kind),
+                    sql.time(entry.at),
+                    entry.actor,
+                    entry.source,
+                    entry.rules_version,
+                    entry.reason,
+                    entry.merge_id,
+                    evidence,
+                )
             )
-            links.extend(
-                {"history_id": entry_id, "person_id": p} for p in dict.fromkeys(entry.person_ids)
-            )
-        self.connection.execute(insert(history), rows)
+            links.extend((entry_id, p) for p in dict.fromkeys(entry.person_ids))
+        sql.rows(cursor, sql.insert_history, rows)
         if links:
-            self.connection.execute(insert(history_persons), links)
+            sql.rows(cursor, sql.insert_history_persons, links)
 
     # Persons -------------------------------------------------------------------------------------
 
