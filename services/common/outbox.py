@@ -53,6 +53,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from steward.events.v1 import events_pb2
 
+from services.common.bulk import BulkInsert
 from services.common.db import for_writes
 
 BODY_FIELDS: Final[Mapping[str, str]] = {
@@ -134,6 +135,10 @@ class Outbox:
         self.tables = tables
         self._appended = threading.Condition()
         self._notifications = 0
+        self._insert = BulkInsert(
+            tables.outbox,
+            ("seq", "envelope_id", "producer", "kind", "occurred_at", "recorded_at", "envelope"),
+        )
 
     # Writing -------------------------------------------------------------------------------------
 
@@ -164,7 +169,8 @@ class Outbox:
         _PROPAGATOR.inject(trace_context)
 
         envelopes: list[events_pb2.Envelope] = []
-        rows: list[dict[str, Any]] = []
+        rows: list[tuple[Any, ...]] = []
+        producer = self.producer
         ids = _new_ids(len(bodies))
         # What every envelope shares, copied into each: building each from keyword arguments
         # went through the Python path for the trace context map (2.5 us against 1 us).
@@ -181,17 +187,9 @@ class Outbox:
             getattr(envelope, field).CopyFrom(body)
             envelopes.append(envelope)
             rows.append(
-                {
-                    "seq": seq,
-                    "envelope_id": envelope_id,
-                    "producer": self.producer,
-                    "kind": field,
-                    "occurred_at": when,
-                    "recorded_at": now,
-                    "envelope": envelope.SerializeToString(),
-                }
+                (seq, envelope_id, producer, field, when, now, envelope.SerializeToString())
             )
-        connection.execute(self.tables.outbox.insert(), rows)
+        self._insert.execute(connection, rows)
         return envelopes
 
     def _allocate(self, connection: Connection, count: int) -> int:

@@ -279,7 +279,7 @@ class CollectionService:
         accepted: list[int],
         purposes: dict[str, PurposeDefinition],
         now: datetime,
-    ) -> tuple[list[dict[str, Any]], list[events_pb2.BehaviourRecorded]]:
+    ) -> tuple[list[tuple[Any, ...]], list[events_pb2.BehaviourRecorded]]:
         # A batch has a handful of distinct purpose sets: what each keeps, and for how long, is
         # worked out once.
         serving_of: dict[tuple[str, ...], tuple[frozenset[str], timedelta]] = {}
@@ -295,7 +295,7 @@ class CollectionService:
             if events[p].fields.query and "query" in serving_of[results[p].purposes][0]
         ]
         keys = self.consent.keystore.data_keys(with_query) if with_query else {}
-        rows: list[dict[str, Any]] = []
+        rows: list[tuple[Any, ...]] = []  # in EVENT_COLUMNS order
         bodies: list[events_pb2.BehaviourRecorded] = []
         for position in accepted:
             result = results[position]
@@ -311,24 +311,24 @@ class CollectionService:
                 )
             attributes = dict(kept.attributes)
             rows.append(
-                {
-                    "event_id": kept.event_id,
-                    "person_id": person,
-                    "type": int(kept.type),
-                    "item_id": kept.item_id,
-                    "category": kept.category,
-                    "value": kept.value,
-                    "dwell_ms": kept.dwell_ms,
-                    "quantity": kept.quantity,
-                    "currency": kept.currency,
-                    "channel": kept.channel,
-                    "occurred_at": occurred_at,
-                    "received_at": now,
-                    "retain_until": occurred_at + kept_for,
-                    "purposes": names,
-                    "attributes": attributes,
-                    "query_ciphertext": ciphertext,
-                }
+                (
+                    kept.event_id,
+                    person,
+                    int(kept.type),
+                    kept.item_id,
+                    kept.category,
+                    kept.value,
+                    kept.dwell_ms,
+                    kept.quantity,
+                    kept.currency,
+                    kept.channel,
+                    occurred_at,
+                    now,
+                    occurred_at + kept_for,
+                    names,
+                    attributes,
+                    ciphertext,
+                )
             )
             body = events_pb2.BehaviourRecorded(
                 person_id=person,

@@ -35,6 +35,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import registry
 from sqlmodel import Field, SQLModel
 
+from services.common.bulk import BulkInsert
 from services.common.consumer import consumer_tables
 from services.common.db import for_writes, is_postgres
 from services.common.outbox import Outbox, outbox_tables
@@ -533,7 +534,26 @@ _DECISIONS_AFTER: Final = (
     .limit(bindparam("limit"))
 )
 _LAST_DECISION_SEQ: Final = select(func.coalesce(func.max(decisions_table.c.seq), 0))
-_INSERT_EVENTS: Final = insert(events_table)
+EVENT_COLUMNS: Final = (
+    "event_id",
+    "person_id",
+    "type",
+    "item_id",
+    "category",
+    "value",
+    "dwell_ms",
+    "quantity",
+    "currency",
+    "channel",
+    "occurred_at",
+    "received_at",
+    "retain_until",
+    "purposes",
+    "attributes",
+    "query_ciphertext",
+)
+"""The order of an event row's values, as ``insert_events`` takes them."""
+_INSERT_EVENTS: Final = BulkInsert(events_table, EVENT_COLUMNS)
 
 
 def _decision_records(rows: Iterable[Any]) -> Iterator[DecisionRecord]:
@@ -602,9 +622,9 @@ class CollectionStore:
     def last_decision_seq(self, connection: Connection) -> int:
         return int(connection.execute(_LAST_DECISION_SEQ).scalar_one())
 
-    def insert_events(self, connection: Connection, rows: Sequence[dict[str, Any]]) -> None:
-        if rows:
-            connection.execute(_INSERT_EVENTS, list(rows))
+    def insert_events(self, connection: Connection, rows: Sequence[Sequence[Any]]) -> None:
+        """Store collected events: tuples of values in ``EVENT_COLUMNS`` order."""
+        _INSERT_EVENTS.execute(connection, rows)
 
     def events_of(self, connection: Connection, person_ids: Sequence[str]) -> list[Any]:
         rows: list[Any] = []
