@@ -379,6 +379,15 @@ class Resolver:
                     outcome.status, outcome.detail = L.LINK_STATUS_QUARANTINED, "hub identifier"
                     continue
             active.append((ident, known))
+        if len(active) == len(outcomes) and self._one_known_person(active):
+            # A returning person (most of a shop's traffic): every identifier is known and
+            # resolves to one person, so nothing links, merges, breaks a limit or counts
+            # towards a hub.
+            for outcome in outcomes.values():
+                outcome.status = L.LINK_STATUS_ALREADY_KNOWN
+            result.person_id = self._root[active[0][1].origin]  # type: ignore[union-attr]
+            result.identifiers = list(outcomes.values())
+            return result, []
         active.sort(key=lambda pair: (rules.rank(pair[0].type), pair[0].index))
 
         group: list[str] = []
@@ -511,6 +520,19 @@ class Resolver:
         result.identifiers = [outcomes[i.index] for i in item.identifiers]
         self._record_refusals(item, result, refused)
         return result, []
+
+    def _one_known_person(
+        self, active: list[tuple[IdentifierInput, KnownIdentifier | None]]
+    ) -> bool:
+        root = ""
+        for _, known in active:
+            if known is None:
+                return False
+            own = self._root[known.origin]
+            if root and own != root:
+                return False
+            root = own
+        return bool(root)
 
     def _held(
         self, roots: list[str], gained: list[tuple[IdentifierType, str, frozenset[str]]]

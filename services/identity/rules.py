@@ -71,16 +71,18 @@ class MergeRules:
     actor: str = "default"
     created_at: datetime | None = None
     _compiled: tuple[re.Pattern[str], ...] = field(default=(), repr=False, compare=False)
+    _ranks: dict[IdentifierType, int] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_compiled", tuple(re.compile(p) for p in self.blocked_patterns))
+        ranks: dict[IdentifierType, int] = {}
+        for rank, type_ in enumerate(self.priority):
+            ranks.setdefault(type_, rank)
+        object.__setattr__(self, "_ranks", ranks)
 
     def rank(self, type_: IdentifierType) -> int:
         """0 for the highest priority; types not listed rank below every listed one."""
-        try:
-            return self.priority.index(type_)
-        except ValueError:
-            return len(self.priority)
+        return self._ranks.get(type_, len(self.priority))
 
     def is_blocked(self, normalised: str) -> bool:
         """Whether a normalised raw value must never link (built-in junk or configured)."""
