@@ -25,6 +25,7 @@ from services.common.identifiers import PseudonymisedIdentifier
 from services.common.keyring import Keyring, decrypt_field, encrypt_field
 from services.consent import ledger
 from services.consent.collect import (
+    ConsentTimeline,
     DropReason,
     EventFields,
     invalid_reason,
@@ -34,7 +35,7 @@ from services.consent.collect import (
 )
 from services.consent.purposes import PurposeDefinition
 from services.consent.service import ConsentService
-from services.consent.store import CollectionStore, utc
+from services.consent.store import CollectionStore, person_groups, utc
 from services.consent.timelines import ConsentTimelines
 
 logger = logging.getLogger(__name__)
@@ -245,7 +246,7 @@ class CollectionService:
         store = self.store
         with self._write_turn, self.consent.store.writing() as connection:
             erased_persons = self._erased.among(connection, persons)
-            timelines = self.timelines.of(connection, persons)
+            timelines = self._timelines(connection, persons)
             existing = store.existing_event_ids(
                 connection, [events[p].fields.event_id for p in candidates]
             )
@@ -271,6 +272,22 @@ class CollectionService:
             rows, bodies = self._rows(events, results, accepted, purposes, now)
             store.insert_events(connection, rows)
             self.consent.store.outbox.append(connection, bodies, occurred_at=now)
+
+    def _timelines(
+        self, connection: Connection, persons: Sequence[str]
+    ) -> dict[str, ConsentTimeline]:
+        """Each person's consent timeline, from its own decisions and, for a person identity
+        merged with others, theirs too (``person_groups``): the newest decision decides."""
+        groups = person_groups(connection, persons)
+        members = {member for group in groups.values() for member in group}
+        timelines = self.timelines.of(connection, [*persons, *sorted(members)])
+        for person, group in groups.items():
+            decisions = sorted(
+                (d for member in group for d in timelines[member].decisions),
+                key=lambda d: d.seq,
+            )
+            timelines[person] = ConsentTimeline(decisions)
+        return timelines
 
     def _rows(
         self,

@@ -13,8 +13,10 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry import metrics
+from sqlalchemy.engine import Connection
 from steward.common.v1 import common_pb2
 from steward.consent.v1 import audit_pb2, audit_pb2_grpc, consent_pb2, consent_pb2_grpc
+from steward.events.v1 import events_pb2
 
 from services.common.callers import caller_of
 from services.common.consumer import Consumer, GrpcEnvelopeSource
@@ -38,7 +40,7 @@ from services.common.server import ServiceRegistration, deadline_remaining
 from services.common.tasks import PeriodicTask, start_all
 from services.common.telemetry import instrument_channel
 from services.consent import keystore as keystore_module
-from services.consent import ledger, signals, tcf
+from services.consent import ledger, links, signals, tcf
 from services.consent.collect import EventFields
 from services.consent.collection import (
     CollectInput,
@@ -761,6 +763,8 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
 
 
 SWEEP_INTERVAL_SECONDS: Final = 3600.0
+IDENTITY_CONSUMER: Final = "consent-persons"
+"""Consent's consumer of identity's log (person links and the person cache)."""
 
 
 def _logged_sweep(collection: CollectionService) -> Callable[[], None]:
@@ -802,18 +806,23 @@ def build(context: ServiceContext) -> ServiceParts:
     consumers: list[Consumer] = []
     channels: list[grpc.Channel] = []
 
+    def follow_identity(connection: Connection, envelope: events_pb2.Envelope) -> None:
+        """Merges, unmerges and forgets: fold or split the persons' consent, refresh the cache."""
+        links.apply_identity_envelope(connection, envelope)
+        cache.apply(connection, envelope)
+
     def connect_identity(own_target: str) -> None:
         raw = grpc.insecure_channel(settings.identity_target or own_target)
         channels.append(raw)
         subjects.connect(IdentityClient(instrument_channel(raw, context.telemetry)))
         # The log is read on the plain channel: its envelopes carry their own trace context.
-        source = GrpcEnvelopeSource(raw, "identity", "consent-person-cache")
+        source = GrpcEnvelopeSource(raw, "identity", IDENTITY_CONSUMER)
         consumer = Consumer(
-            "consent-person-cache",
+            IDENTITY_CONSUMER,
             "identity",
             source,
             engine,
-            cache.apply,
+            follow_identity,
             tables=CONSUMER_TABLES,
             tracer_provider=context.telemetry.tracer_provider,
         )
