@@ -24,12 +24,17 @@ def cache_key(identifiers: Sequence[PseudonymisedIdentifier]) -> tuple[str, ...]
 
 
 class PersonCache:
-    """A bounded LRU map from identifier sets to person ids. Thread-safe."""
+    """A bounded LRU map from identifier sets to person ids. Thread-safe.
+
+    Each person's keys are indexed too, so a merge, unmerge or forget invalidates in time
+    proportional to what it touches, not to the cache's size.
+    """
 
     def __init__(self, capacity: int = CAPACITY) -> None:
         self._capacity = capacity
         self._lock = threading.Lock()
         self._entries: OrderedDict[tuple[str, ...], str] = OrderedDict()
+        self._keys_of: dict[str, set[tuple[str, ...]]] = {}
 
     def get(self, key: tuple[str, ...]) -> str | None:
         with self._lock:
@@ -52,18 +57,31 @@ class PersonCache:
         if not key or not person:
             return
         with self._lock:
+            previous = self._entries.get(key)
+            if previous is not None and previous != person:
+                self._unindex(key, previous)
             self._entries[key] = person
             self._entries.move_to_end(key)
+            self._keys_of.setdefault(person, set()).add(key)
             while len(self._entries) > self._capacity:
-                self._entries.popitem(last=False)
+                oldest, owner = self._entries.popitem(last=False)
+                self._unindex(oldest, owner)
 
     def invalidate(self, persons: Iterable[str]) -> int:
-        doomed = set(persons)
+        removed = 0
         with self._lock:
-            stale = [key for key, person in self._entries.items() if person in doomed]
-            for key in stale:
-                del self._entries[key]
-        return len(stale)
+            for person in set(persons):
+                for key in self._keys_of.pop(person, ()):
+                    del self._entries[key]
+                    removed += 1
+        return removed
+
+    def _unindex(self, key: tuple[str, ...], person: str) -> None:
+        keys = self._keys_of.get(person)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._keys_of[person]
 
     def __len__(self) -> int:
         with self._lock:
