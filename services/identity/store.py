@@ -371,10 +371,12 @@ _DRIVER_SQL: Final = {"sqlite": _DriverSql(postgres=False), "postgresql": _Drive
 
 CHECKPOINT_EVERY: Final = 4
 """Graph commits between two passive WAL checkpoints on SQLite."""
-CHECKPOINT_RESTART_FRAMES: Final = 32_768
-"""WAL frames (128 MiB of 4 KiB pages) past which a checkpoint holds the write lock until the
+CHECKPOINT_RESTART_FRAMES: Final = 16_384
+"""WAL frames (64 MiB of 4 KiB pages) past which a checkpoint holds the write lock until the
 log has been copied back in full, so the next commit starts the WAL afresh."""
+WAL_SIZE_LIMIT_BYTES: Final = 64 * 1024 * 1024
 WRITER_CACHE_KIB: Final = 65_536
+CHECKPOINTER_IDLE_SECONDS: Final = 10.0
 
 
 class _SqliteWriter:
@@ -386,37 +388,51 @@ class _SqliteWriter:
     connection drops its cache whenever another one has written). SQLite's automatic checkpoint
     copies the WAL back into the database inside the COMMIT that crosses 1,000 pages, with the
     write lock held: a fifth of Resolve's server time. Here automatic checkpoints are off for
-    this connection; every few commits the committing thread runs a passive checkpoint after
-    releasing the lock, so the next batch writes meanwhile (SQLite releases the GIL). Should the
-    WAL still grow past :data:`CHECKPOINT_RESTART_FRAMES` (passive checkpoints never catch a
-    log that commits keep extending), one checkpoint runs under the lock and restarts it.
-    Other connections keep the automatic checkpoint, so the WAL stays bounded without us too.
+    this connection; every few commits a checkpoint thread runs a passive checkpoint while the
+    next batches write (SQLite releases the GIL), and no caller waits for it. Should the WAL
+    still grow past :data:`CHECKPOINT_RESTART_FRAMES` (a passive checkpoint never catches a log
+    that commits keep extending), one checkpoint runs under the lock and restarts it. Other
+    connections keep the automatic checkpoint, so the WAL stays bounded even without this one.
     """
 
     def __init__(self, engine: Engine) -> None:
         self.engine = make_engine(engine.url, pool_size=1, max_overflow=0)
         event.listen(self.engine, "connect", _configure_writer)
         self.lock = threading.Lock()
-        self._count_lock = threading.Lock()
+        self._state = threading.Lock()
         self._commits = 0
-        self._checkpointing = False
+        self._wanted = threading.Event()
+        self._checkpointer: threading.Thread | None = None
+        self._closed = False
 
     def committed(self) -> None:
-        """Count a commit; every :data:`CHECKPOINT_EVERY`, checkpoint (one thread at a time)."""
-        with self._count_lock:
+        """Count a commit; every :data:`CHECKPOINT_EVERY`, wake (or start) the checkpointer."""
+        with self._state:
             self._commits += 1
-            if self._commits < CHECKPOINT_EVERY or self._checkpointing:
+            if self._commits < CHECKPOINT_EVERY or self._closed:
                 return
             self._commits = 0
-            self._checkpointing = True
-        try:
-            self._checkpoint()
-        except sqlite3.Error:
-            # The batch has committed; a checkpoint that failed is retried after later commits.
-            _log.warning("identity WAL checkpoint failed", exc_info=True)
-        finally:
-            with self._count_lock:
-                self._checkpointing = False
+            self._wanted.set()
+            if self._checkpointer is None:
+                self._checkpointer = threading.Thread(
+                    target=self._checkpoints, name="identity-wal-checkpoint", daemon=True
+                )
+                self._checkpointer.start()
+
+    def _checkpoints(self) -> None:
+        """Checkpoint whenever asked; end after a quiet spell (a new thread starts on demand)."""
+        while True:
+            self._wanted.wait(timeout=CHECKPOINTER_IDLE_SECONDS)
+            with self._state:
+                if not self._wanted.is_set() or self._closed:
+                    self._checkpointer = None
+                    return
+                self._wanted.clear()
+            try:
+                self._checkpoint()
+            except sqlite3.Error:
+                # The batches have committed; a failed checkpoint is retried after later commits.
+                _log.warning("identity WAL checkpoint failed", exc_info=True)
 
     def _checkpoint(self) -> None:
         database = self.engine.url.database or ""
@@ -432,6 +448,12 @@ class _SqliteWriter:
             connection.close()
 
     def dispose(self) -> None:
+        with self._state:
+            self._closed = True
+            checkpointer = self._checkpointer
+            self._wanted.set()
+        if checkpointer is not None:
+            checkpointer.join(timeout=30)
         self.engine.dispose()
 
 
@@ -440,6 +462,8 @@ def _configure_writer(dbapi_connection: Any, _connection_record: Any) -> None:
     try:
         cursor.execute("PRAGMA wal_autocheckpoint=0")
         cursor.execute(f"PRAGMA cache_size=-{WRITER_CACHE_KIB}")
+        # When the log restarts, its file shrinks back to this size.
+        cursor.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES}")
     finally:
         cursor.close()
 
