@@ -52,25 +52,21 @@ import os
 import platform
 import random
 import resource
-import signal
-import socket
 import sqlite3
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from harness import Server, percentile, postgres_database, py_spy, server_version, steward_server
 from steward.common.v1 import common_pb2
 from steward.consent.v1 import audit_pb2, consent_pb2
 
@@ -106,152 +102,44 @@ def new_person_id() -> str:
 # The server process -------------------------------------------------------------------------
 
 
-@dataclass
-class Server:
-    process: subprocess.Popen[bytes]
-    target: str
-    log: Path
-
-    def status(self, name: str) -> int:
-        """A figure of /proc/<pid>/status in kB (VmRSS, VmHWM)."""
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith(f"{name}:"):
-                return int(line.split()[1])
-        return 0
-
-    def cpu_seconds(self) -> float:
-        stat = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @contextmanager
 def consent_server(data_dir: Path, database_url: str | None) -> Iterator[Server]:
     """``steward serve --service consent --service identity`` on a free port, until SERVING."""
-    port = free_port()
-    env = {
-        name: value
-        for name, value in os.environ.items()
-        if not (name.startswith("STEWARD_") and name.endswith("_DB_URL"))
-        and name not in ("OTEL_EXPORTER_OTLP_ENDPOINT", "STEWARD_IDENTITY_TARGET")
-    }
-    env |= {"STEWARD_DATA_DIR": str(data_dir), "STEWARD_LOG_LEVEL": "WARNING"}
-    if database_url is not None:
-        env["STEWARD_DATABASE_URL"] = database_url
-    else:
-        env.pop("STEWARD_DATABASE_URL", None)
-    log = data_dir / "server.log"
-    steward = Path(sys.executable).with_name("steward")
-    command = [str(steward), "serve", "--service", "consent", "--service", "identity"]
-    command += ["--port", str(port)]
-    with log.open("wb") as output:
-        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
-    server = Server(process, f"127.0.0.1:{port}", log)
-    try:
-        wait_serving(server)
+    env = {"STEWARD_DATABASE_URL": database_url} if database_url else {}
+    with steward_server(["consent", "identity"], data_dir, env, health_service=CONSENT) as server:
         yield server
-    except BaseException:
-        if process.poll() is not None:
-            print(f"the server exited with {process.returncode}:", file=sys.stderr)
-            print(log.read_text()[-5000:], file=sys.stderr)
-        raise
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
-def wait_serving(server: Server, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(server.target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if server.process.poll() is not None:
-                raise SystemExit(f"the server exited:\n{server.log.read_text()}")
-            try:
-                answer = stub.Check(health_pb2.HealthCheckRequest(service=CONSENT), timeout=1)
-                if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                time.sleep(0.2)
-    raise SystemExit(f"the server did not start within {timeout:.0f} s")
+def sessions_opened(admin_url: str, database_url: str) -> Callable[[], int]:
+    """Sessions ever opened on the run's database: pooled connections are reused, so a growing
+    count means connections opened and closed per call."""
+    from sqlalchemy.engine import make_url
 
+    name = make_url(database_url).database
+    admin = make_url(admin_url).set(drivername="postgresql").render_as_string(hide_password=False)
 
-@dataclass(frozen=True)
-class PostgresRun:
-    """The run's own database."""
-
-    url: str
-    version: str
-    admin_url: str
-    name: str
-
-    def sessions(self) -> int:
-        """Sessions ever opened on the database: pooled connections are reused, so a growing
-        count means connections opened and closed per call."""
+    def count() -> int:
         import psycopg
 
-        with psycopg.connect(self.admin_url, autocommit=True) as connection:
+        with psycopg.connect(admin, autocommit=True) as connection:
             connection.execute("SELECT pg_stat_clear_snapshot()")
             row = connection.execute(
-                "SELECT sessions FROM pg_stat_database WHERE datname = %s", (self.name,)
+                "SELECT sessions FROM pg_stat_database WHERE datname = %s", (name,)
             ).fetchone()
         return int(row[0]) if row else 0
 
-
-@contextmanager
-def postgres_database(admin_url: str) -> Iterator[PostgresRun]:
-    """A fresh database for the run, dropped afterwards."""
-    import psycopg
-    from psycopg import sql
-    from sqlalchemy.engine import make_url
-
-    libpq_url = make_url(admin_url).set(drivername="postgresql")
-    admin = libpq_url.render_as_string(hide_password=False)
-    name = f"steward_bench_check_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(admin, autocommit=True) as connection:
-        connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        version = str(connection.info.parameter_status("server_version"))
-    try:
-        url = libpq_url.set(drivername="postgresql+psycopg", database=name)
-        yield PostgresRun(url.render_as_string(hide_password=False), version, admin, name)
-    finally:
-        with psycopg.connect(admin, autocommit=True) as connection:
-            connection.execute(
-                sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name))
-            )
+    return count
 
 
-@contextmanager
-def py_spy(pid: int, part: str) -> Iterator[None]:
-    """Record the server with py-spy while the block runs, when STEWARD_BENCH_PY_SPY says so."""
+def spy_on(pid: int, part: str) -> AbstractContextManager[None]:
+    """py-spy on the server during a part when ``STEWARD_BENCH_PY_SPY`` names an output file
+    (``STEWARD_BENCH_PY_SPY_ARGS`` adds py-spy options); one file per part."""
     requested = os.environ.get("STEWARD_BENCH_PY_SPY")
-    spy = Path(sys.executable).with_name("py-spy")
-    if not requested or not spy.exists():
-        yield
-        return
-    path = Path(requested)
-    output = path.with_name(f"{path.stem}-{part}{path.suffix}")
-    command = [str(spy), "record", "--pid", str(pid), "--output", str(output), "--nonblocking"]
-    if output.suffix == ".txt":
-        command += ["--format", "raw"]
-    command += os.environ.get("STEWARD_BENCH_PY_SPY_ARGS", "").split()
-    recorder = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        yield
-    finally:
-        recorder.send_signal(signal.SIGINT)
-        recorder.wait(timeout=60)
-        print(f"  (py-spy profile of the server: {output})")
+    output = None
+    if requested:
+        path = Path(requested)
+        output = path.with_name(f"{path.stem}-{part}{path.suffix}")
+    return py_spy(pid, output, os.environ.get("STEWARD_BENCH_PY_SPY_ARGS", "").split())
 
 
 # The shop's persons -------------------------------------------------------------------------
@@ -630,13 +518,6 @@ def record_throughput(
 # Figures ------------------------------------------------------------------------------------
 
 
-def percentile(values: Sequence[float], fraction: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
 def list_purposes(target: str) -> list[Purpose]:
     with grpc.insecure_channel(target) as channel:
         call = channel.unary_unary(
@@ -817,9 +698,11 @@ def main() -> None:
         if args.backend == "sqlite":
             database_url, backend = None, f"SQLite {sqlite3.sqlite_version} (WAL) in {data_dir}"
         else:
-            database = stack.enter_context(postgres_database(args.postgres_url))
-            database_url, sessions = database.url, database.sessions
-            backend = f"PostgreSQL {database.version}, fresh database for the run"
+            database_url = stack.enter_context(
+                postgres_database(args.postgres_url, "steward_bench_check")
+            )
+            sessions = sessions_opened(args.postgres_url, database_url)
+            backend = f"PostgreSQL {server_version(database_url)}, fresh database for the run"
         server = stack.enter_context(consent_server(data_dir, database_url))
         rss_start = server.status("VmRSS")
         print(f"server: consent + identity in one process (pid {server.process.pid}), {backend}")
@@ -858,7 +741,7 @@ def main() -> None:
                 continue
             requests = make(population, purposes, min(int(rate * args.seconds), 50_000), 7)
             settle(server)
-            with py_spy(server.process.pid, f"{part}-{rate:.0f}"):
+            with spy_on(server.process.pid, f"{part}-{rate:.0f}"):
                 usage = Usage(server, sessions)
                 result = open_loop(server.target, requests, rate, args.seconds, args.senders)
                 usage.stop()

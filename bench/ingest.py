@@ -52,12 +52,8 @@ import hmac
 import json
 import os
 import random
-import signal
-import socket
 import sqlite3
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -73,7 +69,16 @@ from typing import Final
 
 import grpc
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from harness import (
+    Server,
+    analyze,
+    create_database,
+    percentile,
+    postgres_database,
+    py_spy,
+    run_threads,
+    steward_server,
+)
 from steward.common.v1 import common_pb2
 from steward.consent.v1 import consent_pb2
 from steward.identity.v1 import identity_pb2
@@ -261,131 +266,14 @@ def collect_request(items: Sequence[tuple[str, list[Spec]]], prefix: str, now: d
 # The server process --------------------------------------------------------------------------
 
 
-@dataclass
-class Server:
-    process: subprocess.Popen[bytes]
-    target: str
-    log: Path
-
-    def status(self, name: str) -> int:
-        """A /proc/<pid>/status figure in kB (VmRSS; VmHWM is the peak)."""
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith(f"{name}:"):
-                return int(line.split()[1])
-        return 0
-
-    def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @contextmanager
 def suite_server(data_dir: Path, env_extra: dict[str, str]) -> Iterator[Server]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "STEWARD_DATA_DIR": str(data_dir),
-        "STEWARD_LOG_LEVEL": "WARNING",
-        **env_extra,
-    }
-    env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
-    log = data_dir / "server.log"
-    steward = Path(sys.executable).with_name("steward")
-    command = [str(steward), "serve", "--service", "consent", "--service", "identity"]
-    command += ["--port", str(port)]
-    with log.open("wb") as output:
-        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
-    server = Server(process, f"127.0.0.1:{port}", log)
-    try:
-        wait_serving(server)
+    """Consent and identity in one process of their own."""
+    with steward_server(["consent", "identity"], data_dir, env_extra) as server:
         yield server
-    except BaseException:
-        if process.poll() is not None:
-            print(f"the server exited with {process.returncode}:", file=sys.stderr)
-            print(log.read_text()[-5000:], file=sys.stderr)
-        raise
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def wait_serving(server: Server, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(server.target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if server.process.poll() is not None:
-                raise SystemExit(f"the server exited:\n{server.log.read_text()}")
-            try:
-                answer = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                time.sleep(0.2)
-    raise SystemExit(f"the server did not start within {timeout:.0f} s")
-
-
-def create_database(admin_url: str) -> str:
-    """A fresh database for the run; returns its URL."""
-    import psycopg
-    from psycopg import sql
-    from sqlalchemy.engine import make_url
-
-    libpq_url = make_url(admin_url).set(drivername="postgresql")
-    name = f"steward_ingest_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(libpq_url.render_as_string(hide_password=False), autocommit=True) as db:
-        db.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = libpq_url.set(drivername="postgresql+psycopg", database=name)
-    return url.render_as_string(hide_password=False)
-
-
-@contextmanager
-def postgres_database(admin_url: str) -> Iterator[str]:
-    """A fresh database for the run, dropped afterwards; yields its URL."""
-    import psycopg
-    from psycopg import sql
-    from sqlalchemy.engine import make_url
-
-    url = create_database(admin_url)
-    try:
-        yield url
-    finally:
-        admin = make_url(admin_url).set(drivername="postgresql")
-        name = make_url(url).database or ""
-        with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=True) as db:
-            db.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
-
-
-def analyze(db_url: str) -> None:
-    """Planner statistics after the bulk load, as autovacuum would gather them eventually."""
-    import psycopg
-    from sqlalchemy.engine import make_url
-
-    libpq = make_url(db_url).set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(libpq, autocommit=True) as connection:
-        connection.execute("ANALYZE")
 
 
 # Warming -------------------------------------------------------------------------------------
-
-
-def run_threads(work: Callable[[int], None], count: int) -> None:
-    threads = [threading.Thread(target=work, args=(index,)) for index in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
 
 
 def resolve_persons(target: str, persons: int, batch: int, clients: int) -> list[str]:
@@ -641,33 +529,6 @@ def bare_pipeline(directory: Path, events: int, batch: int, seed: int) -> float:
 # Reporting -----------------------------------------------------------------------------------
 
 
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else 0.0
-
-
-@contextmanager
-def py_spy(pid: int, output: str | None) -> Iterator[None]:
-    spy = Path(sys.executable).with_name("py-spy")
-    if not output:
-        yield
-        return
-    if not spy.exists():
-        print("--profile: py-spy is not installed in this environment; not profiling")
-        yield
-        return
-    command = [str(spy), "record", "--pid", str(pid), "--output", output, "--nonblocking"]
-    if output.endswith(".txt"):
-        command += ["--format", "raw"]
-    recorder = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        yield
-    finally:
-        recorder.send_signal(signal.SIGINT)
-        recorder.wait(timeout=60)
-        print(f"py-spy profile of the server written to {output}")
-
-
 def reason_name(reason: int) -> str:
     return C.DropReason.Name(reason).removeprefix("DROP_REASON_")  # type: ignore[arg-type]
 
@@ -723,9 +584,9 @@ def storage(args: argparse.Namespace) -> Iterator[tuple[Path, dict[str, str], st
             saved["keyring"] = Keyring.generate(development=True).to_json()
             if args.backend == "postgres":
                 saved["db_url"] = (
-                    create_database(args.postgres_url)
+                    create_database(args.postgres_url, "steward_ingest")
                     if args.state
-                    else stack.enter_context(postgres_database(args.postgres_url))
+                    else stack.enter_context(postgres_database(args.postgres_url, "steward_ingest"))
                 )
             if args.state:
                 settings_file.write_text(json.dumps(saved))

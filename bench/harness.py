@@ -1,0 +1,216 @@
+"""What every benchmark needs around the service it measures, written once.
+
+A benchmark imports this module (``bench/`` is on ``sys.path`` when a bench runs as
+``python bench/<name>.py``) for: a Steward process of its own (``steward serve`` with chosen
+services on a free port, waited for until it serves, stopped with SIGTERM), that process's CPU
+time and memory from /proc, a PostgreSQL database made for the run and dropped after it,
+percentiles, worker threads, and an optional py-spy recording of the server. Figures only:
+nothing here asserts anything about time.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+SERVER_ENV_DROPPED = ("OTEL_EXPORTER_OTLP_ENDPOINT", "STEWARD_IDENTITY_TARGET")
+"""Settings of the caller's shell that would point the bench's server elsewhere."""
+
+
+@dataclass
+class Server:
+    """A ``steward serve`` process started by :func:`steward_server`."""
+
+    process: subprocess.Popen[bytes]
+    target: str
+    log: Path
+
+    def status(self, name: str) -> int:
+        """A /proc/<pid>/status figure in kB (VmRSS; VmHWM is the peak)."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith(f"{name}:"):
+                return int(line.split()[1])
+        return 0
+
+    def cpu_seconds(self) -> float:
+        """User and system CPU time the process has used so far."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@contextmanager
+def steward_server(
+    services: Sequence[str],
+    data_dir: Path,
+    env: Mapping[str, str] | None = None,
+    *,
+    health_service: str = "",
+    start_timeout: float = 120.0,
+) -> Iterator[Server]:
+    """``steward serve --service ...`` on a free port with ``STEWARD_DATA_DIR=data_dir``.
+
+    ``env`` is added to the caller's environment (less :data:`SERVER_ENV_DROPPED`); the server
+    logs to ``data_dir/server.log``, shown if it dies. Yields once ``health_service`` serves.
+    """
+    port = free_port()
+    server_env = {k: v for k, v in os.environ.items() if k not in SERVER_ENV_DROPPED}
+    server_env |= {"STEWARD_DATA_DIR": str(data_dir), "STEWARD_LOG_LEVEL": "WARNING"}
+    server_env |= dict(env or {})
+    log = data_dir / "server.log"
+    command = [str(Path(sys.executable).with_name("steward")), "serve", "--port", str(port)]
+    for service in services:
+        command += ["--service", service]
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, env=server_env, stdout=output, stderr=subprocess.STDOUT)
+    server = Server(process, f"127.0.0.1:{port}", log)
+    try:
+        wait_serving(server, health_service, start_timeout)
+        yield server
+    except BaseException:
+        if process.poll() is not None:
+            print(f"the server exited with {process.returncode}:", file=sys.stderr)
+            print(log.read_text()[-5000:], file=sys.stderr)
+        raise
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def wait_serving(server: Server, service: str = "", timeout: float = 120.0) -> None:
+    """Wait until the server's health check says ``service`` (all, by default) is SERVING."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(server.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if server.process.poll() is not None:
+                raise SystemExit(f"the server exited:\n{server.log.read_text()[-5000:]}")
+            try:
+                answer = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+                if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                time.sleep(0.2)
+    raise SystemExit(f"the server did not start within {timeout:.0f} s")
+
+
+# PostgreSQL ----------------------------------------------------------------------------------
+
+
+def _libpq(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def create_database(admin_url: str, prefix: str = "steward_bench") -> str:
+    """A fresh database named ``<prefix>_<random>``; returns its SQLAlchemy URL."""
+    import psycopg
+    from psycopg import sql
+    from sqlalchemy.engine import make_url
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(_libpq(admin_url), autocommit=True) as connection:
+        connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = make_url(admin_url).set(drivername="postgresql+psycopg", database=name)
+    return url.render_as_string(hide_password=False)
+
+
+def drop_database(admin_url: str, url: str) -> None:
+    import psycopg
+    from psycopg import sql
+    from sqlalchemy.engine import make_url
+
+    name = make_url(url).database or ""
+    with psycopg.connect(_libpq(admin_url), autocommit=True) as connection:
+        connection.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@contextmanager
+def postgres_database(admin_url: str, prefix: str = "steward_bench") -> Iterator[str]:
+    """A fresh database for the run, dropped afterwards; yields its URL."""
+    url = create_database(admin_url, prefix)
+    try:
+        yield url
+    finally:
+        drop_database(admin_url, url)
+
+
+def server_version(url: str) -> str:
+    import psycopg
+
+    with psycopg.connect(_libpq(url)) as connection:
+        return str(connection.info.parameter_status("server_version"))
+
+
+def analyze(url: str) -> None:
+    """Planner statistics after a bulk load, as autovacuum would gather them (it is off here)."""
+    import psycopg
+
+    with psycopg.connect(_libpq(url), autocommit=True) as connection:
+        connection.execute("ANALYZE")
+
+
+# Measuring -----------------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else 0.0
+
+
+def run_threads(work: Callable[[int], None], count: int) -> None:
+    """``work(index)`` on ``count`` threads at once; returns when all have finished."""
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+@contextmanager
+def py_spy(pid: int, output: str | Path | None, extra: Sequence[str] = ()) -> Iterator[None]:
+    """Record process ``pid`` with py-spy into ``output`` (``.txt``: raw collapsed stacks)
+    while the block runs; nothing when ``output`` is empty or py-spy is not installed."""
+    if not output:
+        yield
+        return
+    spy = Path(sys.executable).with_name("py-spy")
+    if not spy.exists():
+        print("py-spy is not installed in this environment (pip install py-spy): not profiling")
+        yield
+        return
+    command = [str(spy), "record", "--pid", str(pid), "--output", str(output), "--nonblocking"]
+    if str(output).endswith(".txt"):
+        command += ["--format", "raw"]
+    command += list(extra)
+    recorder = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        recorder.send_signal(signal.SIGINT)
+        recorder.wait(timeout=60)
+        print(f"  (py-spy profile of the server: {output})")
