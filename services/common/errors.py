@@ -213,7 +213,13 @@ class ErrorInterceptor(_ServerInterceptor):
 
     gRPC's own services (health, reflection) pass through untouched: wrapping the non-blocking
     health Watch handler would drop the attributes that make it non-blocking.
+
+    gRPC asks on every call; the wrapped handler is made once per method and reused for as long
+    as the server hands out the same handler for it.
     """
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[_Handler, _Handler]] = {}
 
     def intercept_service(
         self,
@@ -224,7 +230,12 @@ class ErrorInterceptor(_ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith("/grpc."):
             return handler
-        return _with_error_mapping(handler, method)
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = _with_error_mapping(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
 
 def _with_error_mapping(handler: _Handler, method: str) -> _Handler:
