@@ -11,7 +11,7 @@ matrix built without them.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -176,26 +176,46 @@ def build_history(
         weights.append(float(weight))
         times.append(timestamp(occurred_at))
         kinds.append(str(event[3]) if len(event) > 3 else "")
-    item_array = np.array(items, dtype=np.int64)
-    weight_array = np.array(weights, dtype=np.float64)
-    time_array = np.array(times, dtype=np.float64)
-    matrix, _ = _aggregate(
-        np.zeros(len(items), dtype=np.int64),
-        item_array,
-        weight_array,
-        time_array,
-        shape=(1, len(catalogue)),
+    return history_of(
+        np.array(items, dtype=np.int64),
+        np.array(weights, dtype=np.float64),
+        np.array(times, dtype=np.float64),
+        kinds,
         now=timestamp(now),
         half_life_days=half_life_days,
     )
-    indices = np.asarray(matrix.indices, dtype=np.int64)
-    verbs: list[str] = []
-    if len(items):
-        order = np.lexsort((time_array, weight_array, item_array))
-        last_of_item = np.flatnonzero(np.r_[item_array[order][1:] != item_array[order][:-1], True])
-        heaviest = {int(item_array[order[p]]): kinds[order[p]] for p in last_of_item}
-        verbs = [VERBS.get(heaviest[int(index)], "viewed") for index in indices]
-    return History(indices, np.asarray(matrix.data, dtype=np.float64), tuple(verbs))
+
+
+def history_of(
+    items: IntArray,
+    weights: FloatArray,
+    times: FloatArray,
+    kinds: Sequence[str],
+    *,
+    now: float,
+    half_life_days: float | None = None,
+) -> History:
+    """`build_history` on arrays of catalogue indices, weights (> 0), epoch seconds and event
+    types: the request path, in plain numpy (a few microseconds for a few dozen events).
+
+    The order of operations is `_aggregate`'s, so the weights are the training row's to the bit.
+    """
+    if items.size == 0:
+        return History.empty()
+    half_life = None if half_life_days is None else half_life_days * SECONDS_PER_DAY
+    order = np.lexsort((weights, times, items))
+    sorted_items = items[order]
+    decayed = weights[order] * decay(now - times[order], half_life)
+    starts = np.flatnonzero(np.r_[True, sorted_items[1:] != sorted_items[:-1]])
+    sums = np.add.reduceat(decayed, starts)
+    keep = sums > 0
+    indices = sorted_items[starts][keep]
+    # The heaviest event of each item names it (the latest among equals).
+    heaviest = np.lexsort((times, weights, items))
+    by_item = items[heaviest]
+    last = heaviest[np.flatnonzero(np.r_[by_item[1:] != by_item[:-1], True])]
+    verbs = tuple(VERBS.get(kinds[int(position)], "viewed") for position in last[keep])
+    return History(indices, np.asarray(sums[keep], dtype=np.float64), verbs)
 
 
 def _aggregate(

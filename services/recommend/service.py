@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
+import numpy as np
+from sqlalchemy import and_, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from steward.common.v1 import common_pb2
@@ -33,9 +34,8 @@ from services.recommend.impressions import ImpressionWriter
 from services.recommend.interactions import (
     EventType,
     InteractionSettings,
-    build_history,
     build_interaction_matrix,
-    purchased_items,
+    history_of,
 )
 from services.recommend.models import (
     MODEL_NAMES,
@@ -49,7 +49,13 @@ from services.recommend.models import (
     TrainedModel,
     build_model,
 )
-from services.recommend.models.base import InteractionMatrix, parse_parameters
+from services.recommend.models.base import (
+    History,
+    IntArray,
+    InteractionMatrix,
+    parse_parameters,
+)
+from services.recommend.people import PersonRecord, PersonView
 from services.recommend.ranking import Filters, Ranker, Recommendation
 from services.recommend.store import (
     consents_table,
@@ -78,24 +84,8 @@ _EVENT_TYPES: Final[Mapping[int, str]] = {
 }
 
 
-# A person's grant and interactions in one round trip (no grant row: no rows at all). Built once,
-# so a request pays neither statement construction nor its cache key.
-_PERSON_NOW: Final = (
-    select(
-        consents_table.c.allowed,
-        consents_table.c.expires_at,
-        interactions_table.c.item_id,
-        interactions_table.c.weight,
-        interactions_table.c.occurred_at,
-        interactions_table.c.event_type,
-    )
-    .select_from(
-        consents_table.outerjoin(
-            interactions_table, interactions_table.c.person_id == consents_table.c.person_id
-        )
-    )
-    .where(consents_table.c.person_id == bindparam("person_id"))
-)
+_NO_ITEMS: Final = np.zeros(0, dtype=np.int64)
+_NO_WEIGHTS: Final = np.zeros(0, dtype=np.float64)
 
 
 def utc_now() -> datetime:
@@ -260,6 +250,7 @@ class RecommendService:
         self._experiment: tuple[float, ExperimentSpec | None] | None = None
         self._evaluations: dict[str, tuple[str, dict[str, float]]] = {}
         self.impressions = ImpressionWriter(engine)
+        self.people = PersonView(engine)
 
     # Consumers -----------------------------------------------------------------------------------
 
@@ -279,6 +270,9 @@ class RecommendService:
         body = envelope.WhichOneof("body")
         if body == "persons_merged":
             merged = envelope.persons_merged
+            self.people.writing(
+                connection, [merged.surviving_person_id, *merged.absorbed_person_ids]
+            )
             connection.execute(
                 update(interactions_table)
                 .where(interactions_table.c.person_id.in_(list(merged.absorbed_person_ids)))
@@ -286,6 +280,7 @@ class RecommendService:
             )
         elif body == "person_unmerged":
             split = envelope.person_unmerged
+            self.people.writing(connection, [split.restored_person_id, split.surviving_person_id])
             connection.execute(
                 update(interactions_table)
                 .where(
@@ -311,6 +306,7 @@ class RecommendService:
             return
         dialect = _dialect(connection)
         now = self.clock()
+        self.people.writing(connection, [event.person_id])
         connection.execute(
             dialect.insert(items_table).on_conflict_do_nothing(  # type: ignore[attr-defined]
                 index_elements=[items_table.c.item_id]
@@ -355,6 +351,7 @@ class RecommendService:
             "expires_at": expires_at,
             "ledger_seq": change.ledger_seq,
         }
+        self.people.writing(connection, [change.person_id])
         statement = _dialect(connection).insert(consents_table).values(**values)  # type: ignore[attr-defined]
         connection.execute(
             statement.on_conflict_do_update(
@@ -381,14 +378,20 @@ class RecommendService:
         if not persons:
             return
         self.impressions.forget(persons, erase=True)
-        removed = connection.execute(
-            delete(interactions_table).where(
+        self.people.writing(connection, persons)
+        holders = connection.execute(
+            delete(interactions_table)
+            .where(
                 or_(
                     interactions_table.c.person_id.in_(persons),
                     interactions_table.c.origin_person_id.in_(persons),
                 )
             )
-        ).rowcount
+            .returning(interactions_table.c.person_id)
+        ).all()
+        # Interactions collected for them may belong to a survivor of a merge by now.
+        self.people.writing(connection, {row.person_id for row in holders})
+        removed = len(holders)
         connection.execute(delete(consents_table).where(consents_table.c.person_id.in_(persons)))
         connection.execute(
             delete(impressions_table).where(impressions_table.c.person_id.in_(persons))
@@ -675,7 +678,25 @@ class RecommendService:
         return True
 
     def start(self) -> None:
-        """Run the periodic checks of pending forgets: popularity at once, the rest when due."""
+        """Load every person's grant and interactions into memory (until then requests read
+        them from the database), and run the periodic checks of pending forgets: popularity at
+        once, the rest when due."""
+
+        def load() -> None:
+            try:
+                started = time.perf_counter()
+                persons = self.people.load()
+                logger.info(
+                    "recommend: %d persons in memory in %.1f s",
+                    persons,
+                    time.perf_counter() - started,
+                )
+            except Exception:
+                logger.exception("loading persons into memory failed; reading them singly")
+
+        loader = threading.Thread(target=load, name="recommend-people", daemon=True)
+        self._threads.append(loader)
+        loader.start()
 
         def loop() -> None:
             while not self._stop.wait(self.settings.forget_check_seconds):
@@ -694,6 +715,7 @@ class RecommendService:
         for thread in self._threads:
             thread.join(timeout=5.0)
         self.impressions.stop()
+        self.people.close()
 
     # Queries -------------------------------------------------------------------------------------
 
@@ -772,12 +794,12 @@ class RecommendService:
         arm: ArmSpec | None = None
         experiment: ExperimentSpec | None = None
         personalised = False
-        events: Sequence[Any] = []
+        record: PersonRecord | None = None
         if query.person_id:
-            with self.engine.connect() as connection:
-                rows = connection.execute(_PERSON_NOW, {"person_id": query.person_id}).all()
-            personalised = bool(rows) and self._grant_holds(rows[0].allowed, rows[0].expires_at)
-            events = [row for row in rows if row.item_id is not None] if personalised else []
+            record = self.people.get(query.person_id)
+            personalised = record is not None and self._grant_holds(
+                record.allowed, record.expires_at
+            )
             if personalised and not query.model:
                 experiment = self._current_experiment()
                 if experiment is not None:
@@ -799,19 +821,11 @@ class RecommendService:
                 [("MODEL", f"models/{name}", "is not trained (see GetModelInfo)")],
                 f"model {name} is not trained",
             )
-        use_session = personalised or not query.person_id
-        session = list(query.session_item_ids) if use_session else []
-        view = self.settings.interactions.weight(EventType.VIEW)
-        history = build_history(
-            [(r.item_id, r.weight, utc(r.occurred_at), r.event_type) for r in events]
-            + [(item_id, view, now, str(EventType.VIEW)) for item_id in session],
+        history, purchased, seen = self._history(
+            record if personalised else None,
+            query.session_item_ids if personalised or not query.person_id else (),
             catalogue,
-            now=now,
-            half_life_days=self.settings.interactions.half_life_days,
-        )
-        purchased = purchased_items([(r.item_id, r.event_type) for r in events], catalogue)
-        seen = catalogue.indices(
-            [r.item_id for r in events if r.event_type != EventType.PURCHASE] + session
+            now,
         )
         items = snapshot.ranker.recommend(
             model,
@@ -844,6 +858,53 @@ class RecommendService:
             model.name,
             model.report.version,
         )
+
+    def _history(
+        self,
+        record: PersonRecord | None,
+        session: Sequence[str],
+        catalogue: Catalogue,
+        now: datetime,
+    ) -> tuple[History, IntArray, IntArray]:
+        """The history to score (stored interactions and the session's items as views now),
+        the items bought and the items seen otherwise (both left out of the answer)."""
+        at = now.timestamp()
+        stored = catalogue.positions(record.item_ids) if record is not None else _NO_ITEMS
+        session_items = catalogue.positions(session) if session else _NO_ITEMS
+        if not stored.size and not session_items.size:
+            return History.empty(), _NO_ITEMS, _NO_ITEMS
+        view = self.settings.interactions.weight(EventType.VIEW)
+        if record is not None and stored.size:
+            bought = np.fromiter(
+                (kind == EventType.PURCHASE for kind in record.kinds), bool, len(record.kinds)
+            )
+            known = stored >= 0
+            usable = known & (record.weights > 0)
+            items = np.concatenate([stored[usable], session_items[session_items >= 0]])
+            kinds = [kind for kind, use in zip(record.kinds, usable.tolist(), strict=True) if use]
+            weights, times = record.weights[usable], record.times[usable]
+            purchased = np.unique(stored[known & bought])
+            seen = np.concatenate([stored[known & ~bought], session_items[session_items >= 0]])
+        else:
+            items = session_items[session_items >= 0]
+            kinds, weights, times = [], _NO_WEIGHTS, _NO_WEIGHTS
+            purchased, seen = _NO_ITEMS, items
+        extra = items.size - weights.size
+        if extra and view > 0:
+            weights = np.concatenate([weights, np.full(extra, view)])
+            times = np.concatenate([times, np.full(extra, at)])
+            kinds = [*kinds, *([str(EventType.VIEW)] * extra)]
+        elif extra:
+            items = items[: weights.size]
+        history = history_of(
+            items,
+            weights,
+            times,
+            kinds,
+            now=at,
+            half_life_days=self.settings.interactions.half_life_days,
+        )
+        return history, purchased, seen
 
     def _grant_holds(self, allowed: bool | None, expires_at: datetime | None) -> bool:
         if not allowed:

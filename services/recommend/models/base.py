@@ -75,6 +75,11 @@ class Catalogue:
         known = [self._index[item_id] for item_id in item_ids if item_id in self._index]
         return np.array(known, dtype=np.int64)
 
+    def positions(self, item_ids: Iterable[str]) -> IntArray:
+        """The index of each id, -1 for ids outside the catalogue (same length as given)."""
+        index = self._index
+        return np.array([index.get(item_id, -1) for item_id in item_ids], dtype=np.int64)
+
     def category_code(self, category: str) -> int | None:
         """The code of a category, or None when no item has it."""
         return self._category_index.get(category)
@@ -202,6 +207,40 @@ class TrainingReport:
     training_seconds: float
     size_bytes: int
     details: Mapping[str, float] = field(default_factory=dict)
+
+
+class Scores:
+    """One component's scores for one history, and how each history entry contributed.
+
+    `values` covers every item when `columns` is None, else only `columns` (the rest score 0).
+    A model that serves through a blend (the hybrid) scores each component once per request
+    and explains the winners from what scoring already gathered, so `contributions` reuses it.
+    """
+
+    __slots__ = ("columns", "top", "values")
+
+    def __init__(self, values: FloatArray, columns: IntArray | None = None) -> None:
+        self.values = values
+        self.columns = columns
+        self.top = float(values.max()) if values.size else 0.0
+
+    def dense(self, n_items: int) -> FloatArray:
+        if self.columns is None:
+            return self.values
+        scores = np.zeros(n_items, dtype=np.float64)
+        scores[self.columns] = self.values
+        return scores
+
+    def add_to(self, total: FloatArray, factor: float) -> None:
+        """total += factor · scores."""
+        if self.columns is None:
+            total += self.values * factor
+        else:
+            total[self.columns] += self.values * factor
+
+    def contributions(self, items: IntArray) -> dict[str, FloatArray]:
+        """As `TrainedModel.contributions` for the scored history."""
+        return {}
 
 
 @runtime_checkable

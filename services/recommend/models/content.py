@@ -23,6 +23,7 @@ from services.recommend.models.base import (
     History,
     IntArray,
     InteractionMatrix,
+    Scores,
     TrainingReport,
     arrays_size,
     check_history,
@@ -116,34 +117,24 @@ class TrainedContent:
     report: TrainingReport
     name: str = "content"
 
-    def score(self, history: History) -> FloatArray:
+    def scored(self, history: History) -> _ContentScores:
         n_items = self.features.shape[0]
         check_history(history, n_items)
         if len(history) == 0:
-            return np.zeros(n_items, dtype=np.float64)
+            return _ContentScores(self, history, np.zeros(n_items, dtype=np.float64))
         positions, columns, values = csr_entries(self.features, history.indices)
         weighted = values * history.weights[positions]
         profile = np.bincount(columns, weights=weighted, minlength=self.features.shape[1])
         scores = np.asarray(self.features @ profile, dtype=np.float64).ravel()
         own = np.bincount(positions, weights=weighted * values, minlength=len(history))
         scores[history.indices] -= own
-        return scores
+        return _ContentScores(self, history, scores, positions, columns, values)
+
+    def score(self, history: History) -> FloatArray:
+        return self.scored(history).values
 
     def contributions(self, history: History, items: IntArray) -> dict[str, FloatArray]:
-        block = np.zeros((len(items), len(history)), dtype=np.float64)
-        if len(items) * self.features.shape[1] <= _DENSE_LIMIT:
-            # Sums of products over the history's stored features: no BLAS call on the request
-            # path (OpenBLAS's threads cost more than these few products when threads share it).
-            positions, columns, values = csr_entries(self.features, history.indices)
-            if columns.size:
-                products = dense_rows(self.features, items)[:, columns] * values
-                starts = np.flatnonzero(np.r_[True, positions[1:] != positions[:-1]])
-                block[:, positions[starts]] = np.add.reduceat(products, starts, axis=1)
-        else:
-            product = self.features[items] @ self.features_t[:, history.indices]
-            block = np.asarray(product.toarray(), dtype=np.float64)
-        block[items[:, None] == history.indices[None, :]] = 0.0
-        return {FROM_CONTENT: block * history.weights[None, :]}
+        return self.scored(history).contributions(items)
 
     def similarity(self, items: IntArray) -> FloatArray:
         """Pairwise cosine similarity of `items` (for diversity)."""
@@ -159,3 +150,41 @@ class TrainedContent:
 
     def arrays(self) -> dict[str, npt.NDArray[Any]]:
         return sparse_arrays("features", self.features)
+
+
+class _ContentScores(Scores):
+    """Content scores, keeping the history's feature entries."""
+
+    __slots__ = ("_entries", "_indices", "_model", "_weights")
+
+    def __init__(
+        self,
+        model: TrainedContent,
+        history: History,
+        scores: FloatArray,
+        *entries: Any,
+    ) -> None:
+        super().__init__(scores)
+        # Not the history itself: the hybrid keeps these scores in a dictionary weakly keyed
+        # by the history, which a reference back would keep alive for ever.
+        self._model, self._indices, self._weights = model, history.indices, history.weights
+        self._entries = entries
+
+    def contributions(self, items: IntArray) -> dict[str, FloatArray]:
+        indices, features = self._indices, self._model.features
+        block = np.zeros((len(items), indices.size), dtype=np.float64)
+        if not indices.size:
+            return {FROM_CONTENT: block}
+        if len(items) * features.shape[1] <= _DENSE_LIMIT:
+            # Sums of products over the history's stored features: no BLAS call on the request
+            # path (OpenBLAS's threads cost more than these few products when threads share it).
+            positions, columns, values = self._entries
+            if columns.size:
+                products = dense_rows(features, items)[:, columns] * values
+                starts = np.flatnonzero(np.r_[True, positions[1:] != positions[:-1]])
+                block[:, positions[starts]] = np.add.reduceat(products, starts, axis=1)
+        else:
+            product = features[items] @ self._model.features_t[:, indices]
+            block = np.asarray(product.toarray(), dtype=np.float64)
+        block[items[:, None] == indices[None, :]] = 0.0
+        return {FROM_CONTENT: block * self._weights[None, :]}

@@ -13,6 +13,7 @@ they say whatever scale a component works on.
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 from weakref import WeakKeyDictionary
@@ -26,6 +27,7 @@ from services.recommend.models.base import (
     History,
     IntArray,
     InteractionMatrix,
+    Scores,
     TrainedModel,
     TrainingReport,
     array_fingerprint,
@@ -99,7 +101,7 @@ class TrainedHybrid:
     config: HybridConfig
     report: TrainingReport
     name: str = "hybrid"
-    _parts: WeakKeyDictionary[History, list[tuple[str, float, FloatArray]]] = field(
+    _parts: WeakKeyDictionary[History, list[tuple[float, Scores]]] = field(
         default_factory=WeakKeyDictionary, repr=False
     )
     """The scaled components of the histories being answered: a request scores its history and
@@ -117,8 +119,8 @@ class TrainedHybrid:
             return Blend(popular=1.0)
         return self.config.thin if route == "thin" else self.config.full
 
-    def _scaled(self, history: History) -> list[tuple[str, float, FloatArray]]:
-        """(component, share / max score, raw scores) of every component with a share."""
+    def _scaled(self, history: History) -> list[tuple[float, Scores]]:
+        """(share / max score, scores) of every component with a share and a positive score."""
         remembered = self._parts.get(history)
         if remembered is not None:
             return remembered
@@ -128,25 +130,29 @@ class TrainedHybrid:
             share = blend.share(name)
             if share <= 0:
                 continue
-            scores = self.components[name].score(history)
-            top = float(scores.max()) if scores.size else 0.0
-            if top > 0:
-                parts.append((name, share / top, scores))
+            component = self.components[name]
+            scored = getattr(component, "scored", None)
+            scores = scored(history) if scored is not None else _Plain(component, history)
+            if scores.top > 0:
+                parts.append((share / scores.top, scores))
         self._parts[history] = parts
         return parts
 
     def score(self, history: History) -> FloatArray:
-        n_items = self.report.items
-        total = np.zeros(n_items, dtype=np.float64)
-        for _name, factor, scores in self._scaled(history):
-            total += factor * scores
+        total = np.zeros(self.report.items, dtype=np.float64)
+        for factor, scores in self._scaled(history):
+            scores.add_to(total, factor)
         return total
 
     def contributions(self, history: History, items: IntArray) -> dict[str, FloatArray]:
         result: dict[str, FloatArray] = {}
-        for name, factor, _scores in self._scaled(history):
-            for source, values in self.components[name].contributions(history, items).items():
-                result[source] = result.get(source, 0.0) + factor * values
+        for factor, scores in self._scaled(history):
+            for source, values in scores.contributions(items).items():
+                values *= factor
+                if source in result:
+                    result[source] += values
+                else:
+                    result[source] = values
         return result
 
     def similar(self, item: int, k: int) -> IntArray:
@@ -166,3 +172,20 @@ class TrainedHybrid:
             for name in COMPONENTS
             for key, array in self.components[name].arrays().items()
         }
+
+
+class _Plain(Scores):
+    """A component without `scored`: its dense scores, explained by `contributions`."""
+
+    __slots__ = ("_component", "_history")
+
+    def __init__(self, component: TrainedModel, history: History) -> None:
+        super().__init__(component.score(history))
+        # Weakly: these scores are kept in a dictionary weakly keyed by the history.
+        self._component, self._history = component, weakref.ref(history)
+
+    def contributions(self, items: IntArray) -> dict[str, FloatArray]:
+        history = self._history()
+        if history is None:  # pragma: no cover - the caller holds the history it explains
+            raise ReferenceError("the history explained is gone")
+        return self._component.contributions(history, items)

@@ -23,14 +23,14 @@ from services.recommend.models.base import (
     History,
     IntArray,
     InteractionMatrix,
+    Scores,
     TrainingReport,
     arrays_size,
     check_history,
-    dense_block,
+    csr_entries,
     model_version,
     rows_top_m,
     sparse_arrays,
-    weighted_rows,
 )
 
 _BLOCK_ITEMS = 2048
@@ -122,15 +122,24 @@ class TrainedItemKNN:
     report: TrainingReport
     name: str = "item_knn"
 
-    def score(self, history: History) -> FloatArray:
+    def scored(self, history: History) -> _KNNScores:
         check_history(history, self.similarity.shape[0])
-        return weighted_rows(self.similarity, history)
+        positions, columns, values = csr_entries(self.similarity, history.indices)
+        weighted = values * history.weights[positions]
+        scores = np.bincount(columns, weights=weighted, minlength=self.similarity.shape[1])
+        return _KNNScores(
+            np.asarray(scores, dtype=np.float64),
+            len(history),
+            positions,
+            columns,
+            weighted,
+        )
+
+    def score(self, history: History) -> FloatArray:
+        return self.scored(history).values
 
     def contributions(self, history: History, items: IntArray) -> dict[str, FloatArray]:
-        if len(history) == 0:
-            return {FROM_INTERACTIONS: np.zeros((len(items), 0))}
-        block = dense_block(self.similarity, history.indices, items)
-        return {FROM_INTERACTIONS: (block * history.weights[:, None]).T}
+        return self.scored(history).contributions(items)
 
     def similar(self, item: int, k: int) -> IntArray:
         start, stop = self.similarity.indptr[item], self.similarity.indptr[item + 1]
@@ -141,3 +150,36 @@ class TrainedItemKNN:
 
     def arrays(self) -> dict[str, npt.NDArray[Any]]:
         return sparse_arrays("similarity", self.similarity)
+
+
+class _KNNScores(Scores):
+    """kNN scores, keeping the neighbour entries of the history's items."""
+
+    __slots__ = ("_columns", "_length", "_positions", "_weighted")
+
+    def __init__(
+        self,
+        scores: FloatArray,
+        length: int,
+        positions: IntArray,
+        columns: IntArray,
+        weighted: FloatArray,
+    ) -> None:
+        super().__init__(scores)
+        self._length, self._positions = length, positions
+        self._columns, self._weighted = columns, weighted
+
+    def contributions(self, items: IntArray) -> dict[str, FloatArray]:
+        result = np.zeros((len(items), self._length), dtype=np.float64)
+        if not items.size or not self._columns.size:
+            return {FROM_INTERACTIONS: result}
+        order = np.argsort(items, kind="stable")
+        ordered = items[order]
+        if ordered.size > 1 and bool((ordered[1:] == ordered[:-1]).any()):
+            unique, inverse = np.unique(items, return_inverse=True)
+            return {FROM_INTERACTIONS: self.contributions(unique)[FROM_INTERACTIONS][inverse]}
+        slot = np.minimum(np.searchsorted(ordered, self._columns), ordered.size - 1)
+        hit = np.flatnonzero(ordered[slot] == self._columns)
+        # Each (history item, neighbour) pair is stored once in the CSR rows.
+        result[order[slot[hit]], self._positions[hit]] = self._weighted[hit]
+        return {FROM_INTERACTIONS: result}

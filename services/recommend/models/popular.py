@@ -19,6 +19,7 @@ from services.recommend.models.base import (
     History,
     IntArray,
     InteractionMatrix,
+    Scores,
     TrainingReport,
     arrays_size,
     model_version,
@@ -74,6 +75,9 @@ class TrainedPopular:
 
     def score(self, history: History) -> FloatArray:
         return self.popularity.copy()
+
+    def scored(self, history: History) -> Scores:
+        return Scores(self.popularity)
 
     def contributions(self, history: History, items: IntArray) -> dict[str, FloatArray]:
         return {}
