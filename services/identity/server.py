@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
@@ -56,7 +56,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         self,
         identifier: common_pb2.Identifier,
         index: int,
-        list_path: str,
+        list_path: Callable[[], str],
         violations: FieldViolations,
         is_blocked: Callable[[str], bool],
     ) -> IdentifierInput:
@@ -72,7 +72,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
                 return IdentifierInput(
                     index, identifier.type, identifier.namespace, invalid=error.description
                 )
-            violations.add(f"{list_path}[{index}].{error.field}", error.description)
+            violations.add(f"{list_path()}[{index}].{error.field}", error.description)
             return IdentifierInput(index, identifier.type, identifier.namespace, invalid="refused")
         return IdentifierInput(
             index,
@@ -101,9 +101,11 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         is_blocked = self._service.rules.is_blocked
         default_source = request.source or "unknown"
         items = []
+        identifier_input = self._identifier_input
         for item_index, item in enumerate(request.items):
             path = f"items[{item_index}]"
-            count = len(item.identifiers)
+            wire_identifiers: Sequence[common_pb2.Identifier] = item.identifiers
+            count = len(wire_identifiers)
             if not 0 < count <= MAX_IDENTIFIERS_PER_ITEM:
                 violations.check(count > 0, f"{path}.identifiers", "at least one identifier")
                 violations.check(
@@ -111,6 +113,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
                     f"{path}.identifiers",
                     f"at most {MAX_IDENTIFIERS_PER_ITEM} identifiers",
                 )
+                wire_identifiers = wire_identifiers[:MAX_IDENTIFIERS_PER_ITEM]
             source = item.source
             if len(source) > MAX_SOURCE_LENGTH:
                 violations.add(f"{path}.source", f"at most {MAX_SOURCE_LENGTH} characters")
@@ -120,11 +123,13 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
                 violations.check(
                     seen_at <= now + FUTURE_TOLERANCE, f"{path}.seen_at", "is in the future"
                 )
+
+            def list_path(path: str = path) -> str:
+                return f"{path}.identifiers"
+
             identifiers = tuple(
-                self._identifier_input(
-                    identifier, index, f"{path}.identifiers", violations, is_blocked
-                )
-                for index, identifier in enumerate(item.identifiers[:MAX_IDENTIFIERS_PER_ITEM])
+                identifier_input(identifier, index, list_path, violations, is_blocked)
+                for index, identifier in enumerate(wire_identifiers)
             )
             items.append(ItemInput(item_index, identifiers, source or default_source, seen_at))
         violations.raise_if_any()
@@ -146,7 +151,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         violations.raise_if_any()
         is_blocked = self._service.rules.is_blocked
         inputs = [
-            self._identifier_input(identifier, index, "identifiers", violations, is_blocked)
+            self._identifier_input(identifier, index, lambda: "identifiers", violations, is_blocked)
             for index, identifier in enumerate(request.identifiers)
         ]
         violations.raise_if_any()

@@ -99,11 +99,18 @@ def test_malformed_requests_get_field_violations(
             ]
         ),
     }
+    too_many = [identifier("COOKIE_ID", f"c{n}") for n in range(33)]
+    cases["items[1].identifiers"] = L.ResolveRequest(
+        items=[L.ResolveItem(identifiers=too_many[:1]), L.ResolveItem(identifiers=too_many)]
+    )
     for field, request in cases.items():
         with pytest.raises(grpc.RpcError) as raised:
             stub.Resolve(request, timeout=10)
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
         assert field in read_error_details(raised.value).field_violations, field
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.Lookup(L.LookupRequest(identifiers=[T.Identifier(value="x")]), timeout=10)
+    assert "identifiers[0].type" in read_error_details(raised.value).field_violations
 
 
 def test_batch_above_the_limit_is_refused(stub: identity_pb2_grpc.IdentityServiceStub) -> None:
