@@ -34,6 +34,10 @@ MAX_YAML: Final = 1024 * 1024
 MAX_PAGE: Final = 10_000
 ROLL_INTERVAL_SECONDS: Final = 3600.0
 RFM_INTERVAL_SECONDS: Final = 24 * 3600.0
+CONSUMER_BATCH_SIZE: Final = 1000
+"""Most envelopes per consumer transaction. A batch costs about one profile recompute per person
+it touches, however many of their events it holds, so a backlog is worked off in large batches;
+a quiet log still goes in small ones (what arrived within the consumer's linger)."""
 
 
 def _stamp(moment: datetime | None) -> Timestamp | None:
@@ -264,6 +268,7 @@ def build(context: ServiceContext) -> ServiceParts:
                 apply,
                 tables=CONSUMER_TABLES,
                 end_batch=service.end_batch,
+                batch_size=CONSUMER_BATCH_SIZE,
                 tracer_provider=context.telemetry.tracer_provider,
             )
             consumers.append(consumer)

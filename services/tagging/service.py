@@ -434,22 +434,21 @@ class TaggingService:
         """Recompute and store the profiles of ``persons`` (none for a person without events);
         returns them with each person's newest event time and number of events."""
         events: defaultdict[str, list[Event]] = defaultdict(list)
-        for row in connection.execute(
-            select(events_table).where(events_table.c.person_id.in_(persons))
-        ):
-            events[row.person_id].append(
-                Event(
-                    row.event_id,
-                    row.type,
-                    utc(row.occurred_at),
-                    row.item_id,
-                    row.category,
-                    row.value,
-                    row.dwell_ms,
-                    row.quantity,
-                    row.channel,
-                )
-            )
+        e = events_table.c
+        query = select(
+            e.person_id,
+            e.event_id,
+            e.type,
+            e.occurred_at,
+            e.item_id,
+            e.category,
+            e.value,
+            e.dwell_ms,
+            e.quantity,
+            e.channel,
+        ).where(e.person_id.in_(persons))
+        for person, event_id, kind, occurred_at, *rest in connection.execute(query):
+            events[person].append(Event(event_id, kind, utc(occurred_at), *rest))
         profiles = {
             person: compute_profile(person, events[person], now, thresholds)
             for person in persons
