@@ -26,7 +26,11 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-SERVER_ENV_DROPPED = ("OTEL_EXPORTER_OTLP_ENDPOINT", "STEWARD_IDENTITY_TARGET")
+SERVER_ENV_DROPPED = (
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "STEWARD_IDENTITY_TARGET",
+    "STEWARD_CONSENT_TARGET",
+)
 """Settings of the caller's shell that would point the bench's server elsewhere."""
 
 

@@ -76,6 +76,9 @@ class Settings:
     """…or once this many seconds have passed with new entries."""
     identity_target: str | None = None
     """Address of the identity service; unset means this process (all-in-one mode)."""
+    consent_target: str | None = None
+    """Address of the consent service (whose event log tagging and recommend read); unset
+    means this process."""
     keyring_json: str | None = field(default=None, repr=False)
     """Keyring contents from ``STEWARD_KEYRING_JSON``; when set it wins over ``keys_dir``."""
 
@@ -127,6 +130,7 @@ class Settings:
             admin_token=read("admin_token", "STEWARD_ADMIN_TOKEN", _parse_text),
             callers_file=None if callers_file is None else Path(callers_file),
             identity_target=values.get("STEWARD_IDENTITY_TARGET"),
+            consent_target=values.get("STEWARD_CONSENT_TARGET"),
             checkpoint_every=read("checkpoint_every", "STEWARD_CHECKPOINT_EVERY", _positive),
             checkpoint_seconds=read(
                 "checkpoint_seconds", "STEWARD_CHECKPOINT_SECONDS", _non_negative_float
@@ -136,6 +140,12 @@ class Settings:
         if settings.env == "production":
             settings.validate_for_production()
         return settings
+
+    def target_of(self, service: str, own_target: str) -> str:
+        """Where this process reaches ``service``: its configured address (``consent`` and
+        ``identity`` can be set apart), else ``own_target``, this process's own."""
+        configured = {"consent": self.consent_target, "identity": self.identity_target}
+        return configured.get(service) or own_target
 
     def db_url(self, service: str) -> str:
         """The database URL of ``service`` (one of ``SERVICE_DATABASES``)."""

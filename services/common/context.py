@@ -7,9 +7,12 @@ produces, and what has to start once the server listens (consumers) and stop bef
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import grpc
 
 from services.common.config import Settings
 from services.common.eventlog import ProducerLog
@@ -38,3 +41,31 @@ class ServiceParts:
     """Called with the process's own address once it serves (e.g. to start consumers)."""
     on_stop: list[Callable[[], None]] = field(default_factory=list)
     """Called in reverse order after the server has stopped."""
+
+
+class PeerChannels:
+    """Channels from this process to the services it calls or whose logs it reads.
+
+    ``to("consent")`` is a channel to where the settings say consent runs, or to this process's
+    own (internal) address when it runs here; one channel per address, all closed by ``close``.
+    """
+
+    def __init__(self, settings: Settings, own_target: str) -> None:
+        self._settings = settings
+        self._own_target = own_target
+        self._channels: dict[str, grpc.Channel] = {}
+        self._lock = threading.Lock()
+
+    def to(self, service: str) -> grpc.Channel:
+        target = self._settings.target_of(service, self._own_target)
+        with self._lock:
+            channel = self._channels.get(target)
+            if channel is None:
+                channel = self._channels[target] = grpc.insecure_channel(target)
+            return channel
+
+    def close(self) -> None:
+        with self._lock:
+            channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            channel.close()

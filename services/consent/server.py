@@ -20,7 +20,7 @@ from steward.events.v1 import events_pb2
 
 from services.common.callers import caller_of
 from services.common.consumer import Consumer, GrpcEnvelopeSource
-from services.common.context import ServiceContext, ServiceParts
+from services.common.context import PeerChannels, ServiceContext, ServiceParts
 from services.common.db import make_engine
 from services.common.errors import (
     FailedPrecondition,
@@ -804,7 +804,7 @@ def build(context: ServiceContext) -> ServiceParts:
     ]
     cache = PersonCache()
     consumers: list[Consumer] = []
-    channels: list[grpc.Channel] = []
+    channels: list[PeerChannels] = []
 
     def follow_identity(connection: Connection, envelope: events_pb2.Envelope) -> None:
         """Merges, unmerges and forgets: fold or split the persons' consent, refresh the cache."""
@@ -812,8 +812,9 @@ def build(context: ServiceContext) -> ServiceParts:
         cache.apply(connection, envelope)
 
     def connect_identity(own_target: str) -> None:
-        raw = grpc.insecure_channel(settings.identity_target or own_target)
-        channels.append(raw)
+        peers = PeerChannels(settings, own_target)
+        channels.append(peers)
+        raw = peers.to("identity")
         subjects.connect(IdentityClient(instrument_channel(raw, context.telemetry)))
         # The log is read on the plain channel: its envelopes carry their own trace context.
         source = GrpcEnvelopeSource(raw, "identity", IDENTITY_CONSUMER)

@@ -13,7 +13,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from steward.recommend.v1 import recommend_pb2, recommend_pb2_grpc
 
 from services.common.consumer import Consumer, GrpcEnvelopeSource
-from services.common.context import ServiceContext, ServiceParts
+from services.common.context import PeerChannels, ServiceContext, ServiceParts
 from services.common.db import make_engine
 from services.common.errors import FieldViolations, InvalidArgument
 from services.common.migrations import upgrade
@@ -384,20 +384,22 @@ def build(context: ServiceContext) -> ServiceParts:
     upgrade(engine, "recommend")
     service = RecommendService(engine)
     consumers: list[Consumer] = []
-    channels: list[grpc.Channel] = []
+    channels: list[PeerChannels] = []
 
     def start_consumers(own_target: str) -> None:
-        channel = grpc.insecure_channel(context.settings.identity_target or own_target)
-        channels.append(channel)
+        # Each log from its producer: this process, or where the settings say it runs.
+        peers = PeerChannels(context.settings, own_target)
+        channels.append(peers)
         feeds: Sequence[tuple[str, Callable[..., None]]] = (
             ("consent", service.apply_consent_envelope),
             ("identity", service.apply_identity_envelope),
         )
+
         for producer, apply in feeds:
             consumer = Consumer(
                 "recommend",
                 producer,
-                GrpcEnvelopeSource(channel, producer, "recommend"),
+                GrpcEnvelopeSource(peers.to(producer), producer, "recommend"),
                 engine,
                 apply,
                 tables=CONSUMER_TABLES,

@@ -15,7 +15,7 @@ from steward.tagging.v1 import tagging_pb2, tagging_pb2_grpc
 
 from services.common.callers import caller_of
 from services.common.consumer import Consumer, GrpcEnvelopeSource
-from services.common.context import ServiceContext, ServiceParts
+from services.common.context import PeerChannels, ServiceContext, ServiceParts
 from services.common.db import make_engine
 from services.common.errors import FieldViolations, InvalidArgument
 from services.common.eventlog import ProducerLog
@@ -248,22 +248,24 @@ def build(context: ServiceContext) -> ServiceParts:
     outbox = Outbox(PRODUCER, OUTBOX_TABLES)
     service = TaggingService(engine, outbox)
     consumers: list[Consumer] = []
-    channels: list[grpc.Channel] = []
+    channels: list[PeerChannels] = []
 
     def start_consumers(own_target: str) -> None:
-        channel = grpc.insecure_channel(context.settings.identity_target or own_target)
-        channels.append(channel)
+        # Each log from its producer: this process, or where the settings say it runs.
+        peers = PeerChannels(context.settings, own_target)
+        channels.append(peers)
         # Each envelope is only recorded; each person a batch touched is re-evaluated once at
         # its end, in the same transaction.
         feeds: Sequence[tuple[str, Callable[..., None]]] = (
             ("consent", service.ingest_consent_envelope),
             ("identity", service.ingest_identity_envelope),
         )
+
         for producer, apply in feeds:
             consumer = Consumer(
                 "tagging",
                 producer,
-                GrpcEnvelopeSource(channel, producer, "tagging"),
+                GrpcEnvelopeSource(peers.to(producer), producer, "tagging"),
                 engine,
                 apply,
                 tables=CONSUMER_TABLES,
