@@ -38,6 +38,9 @@ from services.recommend.models.content import content_features
 
 BoolArray = npt.NDArray[np.bool_]
 
+_CACHED_MASKS = 256
+"""Filter combinations whose masks a ranker keeps."""
+
 
 @dataclass(frozen=True)
 class Filters:
@@ -179,6 +182,7 @@ class Ranker:
         self.mmr_weight = mmr_weight
         self.pool = pool
         self.explained_items = explained_items
+        self._masks: dict[tuple[object, ...], BoolArray] = {}
 
     def relevance(self, model: TrainedModel, history: History, need: str = "") -> FloatArray:
         """Personal scores scaled to a maximum of 1, blended with the need; matches rank first."""
@@ -211,13 +215,34 @@ class Ranker:
         if not 0.0 <= diversity <= 1.0:
             raise ValueError("diversity must be between 0 and 1")
         relevance = self.relevance(model, history, need)
-        allowed = allowed_items(self.catalogue, filters, purchased, exclude)
+        allowed = self._allowed(filters, purchased, exclude)
         scores = np.where(allowed, relevance, -np.inf)
         if diversity <= 0:
             chosen = top_k(scores, k)
         else:
             chosen = self._diversify(scores, allowed, k, diversity)
         return self._explain(model, history, chosen, scores, need)
+
+    def _allowed(
+        self, filters: Filters, purchased: IntArray | None, exclude: IntArray | None
+    ) -> BoolArray:
+        """`allowed_items`, with the mask of the catalogue filters (categories, prices,
+        availability) kept per filter combination, as a shop asks the same few again and again."""
+        key = (filters.categories, filters.min_price, filters.max_price, filters.available_only)
+        base = self._masks.get(key)
+        if base is None:
+            base = allowed_items(self.catalogue, Filters(*key[:3], available_only=key[3]))
+            if len(self._masks) >= _CACHED_MASKS:
+                self._masks.clear()
+            self._masks[key] = base
+        allowed = base.copy()
+        if filters.exclude_item_ids:
+            allowed[self.catalogue.indices(filters.exclude_item_ids)] = False
+        if purchased is not None and not filters.include_purchased:
+            allowed[purchased] = False
+        if exclude is not None:
+            allowed[exclude] = False
+        return allowed
 
     def _diversify(
         self, scores: FloatArray, allowed: BoolArray, k: int, diversity: float
@@ -260,30 +285,35 @@ class Ranker:
         scores: FloatArray,
         need: str,
     ) -> list[Recommendation]:
-        by_source = model.contributions(history, chosen) if len(history) else {}
-        empty = np.zeros((len(chosen), len(history)), dtype=np.float64)
-        interactions = by_source.get(FROM_INTERACTIONS, empty)
-        content = by_source.get(FROM_CONTENT, empty)
-        total = interactions + content
+        by_source = model.contributions(history, chosen) if len(history) and chosen.size else {}
+        interactions = by_source.get(FROM_INTERACTIONS)
+        content = by_source.get(FROM_CONTENT)
+        if interactions is None and content is None:
+            leaders: list[list[int]] = [[] for _ in range(chosen.size)]
+            content_led = [False] * chosen.size
+        else:
+            if interactions is None:
+                interactions = np.zeros_like(content)
+            if content is None:
+                content = np.zeros_like(interactions)
+            leaders = self._contributors(interactions + content)
+            content_led = (content.sum(axis=1) > interactions.sum(axis=1)).tolist()
         need_terms = self.matcher.terms(need) if need else []
-        leaders = self._contributors(total)
+        items = self.catalogue.items
         answer = []
-        for row, index in enumerate(chosen.tolist()):
-            item = self.catalogue.items[index]
-            contributors = leaders[row]
+        for row, (index, score) in enumerate(
+            zip(chosen.tolist(), scores[chosen].tolist(), strict=True)
+        ):
+            item = items[index]
             matched = self.matcher.matched_terms(need, index) if need_terms else []
             reason = self._reason(
-                item.category,
-                history,
-                contributors,
-                matched,
-                content_led=float(content[row].sum()) > float(interactions[row].sum()),
+                item.category, history, leaders[row], matched, content_led=content_led[row]
             )
             answer.append(
                 Recommendation(
                     item_id=item.item_id,
                     index=index,
-                    score=float(scores[index]),
+                    score=score,
                     title=item.title,
                     category=item.category,
                     reason=reason,
@@ -297,9 +327,10 @@ class Ranker:
         if contributions.size == 0:
             return [[] for _ in range(contributions.shape[0])]
         order = np.argsort(-contributions, axis=1, kind="stable")[:, : self.explained_items]
-        leading = np.take_along_axis(contributions, order, axis=1) > 0
+        rows = np.arange(contributions.shape[0])[:, None]
+        leading = contributions[rows, order] > 0
         return [
-            [int(p) for p, positive in zip(row, keep, strict=True) if positive]
+            [p for p, positive in zip(row, keep, strict=True) if positive]
             for row, keep in zip(order.tolist(), leading.tolist(), strict=True)
         ]
 
@@ -312,7 +343,11 @@ class Ranker:
         *,
         content_led: bool,
     ) -> Reason:
-        ids = tuple(self.catalogue.item_ids[int(history.indices[p])] for p in contributors)
+        if contributors:
+            indices = history.indices
+            ids = tuple(self.catalogue.item_ids[indices[p]] for p in contributors)
+        else:
+            ids = ()
         if matched:
             text = "matches " + ", ".join(f"“{term}”" for term in matched)
             if contributors:

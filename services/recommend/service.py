@@ -11,6 +11,7 @@ still hold the person's influence, are rebuilt without them within ``forget_dela
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import logging
 import threading
@@ -90,6 +91,19 @@ _NO_WEIGHTS: Final = np.zeros(0, dtype=np.float64)
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def settle_heap() -> None:
+    """Collect what training (or loading) left, then keep the models and the person view out
+    of the cyclic collector's reach, as `steward serve` does with what start-up allocated.
+
+    Without it every full collection walks them again; with the serving threads waiting on the
+    GIL meanwhile, that is a pause of hundreds of milliseconds on this machine (the stall of
+    bench/recommend.py). Objects frozen are still freed by reference counting when a later
+    snapshot replaces them.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 class ModelState:
@@ -594,6 +608,8 @@ class RecommendService:
                     )
             for name, model in trained.items():
                 self._evaluate(name, model, data, catalogue, experiment)
+        del rows, data
+        settle_heap()
 
     def _evaluate(
         self,
@@ -686,6 +702,7 @@ class RecommendService:
             try:
                 started = time.perf_counter()
                 persons = self.people.load()
+                settle_heap()
                 logger.info(
                     "recommend: %d persons in memory in %.1f s",
                     persons,
@@ -883,7 +900,7 @@ class RecommendService:
             items = np.concatenate([stored[usable], session_items[session_items >= 0]])
             kinds = [kind for kind, use in zip(record.kinds, usable.tolist(), strict=True) if use]
             weights, times = record.weights[usable], record.times[usable]
-            purchased = np.unique(stored[known & bought])
+            purchased = stored[known & bought]
             seen = np.concatenate([stored[known & ~bought], session_items[session_items >= 0]])
         else:
             items = session_items[session_items >= 0]
