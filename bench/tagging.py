@@ -53,15 +53,10 @@ import argparse
 import os
 import platform
 import random
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -73,7 +68,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 from google.protobuf.timestamp_pb2 import Timestamp
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from harness import Server, percentile, postgres_database, steward_server
 from sqlalchemy import func, insert, select
 from steward.common.v1 import common_pb2
 from steward.consent.v1 import consent_pb2, consent_pb2_grpc
@@ -203,11 +198,6 @@ def machine() -> str:
     )
 
 
-def percentile(values: Sequence[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
 def ratio(figure: float, target: float, *, lower_is_better: bool = True) -> str:
     share = figure / target
     verdict = (share <= 1.0) if lower_is_better else (share >= 1.0)
@@ -228,99 +218,15 @@ def stamp(moment: datetime) -> Timestamp:
     return value
 
 
-@contextmanager
-def postgres_database(admin_url: str) -> Iterator[str]:
-    """A fresh database for the run, dropped afterwards; yields its URL."""
-    import psycopg
-    from psycopg import sql
-    from sqlalchemy.engine import make_url
-
-    libpq_url = make_url(admin_url).set(drivername="postgresql")
-    name = f"steward_tagging_{uuid.uuid4().hex[:12]}"
-    admin = libpq_url.render_as_string(hide_password=False)
-    with psycopg.connect(admin, autocommit=True) as connection:
-        connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        url = libpq_url.set(drivername="postgresql+psycopg", database=name)
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(admin, autocommit=True) as connection:
-            connection.execute(
-                sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name))
-            )
-
-
 # Part 1: event to visible tag ------------------------------------------------------------------
-
-
-@dataclass
-class Server:
-    process: subprocess.Popen[bytes]
-    target: str
-    log: Path
-
-
-def process_cpu(pid: int) -> float:
-    """CPU seconds (user + system) a process has used so far (Linux), NaN elsewhere."""
-    stat = Path(f"/proc/{pid}/stat")
-    if not stat.exists():
-        return float("nan")
-    fields = stat.read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @contextmanager
 def suite_server(data_dir: Path, db_url: str | None) -> Iterator[Server]:
-    port = free_port()
-    env = {**os.environ, "STEWARD_DATA_DIR": str(data_dir), "STEWARD_LOG_LEVEL": "WARNING"}
-    if db_url:
-        env["STEWARD_DATABASE_URL"] = db_url
-    env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
-    log = data_dir / "server.log"
-    command = [str(Path(sys.executable).with_name("steward")), "serve", "--port", str(port)]
-    for service in ("consent", "identity", "tagging"):
-        command += ["--service", service]
-    with log.open("wb") as output:
-        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
-    server = Server(process, f"127.0.0.1:{port}", log)
-    try:
-        wait_serving(server)
+    """Consent, identity and tagging in one process of their own."""
+    env = {"STEWARD_DATABASE_URL": db_url} if db_url else {}
+    with steward_server(["consent", "identity", "tagging"], data_dir, env) as server:
         yield server
-    except BaseException:
-        if process.poll() is not None:
-            print(f"the server exited with {process.returncode}:", file=sys.stderr)
-            print(log.read_text()[-5000:], file=sys.stderr)
-        raise
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def wait_serving(server: Server, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(server.target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if server.process.poll() is not None:
-                raise SystemExit(f"the server exited:\n{server.log.read_text()}")
-            try:
-                answer = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                time.sleep(0.2)
-    raise SystemExit(f"the server did not start within {timeout:.0f} s")
 
 
 def history(person: str, rng: random.Random, now: datetime, events: int) -> list[Any]:
@@ -535,7 +441,7 @@ def latency_part(args: argparse.Namespace, data_dir: Path, db_url: str | None) -
         events = [e for p in everyone for e in history(p, rng, now, args.history_events)]
         rng.shuffle(events)
         started = time.perf_counter()
-        cpu_before = process_cpu(server.process.pid)
+        cpu_before = server.cpu_seconds()
         accepted = send_events(channel, events)
         collected = time.perf_counter() - started
         if accepted != len(events):
@@ -544,7 +450,7 @@ def latency_part(args: argparse.Namespace, data_dir: Path, db_url: str | None) -
         expected = sum(1 for e in events if e.person_id == last)
         wait_for_profile(channel, last, expected, timeout=600)
         caught_up = time.perf_counter() - started
-        server_cpu = process_cpu(server.process.pid) - cpu_before
+        server_cpu = server.cpu_seconds() - cpu_before
         print(
             f"  history: {accepted:,} events collected in {collected:.1f} s; tagging caught up "
             f"after {caught_up:.1f} s: {accepted / caught_up:,.0f} events/s through tagging's "
@@ -974,7 +880,7 @@ def main() -> None:
         data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="steward-bench-")))
         if "1" in parts:
             db_url = (
-                stack.enter_context(postgres_database(args.postgres_url))
+                stack.enter_context(postgres_database(args.postgres_url, "steward_tagging"))
                 if args.backend == "postgres"
                 else None
             )
@@ -983,7 +889,7 @@ def main() -> None:
             batch_part(args)
         if "3" in parts:
             db_url = (
-                stack.enter_context(postgres_database(args.postgres_url))
+                stack.enter_context(postgres_database(args.postgres_url, "steward_tagging"))
                 if args.backend == "postgres"
                 else None
             )
