@@ -97,10 +97,10 @@ def settle_heap() -> None:
     """Collect what training (or loading) left, then keep the models and the person view out
     of the cyclic collector's reach, as `steward serve` does with what start-up allocated.
 
-    Without it every full collection walks them again; with the serving threads waiting on the
-    GIL meanwhile, that is a pause of hundreds of milliseconds on this machine (the stall of
-    bench/recommend.py). Objects frozen are still freed by reference counting when a later
-    snapshot replaces them.
+    Without it every full collection walks them again while the serving threads wait on the
+    GIL: 0.15-0.2 s of CPU here, longer on a loaded machine (the likely cause of the stall once
+    seen in bench/recommend.py). Objects frozen are still freed by reference counting when a
+    later snapshot replaces them.
     """
     gc.collect()
     gc.freeze()
