@@ -66,6 +66,7 @@ def _rule_set_message(parsed: ParsedRuleSet, row: Any) -> tagging_pb2.RuleSet:
             purpose=rule.purpose,
             condition=rule.condition_text,
             min_evidence=rule.min_evidence,
+            evidence_window=rule.evidence_window,
             priority=rule.priority,
             fields_read=list(rule.fields_read),
         )

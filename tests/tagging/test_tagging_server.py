@@ -40,6 +40,7 @@ tags:
     category: affinity
     description: Mostly browses outdoor gear
     condition: p.category_affinity["outdoor"] > 0.5
+    evidence_window: 30d
     ttl: 30d
     priority: 5
 """
@@ -121,6 +122,7 @@ def test_events_become_explained_tags_within_the_budget(channel: grpc.Channel) -
     tagging = tagging_pb2_grpc.TaggingServiceStub(channel)
     stored = tagging.PutRuleSet(G.PutRuleSetRequest(yaml=RULES), timeout=10).rule_set
     assert stored.version == 1 and [r.id for r in stored.rules] == ["big_spender", "outdoor_fan"]
+    assert [r.evidence_window for r in stored.rules] == ["90d", "30d"]
     person = shopper(channel, "ann", {"profiling": T.DECISION_GRANTED})
     eventually(lambda: len(tags_of(channel, person).tags) == 1)
     answer = tags_of(channel, person)

@@ -36,6 +36,7 @@ class TagRule(_message.Message):
     TTL_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     FIELDS_READ_FIELD_NUMBER: _builtins.int
+    EVIDENCE_WINDOW_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Tag id, lower snake case."""
     category: _builtins.str
@@ -50,6 +51,8 @@ class TagRule(_message.Message):
     """Minimum events in the evidence window before the tag may be assigned."""
     priority: _builtins.int
     """Higher wins when the budget is exceeded."""
+    evidence_window: _builtins.str
+    """Where `min_evidence` counts events: `7d`, `30d`, `90d` (the default) or `lifetime`."""
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration:
         """How long the tag lasts without new evidence."""
@@ -70,10 +73,11 @@ class TagRule(_message.Message):
         ttl: _duration_pb2.Duration | None = ...,
         priority: _builtins.int = ...,
         fields_read: _abc.Iterable[_builtins.str] | None = ...,
+        evidence_window: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "condition", b"condition", "description", b"description", "fields_read", b"fields_read", "id", b"id", "min_evidence", b"min_evidence", "priority", b"priority", "purpose", b"purpose", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "condition", b"condition", "description", b"description", "evidence_window", b"evidence_window", "fields_read", b"fields_read", "id", b"id", "min_evidence", b"min_evidence", "priority", b"priority", "purpose", b"purpose", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
