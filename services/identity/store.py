@@ -369,7 +369,7 @@ class _DriverSql:
 _DRIVER_SQL: Final = {"sqlite": _DriverSql(postgres=False), "postgresql": _DriverSql(postgres=True)}
 
 
-CHECKPOINT_EVERY: Final = 4
+CHECKPOINT_EVERY: Final = 8
 """Graph commits between two passive WAL checkpoints on SQLite."""
 CHECKPOINT_RESTART_FRAMES: Final = 16_384
 """WAL frames (64 MiB of 4 KiB pages) past which checkpoints try to copy the whole log back, so
