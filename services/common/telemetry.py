@@ -12,11 +12,12 @@ control (gRPC status descriptions, recorded exceptions) would let one through.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, cast
 
 import grpc
+from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.instrumentation.grpc import (
     client_interceptor as otel_client_interceptor,
@@ -37,6 +38,7 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Sampler
 from opentelemetry.trace import Link, Status
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import Attributes, AttributeValue
 
 from services.common.redaction import is_identifier, names_identifier, redact_text
@@ -57,6 +59,8 @@ class Telemetry:
     service_name: str
     tracer_provider: TracerProvider
     meter_provider: MeterProvider
+    recording: bool = True
+    """Whether spans are recorded (an exporter, or a sampler asked for, is configured)."""
     _shut_down: bool = field(default=False, repr=False)
 
     def tracer(self, name: str) -> trace.Tracer:
@@ -122,7 +126,7 @@ def setup_telemetry(
     if install_global:
         trace.set_tracer_provider(tracer_provider)
         metrics.set_meter_provider(meter_provider)
-    return Telemetry(service_name, tracer_provider, meter_provider)
+    return Telemetry(service_name, tracer_provider, meter_provider, recording=sampler is None)
 
 
 _NOT_HEALTH_CHECK: Final[Callable[[Any], bool]] = negate(health_check())
@@ -137,13 +141,114 @@ def traced_call_filter(call_details: object) -> bool:
 
 
 def server_interceptor(telemetry: Telemetry) -> grpc.ServerInterceptor[Any, Any]:
-    """Server interceptor creating a span per RPC on ``telemetry``'s tracer provider."""
+    """Server interceptor creating a span per RPC on ``telemetry``'s tracer provider.
+
+    When spans are not recorded, OpenTelemetry's interceptor would still build each call's
+    attributes and a span nobody reads (about 50 us of a cheap call's 400): then
+    :class:`TraceContextInterceptor` only carries the caller's trace context into the handler,
+    so log lines and outgoing calls stay in the caller's trace.
+    """
+    if not telemetry.recording:
+        return TraceContextInterceptor()
     return cast(
         "grpc.ServerInterceptor[Any, Any]",
         otel_server_interceptor(  # type: ignore[no-untyped-call]
             tracer_provider=telemetry.tracer_provider, filter_=traced_call_filter
         ),
     )
+
+
+if TYPE_CHECKING:
+    _ServerInterceptor = grpc.ServerInterceptor[Any, Any]
+    _Handler = grpc.RpcMethodHandler[Any, Any]
+else:
+    _ServerInterceptor = grpc.ServerInterceptor
+    _Handler = grpc.RpcMethodHandler
+
+_TRACE_HEADERS: Final = frozenset(TraceContextTextMapPropagator().fields)
+
+
+class TraceContextInterceptor(_ServerInterceptor):
+    """Runs each handler in the trace context its caller sent (W3C ``traceparent``), if any."""
+
+    def __init__(self) -> None:
+        self._propagator = TraceContextTextMapPropagator()
+        self._wrapped: dict[str, tuple[_Handler, _Handler]] = {}
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], _Handler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> _Handler | None:
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith("/grpc."):
+            return handler
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = self._wrap(handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler: _Handler) -> _Handler:
+        deserializer, serializer = handler.request_deserializer, handler.response_serializer
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(handler.unary_unary), deserializer, serializer
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(handler.unary_stream), deserializer, serializer
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary(handler.stream_unary), deserializer, serializer
+            )
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                self._stream(handler.stream_stream), deserializer, serializer
+            )
+        return handler
+
+    def _caller_context(self, context: grpc.ServicerContext) -> Context | None:
+        carrier = {
+            key: value
+            for key, value in context.invocation_metadata()
+            if key in _TRACE_HEADERS and isinstance(value, str)
+        }
+        return self._propagator.extract(carrier) if carrier else None
+
+    def _unary(
+        self, behaviour: Callable[[Any, grpc.ServicerContext], Any]
+    ) -> Callable[[Any, grpc.ServicerContext], Any]:
+        def traced(request: Any, context: grpc.ServicerContext) -> Any:
+            caller = self._caller_context(context)
+            if caller is None:
+                return behaviour(request, context)
+            token = otel_context.attach(caller)
+            try:
+                return behaviour(request, context)
+            finally:
+                otel_context.detach(token)
+
+        return traced
+
+    def _stream(
+        self, behaviour: Callable[[Any, grpc.ServicerContext], Iterator[Any]]
+    ) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
+        def traced(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            caller = self._caller_context(context)
+            if caller is None:
+                yield from behaviour(request, context)
+                return
+            token = otel_context.attach(caller)
+            try:
+                yield from behaviour(request, context)
+            finally:
+                otel_context.detach(token)
+
+        return traced
 
 
 def client_interceptor(telemetry: Telemetry) -> object:

@@ -5,6 +5,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from opentelemetry import trace
 from opentelemetry.proto.collector.metrics.v1 import (
     metrics_service_pb2,
     metrics_service_pb2_grpc,
@@ -19,6 +20,7 @@ from services.common.config import Settings
 from services.common.telemetry import (
     REDACTED_COUNT_ATTRIBUTE,
     Telemetry,
+    TraceContextInterceptor,
     instrument_channel,
     server_interceptor,
     setup_telemetry,
@@ -271,3 +273,67 @@ def test_spans_are_recorded_when_an_exporter_is_given(monkeypatch: pytest.Monkey
     with telemetry.tracer_provider.get_tracer("test").start_as_current_span("span"):
         pass
     assert [span.name for span in exporter.get_finished_spans()] == ["span"]
+
+
+def test_without_recording_handlers_still_run_in_the_callers_trace(
+    monkeypatch: pytest.MonkeyPatch, telemetry: Telemetry, exporter: InMemorySpanExporter
+) -> None:
+    """The caller records (an exporter); the server does not: the server's handlers see the
+    caller's trace id, in unary and streaming calls, and calls without one work as well."""
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
+    quiet = setup_telemetry(SETTINGS, "identity")
+    interceptor = server_interceptor(quiet)
+    assert isinstance(interceptor, TraceContextInterceptor)
+    seen: list[int] = []
+
+    def current_trace() -> int:
+        return trace.get_current_span().get_span_context().trace_id
+
+    def unary(request: bytes, context: grpc.ServicerContext) -> bytes:
+        seen.append(current_trace())
+        return request
+
+    def stream(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        seen.append(current_trace())
+        yield request
+        seen.append(current_trace())
+        yield request
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), interceptors=[interceptor])
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "test.Echo",
+                {
+                    "Say": grpc.unary_unary_rpc_method_handler(unary),
+                    "Repeat": grpc.unary_stream_rpc_method_handler(stream),
+                },
+            )
+        ]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as raw_channel:
+            channel = instrument_channel(raw_channel, telemetry)
+            assert channel.unary_unary("/test.Echo/Say", None, None)(b"hi", timeout=5) == b"hi"
+            assert list(channel.unary_stream("/test.Echo/Repeat", None, None)(b"x", timeout=5)) == [
+                b"x",
+                b"x",
+            ]
+            plain = raw_channel.unary_unary("/test.Echo/Say", None, None)
+            assert plain(b"bare", timeout=5) == b"bare"
+    finally:
+        server.stop(None)
+
+    callers = {
+        span.name: span.context.trace_id
+        for span in exporter.get_finished_spans()
+        if span.kind is SpanKind.CLIENT
+    }
+    assert seen == [
+        callers["/test.Echo/Say"],
+        callers["/test.Echo/Repeat"],
+        callers["/test.Echo/Repeat"],
+        0,  # no caller context: no trace, and nothing failed
+    ]
