@@ -10,15 +10,17 @@ the details back with :func:`read_error_details`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias, cast
+from typing import Any, NoReturn, TypeAlias, cast
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
 from grpc_status import rpc_status
+
+from services.common.interceptors import BehaviourInterceptor, StreamBehaviour, UnaryBehaviour
 
 logger = logging.getLogger(__name__)
 
@@ -200,88 +202,27 @@ def abort_for(context: grpc.ServicerContext, exc: StewardError) -> NoReturn:
             abort(context, grpc.StatusCode.UNKNOWN, exc.message)
 
 
-if TYPE_CHECKING:
-    _ServerInterceptor = grpc.ServerInterceptor[Any, Any]
-    _Handler = grpc.RpcMethodHandler[Any, Any]
-else:
-    _ServerInterceptor = grpc.ServerInterceptor
-    _Handler = grpc.RpcMethodHandler
+class ErrorInterceptor(BehaviourInterceptor):
+    """Maps exceptions escaping a handler onto statuses: a StewardError to its code, anything
+    else to INTERNAL (logged, its message not sent)."""
 
+    def wrap_unary(self, behaviour: UnaryBehaviour, method: str) -> UnaryBehaviour:
+        def mapped(request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                return behaviour(request, context)
+            except Exception as exc:
+                _abort_for_exception(context, exc, method)
 
-class ErrorInterceptor(_ServerInterceptor):
-    """Maps exceptions escaping a handler onto statuses: StewardError → its code, others → INTERNAL.
+        return mapped
 
-    gRPC's own services (health, reflection) pass through untouched: wrapping the non-blocking
-    health Watch handler would drop the attributes that make it non-blocking.
+    def wrap_stream(self, behaviour: StreamBehaviour, method: str) -> StreamBehaviour:
+        def mapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            try:
+                yield from behaviour(request, context)
+            except Exception as exc:
+                _abort_for_exception(context, exc, method)
 
-    gRPC asks on every call; the wrapped handler is made once per method and reused for as long
-    as the server hands out the same handler for it.
-    """
-
-    def __init__(self) -> None:
-        self._wrapped: dict[str, tuple[_Handler, _Handler]] = {}
-
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], _Handler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> _Handler | None:
-        handler = continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.startswith("/grpc."):
-            return handler
-        known = self._wrapped.get(method)
-        if known is not None and known[0] is handler:
-            return known[1]
-        wrapped = _with_error_mapping(handler, method)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
-
-
-def _with_error_mapping(handler: _Handler, method: str) -> _Handler:
-    deserializer = handler.request_deserializer
-    serializer = handler.response_serializer
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(
-            _map_unary(handler.unary_unary, method), deserializer, serializer
-        )
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(
-            _map_stream(handler.unary_stream, method), deserializer, serializer
-        )
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(
-            _map_unary(handler.stream_unary, method), deserializer, serializer
-        )
-    if handler.stream_stream is not None:
-        return grpc.stream_stream_rpc_method_handler(
-            _map_stream(handler.stream_stream, method), deserializer, serializer
-        )
-    return handler
-
-
-def _map_unary(
-    behaviour: Callable[[Any, grpc.ServicerContext], Any], method: str
-) -> Callable[[Any, grpc.ServicerContext], Any]:
-    def mapped(request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            return behaviour(request, context)
-        except Exception as exc:
-            _abort_for_exception(context, exc, method)
-
-    return mapped
-
-
-def _map_stream(
-    behaviour: Callable[[Any, grpc.ServicerContext], Iterator[Any]], method: str
-) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
-    def mapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        try:
-            yield from behaviour(request, context)
-        except Exception as exc:
-            _abort_for_exception(context, exc, method)
-
-    return mapped
+        return mapped
 
 
 def _abort_for_exception(context: grpc.ServicerContext, exc: Exception, method: str) -> NoReturn:

@@ -41,6 +41,7 @@ from opentelemetry.trace import Link, Status
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import Attributes, AttributeValue
 
+from services.common.interceptors import BehaviourInterceptor, StreamBehaviour, UnaryBehaviour
 from services.common.redaction import is_identifier, names_identifier, redact_text
 
 if TYPE_CHECKING:
@@ -158,58 +159,15 @@ def server_interceptor(telemetry: Telemetry) -> grpc.ServerInterceptor[Any, Any]
     )
 
 
-if TYPE_CHECKING:
-    _ServerInterceptor = grpc.ServerInterceptor[Any, Any]
-    _Handler = grpc.RpcMethodHandler[Any, Any]
-else:
-    _ServerInterceptor = grpc.ServerInterceptor
-    _Handler = grpc.RpcMethodHandler
-
 _TRACE_HEADERS: Final = frozenset(TraceContextTextMapPropagator().fields)
 
 
-class TraceContextInterceptor(_ServerInterceptor):
+class TraceContextInterceptor(BehaviourInterceptor):
     """Runs each handler in the trace context its caller sent (W3C ``traceparent``), if any."""
 
     def __init__(self) -> None:
+        super().__init__()
         self._propagator = TraceContextTextMapPropagator()
-        self._wrapped: dict[str, tuple[_Handler, _Handler]] = {}
-
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], _Handler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> _Handler | None:
-        handler = continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.startswith("/grpc."):
-            return handler
-        known = self._wrapped.get(method)
-        if known is not None and known[0] is handler:
-            return known[1]
-        wrapped = self._wrap(handler)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
-
-    def _wrap(self, handler: _Handler) -> _Handler:
-        deserializer, serializer = handler.request_deserializer, handler.response_serializer
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary), deserializer, serializer
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._stream(handler.unary_stream), deserializer, serializer
-            )
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                self._unary(handler.stream_unary), deserializer, serializer
-            )
-        if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(
-                self._stream(handler.stream_stream), deserializer, serializer
-            )
-        return handler
 
     def _caller_context(self, context: grpc.ServicerContext) -> Context | None:
         carrier = {
@@ -219,9 +177,7 @@ class TraceContextInterceptor(_ServerInterceptor):
         }
         return self._propagator.extract(carrier) if carrier else None
 
-    def _unary(
-        self, behaviour: Callable[[Any, grpc.ServicerContext], Any]
-    ) -> Callable[[Any, grpc.ServicerContext], Any]:
+    def wrap_unary(self, behaviour: UnaryBehaviour, method: str) -> UnaryBehaviour:
         def traced(request: Any, context: grpc.ServicerContext) -> Any:
             caller = self._caller_context(context)
             if caller is None:
@@ -234,9 +190,7 @@ class TraceContextInterceptor(_ServerInterceptor):
 
         return traced
 
-    def _stream(
-        self, behaviour: Callable[[Any, grpc.ServicerContext], Iterator[Any]]
-    ) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
+    def wrap_stream(self, behaviour: StreamBehaviour, method: str) -> StreamBehaviour:
         def traced(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             caller = self._caller_context(context)
             if caller is None:
