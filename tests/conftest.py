@@ -1,4 +1,5 @@
-"""Shared fixtures: a fresh database per test (SQLite file, PostgreSQL schema) and NATS.
+"""Shared fixtures: a fresh database per test (SQLite file, PostgreSQL schema), NATS, and
+Steward services started in-process on that database.
 
 PostgreSQL and NATS tests run only when STEWARD_TEST_POSTGRES_URL / STEWARD_TEST_NATS_URL are set;
 a URL that is set but unreachable fails the tests instead of skipping them silently.
@@ -6,10 +7,11 @@ a URL that is set but unreachable fails the tests instead of skipping them silen
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -17,7 +19,9 @@ import pytest
 from psycopg import sql
 from sqlalchemy.engine import Engine, make_url
 
+from services.common.config import Settings
 from services.common.db import make_engine
+from services.runtime import RunningSuite, start_suite
 
 POSTGRES_URL_ENV = "STEWARD_TEST_POSTGRES_URL"
 NATS_URL_ENV = "STEWARD_TEST_NATS_URL"
@@ -124,3 +128,40 @@ def nats_url() -> str:
 def _libpq_url(url: str) -> str:
     """psycopg wants ``postgresql://``, whatever SQLAlchemy driver suffix the URL carries."""
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+StartServices = Callable[..., RunningSuite]
+
+
+@pytest.fixture
+def start_services(tmp_path: Path, db_url: str) -> Iterator[StartServices]:
+    """``start_services("consent", "identity", **settings)``: those services in this process, on
+    a free port, with this test's database and data directory; stopped after the test.
+
+    Keyword arguments replace ``Settings`` fields; ``environ`` adds environment variables as
+    ``Settings.from_env`` reads them; the suite's own keywords (``metric_reader``,
+    ``span_exporter``) pass through.
+    """
+    started: list[RunningSuite] = []
+
+    def start(
+        *services: str, environ: dict[str, str] | None = None, **overrides: object
+    ) -> RunningSuite:
+        suite_options = {
+            k: overrides.pop(k) for k in ("metric_reader", "span_exporter") if k in overrides
+        }
+        settings = Settings.from_env(
+            {
+                "STEWARD_DATA_DIR": str(tmp_path / "data"),
+                "STEWARD_DATABASE_URL": db_url,
+                **(environ or {}),
+            }
+        )
+        settings = dataclasses.replace(settings, port=0, **overrides)  # type: ignore[arg-type]
+        running = start_suite(settings, services, **suite_options)  # type: ignore[arg-type]
+        started.append(running)
+        return running
+
+    yield start
+    for running in reversed(started):
+        running.stop(0)

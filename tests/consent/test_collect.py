@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -37,11 +37,8 @@ def urls(tmp_path: Path, db_url: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def suite(tmp_path: Path, urls: dict[str, str]) -> Iterator[RunningSuite]:
-    settings = Settings.from_env({"STEWARD_DATA_DIR": str(tmp_path / "data"), **urls})
-    running = start_suite(dataclasses.replace(settings, port=0), ["consent", "identity"])
-    yield running
-    running.stop(0)
+def suite(start_services: Callable[..., RunningSuite], urls: dict[str, str]) -> RunningSuite:
+    return start_services("consent", "identity", environ=urls)
 
 
 @pytest.fixture

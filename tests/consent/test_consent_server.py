@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -31,13 +31,8 @@ EMAIL = "Ada.Lovelace@Example.org"
 
 
 @pytest.fixture
-def suite(tmp_path: Path, db_url: str) -> Iterator[RunningSuite]:
-    settings = Settings.from_env(
-        {"STEWARD_DATA_DIR": str(tmp_path / "data"), "STEWARD_DATABASE_URL": db_url}
-    )
-    running = start_suite(dataclasses.replace(settings, port=0), ["consent", "identity"])
-    yield running
-    running.stop(0)
+def suite(start_services: Callable[..., RunningSuite]) -> RunningSuite:
+    return start_services("consent", "identity")
 
 
 @pytest.fixture

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import grpc
 import pytest
@@ -18,11 +16,10 @@ from steward.common.v1 import common_pb2
 from steward.consent.v1 import consent_pb2, consent_pb2_grpc
 from steward.identity.v1 import identity_pb2, identity_pb2_grpc
 
-from services.common.config import Settings
 from services.common.migrations import upgrade
 from services.consent import links
 from services.consent.store import links_table, person_group, person_groups
-from services.runtime import RunningSuite, start_suite
+from services.runtime import RunningSuite
 
 C = consent_pb2
 T = common_pb2
@@ -131,13 +128,8 @@ NOW = datetime.now(UTC).replace(microsecond=0)
 
 
 @pytest.fixture
-def suite(tmp_path: Path, db_url: str) -> Iterator[RunningSuite]:
-    settings_ = Settings.from_env(
-        {"STEWARD_DATA_DIR": str(tmp_path / "data"), "STEWARD_DATABASE_URL": db_url}
-    )
-    running = start_suite(dataclasses.replace(settings_, port=0), ["consent", "identity"])
-    yield running
-    running.stop(0)
+def suite(start_services: Callable[..., RunningSuite]) -> RunningSuite:
+    return start_services("consent", "identity")
 
 
 @pytest.fixture

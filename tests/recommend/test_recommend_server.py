@@ -4,11 +4,9 @@ filtered, explained, and experiments assign persons stably."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -22,7 +20,6 @@ from steward.events.v1 import events_pb2
 from steward.identity.v1 import identity_pb2, identity_pb2_grpc
 from steward.recommend.v1 import recommend_pb2, recommend_pb2_grpc
 
-from services.common.config import Settings
 from services.common.db import make_engine
 from services.common.errors import read_error_details
 from services.common.migrations import upgrade
@@ -31,7 +28,7 @@ from services.recommend.interactions import build_interaction_matrix
 from services.recommend.models import MODEL_NAMES, Catalogue, CatalogueItem, build_model
 from services.recommend.service import Query, RecommendService, RecommendSettings
 from services.recommend.store import target_metadata
-from services.runtime import RunningSuite, start_suite
+from services.runtime import RunningSuite
 
 T = common_pb2
 C = consent_pb2
@@ -53,15 +50,8 @@ CATALOGUE = [
 
 
 @pytest.fixture
-def suite(tmp_path: Path, db_url: str) -> Iterator[RunningSuite]:
-    settings = Settings.from_env(
-        {"STEWARD_DATA_DIR": str(tmp_path / "data"), "STEWARD_DATABASE_URL": db_url}
-    )
-    running = start_suite(
-        dataclasses.replace(settings, port=0), ["consent", "identity", "recommend"]
-    )
-    yield running
-    running.stop(0)
+def suite(start_services: Callable[..., RunningSuite]) -> RunningSuite:
+    return start_services("consent", "identity", "recommend")
 
 
 @pytest.fixture

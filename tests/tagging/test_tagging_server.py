@@ -3,11 +3,9 @@ held in check by consent, objections, the budget and the k floor."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import grpc
 import pytest
@@ -17,9 +15,8 @@ from steward.consent.v1 import consent_pb2, consent_pb2_grpc
 from steward.events.v1 import events_pb2, events_pb2_grpc
 from steward.tagging.v1 import tagging_pb2, tagging_pb2_grpc
 
-from services.common.config import Settings
 from services.common.errors import read_error_details
-from services.runtime import RunningSuite, start_suite
+from services.runtime import RunningSuite
 
 T = common_pb2
 C = consent_pb2
@@ -47,13 +44,8 @@ tags:
 
 
 @pytest.fixture
-def suite(tmp_path: Path, db_url: str) -> Iterator[RunningSuite]:
-    settings = Settings.from_env(
-        {"STEWARD_DATA_DIR": str(tmp_path / "data"), "STEWARD_DATABASE_URL": db_url}
-    )
-    running = start_suite(dataclasses.replace(settings, port=0), ["consent", "identity", "tagging"])
-    yield running
-    running.stop(0)
+def suite(start_services: Callable[..., RunningSuite]) -> RunningSuite:
+    return start_services("consent", "identity", "tagging")
 
 
 @pytest.fixture
