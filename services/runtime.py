@@ -153,6 +153,7 @@ def build_suite(
         port=settings.port,
         max_message_bytes=settings.max_message_bytes,
         interceptors=interceptors,
+        max_workers=settings.max_workers,
     )
     # A private directory (mode 0700): only this user can reach the internal socket.
     socket_dir = tempfile.mkdtemp(prefix="steward-")

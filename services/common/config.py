@@ -61,6 +61,9 @@ class Settings:
     keystore_db_url: str
     max_message_bytes: int = 4 * 1024 * 1024
     max_batch: int = 1000
+    max_workers: int = 32
+    """Threads serving calls from other processes. Python runs one of them at a time: more
+    threads than the work needs cost CPU handing the interpreter lock around."""
     grace_seconds: float = 5.0
     log_level: str = "INFO"
     log_format: LogFormat = "auto"
@@ -118,6 +121,7 @@ class Settings:
             keystore_db_url=db_url("keystore"),
             max_message_bytes=read("max_message_bytes", "STEWARD_MAX_MESSAGE_BYTES", _positive),
             max_batch=read("max_batch", "STEWARD_MAX_BATCH", _positive),
+            max_workers=read("max_workers", "STEWARD_MAX_WORKERS", _positive),
             grace_seconds=read("grace_seconds", "STEWARD_GRACE_SECONDS", _non_negative_float),
             log_level=read("log_level", "STEWARD_LOG_LEVEL", _parse_log_level),
             log_format=read("log_format", "STEWARD_LOG_FORMAT", _choice(LogFormat)),
