@@ -218,11 +218,62 @@ def client_interceptor(telemetry: Telemetry) -> object:
 
 
 def instrument_channel(channel: grpc.Channel, telemetry: Telemetry) -> grpc.Channel:
-    """``channel`` with client spans, so one request shows as one trace across services."""
+    """``channel`` with client spans, so one request shows as one trace across services.
+
+    When spans are not recorded, calls only carry the current trace context to the callee
+    (:class:`TraceContextClientInterceptor`), as the server side does.
+    """
+    if not telemetry.recording:
+        return grpc.intercept_channel(channel, TraceContextClientInterceptor())
     intercepted = intercept_channel(  # type: ignore[no-untyped-call]
         channel, client_interceptor(telemetry)
     )
     return cast(grpc.Channel, intercepted)
+
+
+class _CallDetails(grpc.ClientCallDetails):
+    """A call's details with other metadata (grpc's own class cannot be built outside it)."""
+
+    def __init__(
+        self, details: grpc.ClientCallDetails, metadata: tuple[tuple[str, str | bytes], ...]
+    ) -> None:
+        self.method = details.method
+        self.timeout = details.timeout
+        self.metadata = metadata
+        self.credentials = details.credentials
+        self.wait_for_ready = getattr(details, "wait_for_ready", None)
+        self.compression = getattr(details, "compression", None)
+
+
+class TraceContextClientInterceptor(
+    grpc.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
+    grpc.StreamUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.StreamStreamClientInterceptor,  # type: ignore[type-arg]
+):
+    """Adds the current trace context (W3C ``traceparent``) to every call's metadata."""
+
+    def __init__(self) -> None:
+        self._propagator = TraceContextTextMapPropagator()
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        carrier: dict[str, str] = {}
+        self._propagator.inject(carrier)
+        if not carrier:
+            return details
+        return _CallDetails(details, (*(details.metadata or ()), *carrier.items()))
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
 
 
 class RedactingSpanProcessor(SpanProcessor):

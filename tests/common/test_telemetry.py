@@ -337,3 +337,41 @@ def test_without_recording_handlers_still_run_in_the_callers_trace(
         callers["/test.Echo/Repeat"],
         0,  # no caller context: no trace, and nothing failed
     ]
+
+
+def test_without_recording_clients_carry_the_current_trace_to_the_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
+    quiet = setup_telemetry(SETTINGS, "consent")
+    seen: list[int] = []
+
+    def unary(request: bytes, context: grpc.ServicerContext) -> bytes:
+        seen.append(trace.get_current_span().get_span_context().trace_id)
+        return request
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=2), interceptors=[server_interceptor(quiet)]
+    )
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "test.Echo", {"Say": grpc.unary_unary_rpc_method_handler(unary)}
+            )
+        ]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    trace_id = 0x4BF92F3577B34DA6A3CE929D0E0E4736
+    caller = trace.NonRecordingSpan(
+        trace.SpanContext(trace_id, 0x00F067AA0BA902B7, is_remote=False)
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as raw_channel:
+            say = instrument_channel(raw_channel, quiet).unary_unary("/test.Echo/Say", None, None)
+            with trace.use_span(caller):
+                assert say(b"hi", timeout=5, metadata=(("x-steward-caller", "test"),)) == b"hi"
+            assert say(b"no trace", timeout=5) == b"no trace"
+    finally:
+        server.stop(None)
+    assert seen == [trace_id, 0]
