@@ -9,7 +9,14 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Field, SQLModel
 
-from services.common.db import for_writes, is_postgres, is_sqlite, make_engine, session_factory
+from services.common.db import (
+    SQLITE_CACHE_KIB,
+    for_writes,
+    is_postgres,
+    is_sqlite,
+    make_engine,
+    session_factory,
+)
 
 metadata = MetaData()
 parents = Table("test_db_parent", metadata, Column("id", Integer, primary_key=True))
@@ -55,6 +62,7 @@ def test_sqlite_file_gets_its_directory_and_pragmas(tmp_path: Path) -> None:
             assert pragma("PRAGMA foreign_keys").scalar() == 1
             assert pragma("PRAGMA busy_timeout").scalar() == 5000
             assert pragma("PRAGMA synchronous").scalar() == 1  # NORMAL
+            assert pragma("PRAGMA cache_size").scalar() == -SQLITE_CACHE_KIB
     finally:
         engine.dispose()
 
