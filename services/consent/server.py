@@ -40,7 +40,7 @@ from services.common.server import ServiceRegistration, deadline_remaining
 from services.common.tasks import PeriodicTask, start_all
 from services.common.telemetry import instrument_channel
 from services.consent import keystore as keystore_module
-from services.consent import ledger, links, signals, tcf
+from services.consent import ledger, signals, tcf
 from services.consent.collect import EventFields
 from services.consent.collection import (
     CollectInput,
@@ -808,7 +808,7 @@ def build(context: ServiceContext) -> ServiceParts:
 
     def follow_identity(connection: Connection, envelope: events_pb2.Envelope) -> None:
         """Merges, unmerges and forgets: fold or split the persons' consent, refresh the cache."""
-        links.apply_identity_envelope(connection, envelope)
+        service.follow_identity(connection, envelope)
         cache.apply(connection, envelope)
 
     def connect_identity(own_target: str) -> None:

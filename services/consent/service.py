@@ -20,7 +20,7 @@ from steward.consent.v1 import audit_pb2, consent_pb2
 from steward.events.v1 import events_pb2
 
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from services.consent import ledger
+from services.consent import ledger, links
 from services.consent.decisions import (
     ConsentSource,
     ConsentState,
@@ -31,7 +31,7 @@ from services.consent.decisions import (
 from services.consent.keystore import KeyStore
 from services.consent.purposes import DEFAULT_PURPOSES, PurposeDefinition, validate_purpose
 from services.consent.signals import gpc_conflict_violation, requires_gpc_acknowledgement
-from services.consent.store import AppendedEntry, ConsentStore, utc
+from services.consent.store import AppendedEntry, ConsentStore, person_group, utc
 
 logger = logging.getLogger(__name__)
 
@@ -276,11 +276,13 @@ class ConsentService:
             ]
             self.store.save_decisions(connection, stored)
             after_all = [*existing, *(d for d, _ in stored)]
+            # Published under the person the group resolves to, whose consent it now is.
+            root = person_group(connection, person_id)[0]
             changes = []
             for purpose_id in dict.fromkeys(d.purpose for d in decisions):
                 after = self._state(purposes[purpose_id], after_all, now)
                 if _changed(before[purpose_id], after):
-                    changes.append(_consent_changed(person_id, after))
+                    changes.append(_consent_changed(root, after))
             self.store.outbox.append(connection, changes, occurred_at=now)
             self._after_append(connection)
         return [Receipt(e.record.seq, e.leaf_hash, e.record.purpose) for e in appended]
@@ -330,10 +332,46 @@ class ConsentService:
 
     def states(self, person_id: str, at: datetime) -> list[ConsentState]:
         """The person's effective consent for every purpose, by purpose id."""
-        purposes = self.purposes()
         with self.store.reading() as connection:
-            decisions = self.store.decisions_of(connection, person_id)
-        return [self._state(purposes[p], decisions, at) for p in sorted(purposes)]
+            return list(self.states_in(connection, person_id, at).values())
+
+    def states_in(
+        self, connection: Connection, person_id: str, at: datetime
+    ) -> dict[str, ConsentState]:
+        """``states`` read on the caller's connection, by purpose id."""
+        purposes = self.purposes()
+        decisions = self.store.decisions_of(connection, person_id)
+        return {p: self._state(purposes[p], decisions, at) for p in sorted(purposes)}
+
+    def follow_identity(self, connection: Connection, envelope: events_pb2.Envelope) -> None:
+        """Apply a merge, unmerge or forget from identity's log to the person links, in the
+        consumer's transaction, and publish ConsentChanged for each person a group now resolves
+        to whose consent the change altered (a merge can join a grant to a person without one;
+        an unmerge takes it away again)."""
+        body = envelope.WhichOneof("body")
+        if body == "persons_merged":
+            named = [envelope.persons_merged.surviving_person_id]
+        elif body == "person_unmerged":
+            split = envelope.person_unmerged
+            named = [split.surviving_person_id, split.restored_person_id]
+        else:
+            links.apply_identity_envelope(connection, envelope)
+            return
+        now = self.clock()
+        before = {person: self.states_in(connection, person, now) for person in named}
+        links.apply_identity_envelope(connection, envelope)
+        changes: list[events_pb2.ConsentChanged] = []
+        for person in named:
+            root = person_group(connection, person)[0]
+            if root != person:
+                continue  # an alias now: consumers follow the group's root
+            after = self.states_in(connection, person, now)
+            changes.extend(
+                _consent_changed(person, state)
+                for purpose, state in after.items()
+                if _changed(before[person][purpose], state)
+            )
+        self.store.outbox.append(connection, changes, occurred_at=now)
 
     def check(
         self,

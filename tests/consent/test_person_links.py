@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from sqlalchemy.engine import Engine
 from steward.common.v1 import common_pb2
 from steward.consent.v1 import consent_pb2, consent_pb2_grpc
+from steward.events.v1 import events_pb2, events_pb2_grpc
 from steward.identity.v1 import identity_pb2, identity_pb2_grpc
 
 from services.common.migrations import upgrade
@@ -167,6 +168,19 @@ def eventually(condition: object, expected: bool, seconds: float = 10.0) -> None
     assert condition() is expected  # type: ignore[operator]
 
 
+def consent_changes(channel: grpc.Channel) -> list[tuple[str, str, bool]]:
+    log = events_pb2_grpc.EventLogServiceStub(channel).Subscribe(
+        events_pb2.SubscribeRequest(producer="consent", consumer="test", stop_at_end=True),
+        timeout=10,
+    )
+    return [
+        (change.person_id, change.purpose, change.allowed)
+        for change in (
+            r.envelope.consent_changed for r in log if r.envelope.HasField("consent_changed")
+        )
+    ]
+
+
 def test_a_grant_follows_the_person_through_a_merge_and_back_on_unmerge(
     channel: grpc.Channel,
 ) -> None:
@@ -210,6 +224,8 @@ def test_a_grant_follows_the_person_through_a_merge_and_back_on_unmerge(
     assert joined.person_id == browser.person_id and joined.merge_id
     eventually(lambda: allowed(consent, cookie), True)
     assert allowed(consent, email)
+    # Tagging and recommend learn it from consent's log, under the person the group resolves to.
+    eventually(lambda: (browser.person_id, "analytics", True) in consent_changes(channel), True)
     by_id = consent.CheckConsent(
         C.CheckConsentRequest(
             subject=T.PersonRef(person_id=browser.person_id), purpose="analytics"
@@ -233,3 +249,6 @@ def test_a_grant_follows_the_person_through_a_merge_and_back_on_unmerge(
     identity.Unmerge(L.UnmergeRequest(merge_id=joined.merge_id, reason="test"), timeout=10)
     eventually(lambda: allowed(consent, cookie), False)
     assert allowed(consent, email)
+    changes = consent_changes(channel)
+    assert changes[-1] == (browser.person_id, "analytics", False)
+    assert changes.count((browser.person_id, "analytics", True)) == 1
