@@ -20,7 +20,7 @@ from steward.consent.v1 import audit_pb2, consent_pb2
 from steward.events.v1 import events_pb2
 
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from services.consent import ledger, links
+from services.consent import ledger
 from services.consent.decisions import (
     ConsentSource,
     ConsentState,
@@ -31,7 +31,7 @@ from services.consent.decisions import (
 from services.consent.keystore import KeyStore
 from services.consent.purposes import DEFAULT_PURPOSES, PurposeDefinition, validate_purpose
 from services.consent.signals import gpc_conflict_violation, requires_gpc_acknowledgement
-from services.consent.store import AppendedEntry, ConsentStore, person_group, utc
+from services.consent.store import PERSON_LINKS, AppendedEntry, ConsentStore, person_group, utc
 
 logger = logging.getLogger(__name__)
 
@@ -355,11 +355,11 @@ class ConsentService:
             split = envelope.person_unmerged
             named = [split.surviving_person_id, split.restored_person_id]
         else:
-            links.apply_identity_envelope(connection, envelope)
+            PERSON_LINKS.apply(connection, envelope)
             return
         now = self.clock()
         before = {person: self.states_in(connection, person, now) for person in named}
-        links.apply_identity_envelope(connection, envelope)
+        PERSON_LINKS.apply(connection, envelope)
         changes: list[events_pb2.ConsentChanged] = []
         for person in named:
             root = person_group(connection, person)[0]

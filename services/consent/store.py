@@ -29,7 +29,6 @@ from sqlalchemy import (
     func,
     insert,
     select,
-    text,
     update,
 )
 from sqlalchemy.engine import Connection, Engine
@@ -40,6 +39,7 @@ from services.common.bulk import BulkInsert
 from services.common.consumer import consumer_tables
 from services.common.db import for_writes, is_postgres
 from services.common.outbox import Outbox, outbox_tables
+from services.common.person_links import PersonLinks, person_links_table
 from services.consent import ledger
 from services.consent.decisions import DecisionRecord
 from services.consent.purposes import PurposeDefinition
@@ -173,23 +173,6 @@ class ErasureRow(ConsentTable, table=True):
     tombstone_seq: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
 
 
-class PersonLinkRow(ConsentTable, table=True):
-    """A person that identity merged into another, as consent learnt it from identity's log.
-
-    A person's consent is decided by the decisions of every person merged with it (the newest
-    wins), so a shopper's choice follows them when their identities are joined, and each gets
-    their own back when the merge is undone. Only absorbed persons have a row.
-    """
-
-    __tablename__ = "consent_person_links"
-    person_id: str = Field(primary_key=True, max_length=40)
-    parent_id: str = Field(max_length=40)
-    """The person it was merged into (by ``merge_id``)."""
-    root_id: str = Field(index=True, max_length=40)
-    """The person its group resolves to now: the end of the chain of parents."""
-    merge_id: str = Field(max_length=40)
-
-
 target_metadata = ConsentTable.metadata
 OUTBOX_TABLES: Final = outbox_tables(target_metadata, prefix="consent_")
 CONSUMER_TABLES: Final = consumer_tables(target_metadata, prefix="consent_")
@@ -202,59 +185,19 @@ decisions_table = DecisionRow.__table__  # type: ignore[attr-defined]
 events_table = EventRow.__table__  # type: ignore[attr-defined]
 erased_table = ErasedRow.__table__  # type: ignore[attr-defined]
 erasures_table = ErasureRow.__table__  # type: ignore[attr-defined]
-links_table = PersonLinkRow.__table__  # type: ignore[attr-defined]
-
-# Groups of persons merged by identity (see services/consent/links.py) ----------------------------
-
-_GROUP: Final = text(
-    "SELECT r.root, l.person_id FROM"
-    " (SELECT coalesce((SELECT root_id FROM consent_person_links WHERE person_id = :person),"
-    " :person) AS root) r"
-    " LEFT OUTER JOIN consent_person_links l ON l.root_id = r.root"
-)
+PERSON_LINKS: Final = PersonLinks(person_links_table(target_metadata, prefix="consent_"))
+"""Persons identity merged: a person's consent is decided by its whole group's decisions, the
+newest winning, as one person's would be (see services/common/person_links.py)."""
 
 
 def person_group(connection: Connection, person: str) -> list[str]:
     """Every person merged with ``person`` (itself included), the group's root first."""
-    rows = connection.execute(_GROUP, {"person": person}).all()
-    return [rows[0][0], *sorted(member for _, member in rows if member is not None)]
+    return PERSON_LINKS.group(connection, person)
 
 
 def person_groups(connection: Connection, persons: Iterable[str]) -> dict[str, list[str]]:
     """``person_group`` of each of ``persons`` merged with anyone; the others are left out."""
-    wanted = sorted(set(persons))
-    if not wanted:
-        return {}
-    roots: dict[str, str] = dict(
-        connection.execute(
-            select(links_table.c.person_id, links_table.c.root_id).where(
-                links_table.c.person_id.in_(wanted)
-            )
-        ).all()
-    )
-    root_of_each = {person: roots.get(person, person) for person in wanted}
-    members: dict[str, list[str]] = {}
-    for member, root in connection.execute(
-        select(links_table.c.person_id, links_table.c.root_id).where(
-            links_table.c.root_id.in_(sorted(set(root_of_each.values())))
-        )
-    ):
-        members.setdefault(root, []).append(member)
-    return {
-        person: [root, *sorted(members[root])]
-        for person, root in root_of_each.items()
-        if root in members
-    }
-
-
-def members_of(connection: Connection, root: str) -> list[str]:
-    """Every person of the group whose root is ``root``, the root first."""
-    rows = connection.execute(
-        select(links_table.c.person_id)
-        .where(links_table.c.root_id == root)
-        .order_by(links_table.c.person_id)
-    ).scalars()
-    return [root, *rows]
+    return PERSON_LINKS.groups(connection, persons)
 
 
 # The queries of CheckConsent, built once: building a select per call and computing its cache

@@ -59,6 +59,7 @@ from services.recommend.models.base import (
 from services.recommend.people import PersonRecord, PersonView
 from services.recommend.ranking import Filters, Ranker, Recommendation
 from services.recommend.store import (
+    PERSON_LINKS,
     consents_table,
     experiments_table,
     feedback_table,
@@ -276,7 +277,9 @@ class RecommendService:
             self._consent(connection, envelope.consent_changed)
         elif body == "subject_erased":
             erased = envelope.subject_erased
-            self.forget(connection, [erased.person_id, *erased.alias_person_ids])
+            persons = [erased.person_id, *erased.alias_person_ids]
+            PERSON_LINKS.forget(connection, persons)
+            self.forget(connection, persons)
 
     def apply_identity_envelope(
         self, connection: Connection, envelope: events_pb2.Envelope
@@ -284,6 +287,7 @@ class RecommendService:
         body = envelope.WhichOneof("body")
         if body == "persons_merged":
             merged = envelope.persons_merged
+            PERSON_LINKS.apply(connection, envelope)
             self.people.writing(
                 connection, [merged.surviving_person_id, *merged.absorbed_person_ids]
             )
@@ -294,20 +298,33 @@ class RecommendService:
             )
         elif body == "person_unmerged":
             split = envelope.person_unmerged
-            self.people.writing(connection, [split.restored_person_id, split.surviving_person_id])
+            # The survivor may have been merged into another person since, who then holds the
+            # interactions handed back: the restored person's own and those of the persons
+            # merged into it before (a merge older than the links table: its own, from the
+            # survivor).
+            holder = PERSON_LINKS.root_of(connection, split.surviving_person_id)
+            change = PERSON_LINKS.apply(connection, envelope)
+            self.people.writing(
+                connection, [split.restored_person_id, split.surviving_person_id, holder]
+            )
+            handed_back = (
+                interactions_table.c.origin_person_id.in_(change.handed_back)
+                if change.handed_back
+                else and_(
+                    interactions_table.c.origin_person_id == split.restored_person_id,
+                    interactions_table.c.person_id == split.surviving_person_id,
+                )
+            )
             connection.execute(
                 update(interactions_table)
-                .where(
-                    and_(
-                        interactions_table.c.origin_person_id == split.restored_person_id,
-                        interactions_table.c.person_id == split.surviving_person_id,
-                    )
-                )
+                .where(handed_back)
                 .values(person_id=split.restored_person_id)
             )
         elif body == "person_forgotten":
             forgotten = envelope.person_forgotten
-            self.forget(connection, [forgotten.person_id, *forgotten.alias_person_ids])
+            persons = [forgotten.person_id, *forgotten.alias_person_ids]
+            PERSON_LINKS.forget(connection, persons)
+            self.forget(connection, persons)
 
     def _behaviour(self, connection: Connection, event: events_pb2.BehaviourRecorded) -> None:
         if PERSONALISATION not in event.purposes or not event.item_id:

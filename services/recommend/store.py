@@ -17,6 +17,7 @@ from sqlalchemy.orm import registry
 from sqlmodel import Field, SQLModel
 
 from services.common.consumer import consumer_tables
+from services.common.person_links import PersonLinks, person_links_table
 
 
 class RecommendTable(SQLModel, registry=registry()):
@@ -105,6 +106,9 @@ class ForgetRow(RecommendTable, table=True):
 
 target_metadata = RecommendTable.metadata
 CONSUMER_TABLES: Final = consumer_tables(target_metadata, prefix="recommend_")
+PERSON_LINKS: Final = PersonLinks(person_links_table(target_metadata, prefix="recommend_"))
+"""Persons identity merged, so an unmerge hands back every interaction it should (see
+services/common/person_links.py)."""
 
 items_table = ItemRow.__table__  # type: ignore[attr-defined]
 interactions_table = InteractionRow.__table__  # type: ignore[attr-defined]

@@ -25,6 +25,7 @@ from sqlalchemy.engine import Connection
 from steward.events.v1 import events_pb2
 
 from services.tagging.store import (
+    PERSON_LINKS,
     consents_table,
     events_table,
     objections_table,
@@ -75,12 +76,15 @@ def apply_consent_log(connection: Connection, envelope: events_pb2.Envelope) -> 
         return _consent(connection, envelope.consent_changed)
     if body == "subject_erased":
         erased = envelope.subject_erased
-        forget(connection, [erased.person_id, *erased.alias_person_ids])
+        persons = [erased.person_id, *erased.alias_person_ids]
+        forget(connection, persons)
+        PERSON_LINKS.forget(connection, persons)
     return set()
 
 
 def apply_identity_log(connection: Connection, envelope: events_pb2.Envelope) -> set[str]:
     body = envelope.WhichOneof("body")
+    change = PERSON_LINKS.apply(connection, envelope)
     if body == "persons_merged":
         merged = envelope.persons_merged
         absorbed = list(merged.absorbed_person_ids)
@@ -96,17 +100,22 @@ def apply_identity_log(connection: Connection, envelope: events_pb2.Envelope) ->
         return {merged.surviving_person_id}
     if body == "person_unmerged":
         split = envelope.person_unmerged
-        connection.execute(
-            update(events_table)
-            .where(
-                and_(
-                    events_table.c.origin_person_id == split.restored_person_id,
-                    events_table.c.person_id == split.surviving_person_id,
-                )
+        holder = PERSON_LINKS.root_of(connection, split.surviving_person_id)
+        # The events collected for the restored person and for those merged into it before,
+        # wherever later merges moved them; a merge older than the links table knows only the
+        # restored person's own events under the survivor.
+        handed_back = (
+            events_table.c.origin_person_id.in_(change.handed_back)
+            if change.handed_back
+            else and_(
+                events_table.c.origin_person_id == split.restored_person_id,
+                events_table.c.person_id == split.surviving_person_id,
             )
-            .values(person_id=split.restored_person_id)
         )
-        return {split.surviving_person_id, split.restored_person_id}
+        connection.execute(
+            update(events_table).where(handed_back).values(person_id=split.restored_person_id)
+        )
+        return {holder, split.restored_person_id}
     if body == "person_forgotten":
         forgotten = envelope.person_forgotten
         forget(connection, [forgotten.person_id, *forgotten.alias_person_ids])

@@ -63,6 +63,7 @@ from services.tagging.guardrails import (
 from services.tagging.profile import ProfileColumns, ProfileDict
 from services.tagging.rules import ParsedRuleSet, parse_rule_set
 from services.tagging.store import (
+    PERSON_LINKS,
     PRODUCER,
     consents_table,
     events_table,
@@ -215,6 +216,10 @@ class TaggingService:
             touched, decided_afresh = ingest.touched(envelope)
             persons |= touched
             afresh |= decided_afresh
+        # An unmerge's survivor may have been merged into another person since: that one holds
+        # the events handed back, and is decided afresh too.
+        afresh |= {PERSON_LINKS.root_of(connection, person) for person in afresh}
+        persons |= afresh
         lock_persons(connection)
         self.reevaluate(connection, persons, afresh=afresh)
 

@@ -16,6 +16,7 @@ from sqlmodel import Field, SQLModel
 
 from services.common.consumer import consumer_tables
 from services.common.outbox import outbox_tables
+from services.common.person_links import PersonLinks, person_links_table
 
 PRODUCER: Final = "tagging"
 
@@ -111,6 +112,9 @@ class PopulationRow(TaggingTable, table=True):
 target_metadata = TaggingTable.metadata
 OUTBOX_TABLES: Final = outbox_tables(target_metadata, prefix="tagging_")
 CONSUMER_TABLES: Final = consumer_tables(target_metadata, prefix="tagging_")
+PERSON_LINKS: Final = PersonLinks(person_links_table(target_metadata, prefix="tagging_"))
+"""Persons identity merged, so an unmerge hands back every event it should (see
+services/common/person_links.py)."""
 
 events_table = EventRow.__table__  # type: ignore[attr-defined]
 consents_table = ConsentRow.__table__  # type: ignore[attr-defined]

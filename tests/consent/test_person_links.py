@@ -1,4 +1,6 @@
-"""Consent folds the decisions of persons identity merged, and splits them when undone."""
+"""Consent folds the decisions of persons identity merged, and splits them when undone.
+
+The merge tree itself is tested in tests/common/test_person_links.py."""
 
 from __future__ import annotations
 
@@ -9,117 +11,16 @@ from datetime import UTC, datetime, timedelta
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from sqlalchemy.engine import Engine
 from steward.common.v1 import common_pb2
 from steward.consent.v1 import consent_pb2, consent_pb2_grpc
 from steward.events.v1 import events_pb2, events_pb2_grpc
 from steward.identity.v1 import identity_pb2, identity_pb2_grpc
 
-from services.common.migrations import upgrade
-from services.consent import links
-from services.consent.store import links_table, person_group, person_groups
 from services.runtime import RunningSuite
 
 C = consent_pb2
 T = common_pb2
 L = identity_pb2
-
-# The links on their own, against a model of identity's merges --------------------------------
-
-
-class Model:
-    """Identity's view, simply: each person's parent, by the merge that made it."""
-
-    def __init__(self) -> None:
-        self.parent: dict[str, tuple[str, str]] = {}
-
-    def root(self, person: str) -> str:
-        while person in self.parent:
-            person = self.parent[person][0]
-        return person
-
-    def merge(self, merge_id: str, survivor: str, absorbed: str) -> bool:
-        if self.root(survivor) == self.root(absorbed):
-            return False
-        # Identity merges roots into the survivor's group.
-        self.parent[self.root(absorbed)] = (survivor, merge_id)
-        return True
-
-    def groups(self, persons: list[str]) -> dict[str, list[str]]:
-        return {p: sorted(q for q in persons if self.root(q) == self.root(p)) for p in persons}
-
-
-PERSONS = [f"p{i}" for i in range(6)]
-STEPS = st.lists(
-    st.one_of(
-        st.tuples(st.just("merge"), st.sampled_from(PERSONS), st.sampled_from(PERSONS)),
-        st.tuples(st.just("unmerge"), st.integers(0, 20), st.just("")),
-    ),
-    max_size=25,
-)
-
-
-@pytest.fixture
-def consent_engine(engine: Engine) -> Engine:
-    upgrade(engine, "consent")
-    return engine
-
-
-@settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-@given(steps=STEPS)
-def test_groups_follow_any_sequence_of_merges_and_unmerges(
-    consent_engine: Engine, steps: list[tuple[str, object, str]]
-) -> None:
-    model = Model()
-    merges: list[tuple[str, str]] = []  # (merge id, absorbed root) still in force
-    with consent_engine.begin() as connection:
-        connection.execute(links_table.delete())
-        for number, (kind, first, second) in enumerate(steps):
-            if kind == "merge":
-                survivor, absorbed = str(first), second
-                absorbed_root = model.root(absorbed)
-                merge_id = f"m{number}"
-                if model.merge(merge_id, survivor, absorbed):
-                    links.merge(connection, merge_id, survivor, [absorbed_root])
-                    merges.append((merge_id, absorbed_root))
-            elif merges:
-                merge_id, restored = merges.pop(int(str(first)) % len(merges))
-                del model.parent[restored]
-                links.unmerge(connection, merge_id, restored)
-            expected = model.groups(PERSONS)
-            for person in PERSONS:
-                group = person_group(connection, person)
-                assert sorted(group) == expected[person]
-                assert group[0] == model.root(person)
-            together = person_groups(connection, PERSONS)
-            assert {p: sorted(g) for p, g in together.items()} == {
-                p: g for p, g in expected.items() if len(g) > 1
-            }
-
-
-def test_forget_drops_the_whole_group(consent_engine: Engine) -> None:
-    with consent_engine.begin() as connection:
-        links.merge(connection, "m1", "a", ["b"])
-        links.merge(connection, "m2", "a", ["c"])
-        links.merge(connection, "m3", "x", ["y"])
-        assert links.forget(connection, ["a", "b", "c"]) == {"a", "b", "c"}
-        assert person_group(connection, "b") == ["b"]
-        assert person_group(connection, "x") == ["x", "y"]
-
-
-def test_undoing_a_merge_twice_or_one_never_seen_changes_nothing(consent_engine: Engine) -> None:
-    with consent_engine.begin() as connection:
-        links.merge(connection, "m1", "a", ["b"])
-        assert links.unmerge(connection, "m-unknown", "b") == set()
-        assert person_group(connection, "a") == ["a", "b"]
-        assert links.unmerge(connection, "m1", "b") == {"a", "b"}
-        assert links.unmerge(connection, "m1", "b") == set()
-        assert person_group(connection, "a") == ["a"]
-
 
 # Through the services -----------------------------------------------------------------------
 

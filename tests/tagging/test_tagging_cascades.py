@@ -468,3 +468,25 @@ def test_a_new_rule_set_and_the_consumer_can_reevaluate_the_same_persons_at_once
         consumer.join()
     assert failures == []
     assert all(service.tags_of(person).tags for person in persons)
+
+
+def test_unmerge_hands_events_back_even_after_the_survivor_was_merged_again(
+    channel: grpc.Channel,
+) -> None:
+    zed = shopper(channel, "zed", ("profiling",), spend=150.0, hours_ago=40)  # the oldest
+    merge, ann, bob = merged_pair(channel)
+    identity = identity_pb2_grpc.IdentityServiceStub(channel)
+    later = identity.Merge(
+        identity_pb2.MergeRequest(person_ids=[zed, ann], reason="same household account"),
+        timeout=10,
+    ).merge
+    assert later.surviving_person_id == zed
+    eventually(lambda: spend_and_events(channel, zed) == (450.0, 9))
+
+    identity.Unmerge(
+        identity_pb2.UnmergeRequest(merge_id=merge.merge_id, reason="wrong"), timeout=10
+    )
+
+    # bob's events come back to him from zed, who now holds ann's and his own.
+    eventually(lambda: spend_and_events(channel, bob) == ALONE)
+    eventually(lambda: spend_and_events(channel, zed) == (300.0, 6))
