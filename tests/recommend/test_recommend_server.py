@@ -384,6 +384,34 @@ def test_a_merge_folds_histories_and_an_unmerge_splits_them(
     assert sorted(held(recommend, survivor)) == own[survivor]
 
 
+def test_an_unmerge_after_a_later_merge_takes_the_interactions_back_from_the_new_holder(
+    channel: grpc.Channel, recommend: recommend_pb2_grpc.RecommendServiceStub
+) -> None:
+    zed = person(channel, "zed.m")  # the oldest: it survives every merge
+    ann, bob = person(channel, "ann.l"), person(channel, "bob.l")
+    view(channel, zed, "b1")
+    view(channel, ann, "k1")
+    view(channel, bob, "g1", "g2")
+    eventually(lambda: sorted(held(recommend, bob)) == ["g1", "g2"])
+    identity = identity_pb2_grpc.IdentityServiceStub(channel)
+    first = identity.Merge(
+        identity_pb2.MergeRequest(person_ids=[ann, bob], reason="same customer"), timeout=10
+    ).merge
+    identity.Merge(
+        identity_pb2.MergeRequest(person_ids=[zed, first.surviving_person_id], reason="again"),
+        timeout=10,
+    )
+    eventually(lambda: sorted(held(recommend, zed)) == ["b1", "g1", "g2", "k1"])
+
+    identity.Unmerge(
+        identity_pb2.UnmergeRequest(merge_id=first.merge_id, reason="two people"), timeout=10
+    )
+    [restored] = list(first.absorbed_person_ids)
+    own = {ann: ["k1"], bob: ["g1", "g2"]}
+    eventually(lambda: sorted(held(recommend, restored)) == own[restored])
+    assert sorted(held(recommend, zed)) == sorted(["b1", *own[first.surviving_person_id]])
+
+
 def test_erasure_deletes_interactions_at_once_and_their_influence_on_rebuild(
     channel: grpc.Channel, recommend: recommend_pb2_grpc.RecommendServiceStub
 ) -> None:
