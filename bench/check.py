@@ -59,14 +59,21 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
 import grpc
-from harness import Server, percentile, postgres_database, py_spy, server_version, steward_server
+from harness import (
+    Server,
+    percentile,
+    postgres_database,
+    py_spy_from_env,
+    server_version,
+    steward_server,
+)
 from steward.common.v1 import common_pb2
 from steward.consent.v1 import audit_pb2, consent_pb2
 
@@ -129,17 +136,6 @@ def sessions_opened(admin_url: str, database_url: str) -> Callable[[], int]:
         return int(row[0]) if row else 0
 
     return count
-
-
-def spy_on(pid: int, part: str) -> AbstractContextManager[None]:
-    """py-spy on the server during a part when ``STEWARD_BENCH_PY_SPY`` names an output file
-    (``STEWARD_BENCH_PY_SPY_ARGS`` adds py-spy options); one file per part."""
-    requested = os.environ.get("STEWARD_BENCH_PY_SPY")
-    output = None
-    if requested:
-        path = Path(requested)
-        output = path.with_name(f"{path.stem}-{part}{path.suffix}")
-    return py_spy(pid, output, os.environ.get("STEWARD_BENCH_PY_SPY_ARGS", "").split())
 
 
 # The shop's persons -------------------------------------------------------------------------
@@ -741,7 +737,7 @@ def main() -> None:
                 continue
             requests = make(population, purposes, min(int(rate * args.seconds), 50_000), 7)
             settle(server)
-            with spy_on(server.process.pid, f"{part}-{rate:.0f}"):
+            with py_spy_from_env(server.process.pid, f"{part}-{rate:.0f}"):
                 usage = Usage(server, sessions)
                 result = open_loop(server.target, requests, rate, args.seconds, args.senders)
                 usage.stop()

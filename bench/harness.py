@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,11 +73,16 @@ def steward_server(
 ) -> Iterator[Server]:
     """``steward serve --service ...`` on a free port with ``STEWARD_DATA_DIR=data_dir``.
 
-    ``env`` is added to the caller's environment (less :data:`SERVER_ENV_DROPPED`); the server
+    ``env`` is added to the caller's environment (less :data:`SERVER_ENV_DROPPED` and its
+    database URLs); the server
     logs to ``data_dir/server.log``, shown if it dies. Yields once ``health_service`` serves.
     """
     port = free_port()
-    server_env = {k: v for k, v in os.environ.items() if k not in SERVER_ENV_DROPPED}
+    server_env = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in SERVER_ENV_DROPPED and not _names_a_database(name)
+    }
     server_env |= {"STEWARD_DATA_DIR": str(data_dir), "STEWARD_LOG_LEVEL": "WARNING"}
     server_env |= dict(env or {})
     log = data_dir / "server.log"
@@ -102,6 +107,13 @@ def steward_server(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def _names_a_database(variable: str) -> bool:
+    """The caller's database settings stay out of the bench's server: it gets its own."""
+    return variable == "STEWARD_DATABASE_URL" or (
+        variable.startswith("STEWARD_") and variable.endswith("_DB_URL")
+    )
 
 
 def wait_serving(server: Server, service: str = "", timeout: float = 120.0) -> None:
@@ -218,3 +230,14 @@ def py_spy(pid: int, output: str | Path | None, extra: Sequence[str] = ()) -> It
         recorder.send_signal(signal.SIGINT)
         recorder.wait(timeout=60)
         print(f"  (py-spy profile of the server: {output})")
+
+
+def py_spy_from_env(pid: int, part: str) -> AbstractContextManager[None]:
+    """:func:`py_spy` when ``STEWARD_BENCH_PY_SPY`` names an output file, one file per part
+    (``out-<part>.svg``); ``STEWARD_BENCH_PY_SPY_ARGS`` adds py-spy options (``--gil``...)."""
+    requested = os.environ.get("STEWARD_BENCH_PY_SPY")
+    output = None
+    if requested:
+        path = Path(requested)
+        output = path.with_name(f"{path.stem}-{part}{path.suffix}")
+    return py_spy(pid, output, os.environ.get("STEWARD_BENCH_PY_SPY_ARGS", "").split())

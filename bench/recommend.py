@@ -56,15 +56,10 @@ import gc
 import os
 import platform
 import resource
-import signal
-import socket
 import sqlite3
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from concurrent import futures
@@ -78,7 +73,15 @@ from typing import Any, Final
 import grpc
 import numpy as np
 import numpy.typing as npt
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from harness import (
+    Server,
+    analyze,
+    percentile,
+    postgres_database,
+    py_spy_from_env,
+    server_version,
+    steward_server,
+)
 from steward.common.v1 import common_pb2
 from steward.events.v1 import events_pb2, events_pb2_grpc
 from steward.recommend.v1 import recommend_pb2, recommend_pb2_grpc
@@ -447,140 +450,16 @@ def load_directly(database_url: str, shop: Shop) -> float:
 # The server process -------------------------------------------------------------------------
 
 
-@dataclass
-class Server:
-    process: subprocess.Popen[bytes]
-    target: str
-    log: Path
-
-    def status(self, name: str) -> int:
-        """A figure of /proc/<pid>/status in kB (VmRSS, VmHWM)."""
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith(f"{name}:"):
-                return int(line.split()[1])
-        return 0
-
-    def cpu_seconds(self) -> float:
-        stat = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @contextmanager
 def recommend_server(data_dir: Path, database_url: str, log_target: str) -> Iterator[Server]:
-    """``steward serve --service recommend`` on a free port, reading the logs at ``log_target``."""
-    port = free_port()
+    """``steward serve --service recommend`` on a free port, reading both logs at ``log_target``."""
     env = {
-        name: value
-        for name, value in os.environ.items()
-        if not (name.startswith("STEWARD_") and name.endswith("_DB_URL"))
-        and name not in ("OTEL_EXPORTER_OTLP_ENDPOINT", "STEWARD_DATABASE_URL")
-    }
-    env |= {
-        "STEWARD_DATA_DIR": str(data_dir),
-        "STEWARD_LOG_LEVEL": "WARNING",
         "STEWARD_RECOMMEND_DB_URL": database_url,
         "STEWARD_IDENTITY_TARGET": log_target,
+        "STEWARD_CONSENT_TARGET": log_target,
     }
-    log = data_dir / "server.log"
-    steward = Path(sys.executable).with_name("steward")
-    command = [str(steward), "serve", "--service", "recommend", "--port", str(port)]
-    with log.open("wb") as output:
-        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
-    server = Server(process, f"127.0.0.1:{port}", log)
-    try:
-        wait_serving(server)
+    with steward_server(["recommend"], data_dir, env, health_service=SERVICE) as server:
         yield server
-    except BaseException:
-        if process.poll() is not None:
-            print(f"the server exited with {process.returncode}:", file=sys.stderr)
-            print(log.read_text()[-5000:], file=sys.stderr)
-        raise
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def wait_serving(server: Server, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(server.target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if server.process.poll() is not None:
-                raise SystemExit(f"the server exited:\n{server.log.read_text()}")
-            try:
-                answer = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=1)
-                if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                time.sleep(0.2)
-    raise SystemExit(f"the server did not start within {timeout:.0f} s")
-
-
-@contextmanager
-def postgres_database(admin_url: str) -> Iterator[tuple[str, str]]:
-    """A fresh database for the run, dropped afterwards: (URL, server version)."""
-    import psycopg
-    from psycopg import sql
-    from sqlalchemy.engine import make_url
-
-    libpq_url = make_url(admin_url).set(drivername="postgresql")
-    admin = libpq_url.render_as_string(hide_password=False)
-    name = f"steward_bench_recommend_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(admin, autocommit=True) as connection:
-        connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        version = str(connection.info.parameter_status("server_version"))
-    try:
-        url = libpq_url.set(drivername="postgresql+psycopg", database=name)
-        yield url.render_as_string(hide_password=False), version
-    finally:
-        with psycopg.connect(admin, autocommit=True) as connection:
-            connection.execute(
-                sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name))
-            )
-
-
-def analyze(database_url: str) -> None:
-    """Planner statistics, as autovacuum would gather them (it is off on this machine)."""
-    from sqlalchemy import create_engine, text
-
-    engine = create_engine(database_url)
-    with engine.connect() as connection:
-        connection.execution_options(isolation_level="AUTOCOMMIT").execute(text("ANALYZE"))
-    engine.dispose()
-
-
-@contextmanager
-def py_spy(pid: int, part: str) -> Iterator[None]:
-    """Record the server with py-spy while the block runs, when STEWARD_BENCH_PY_SPY says so."""
-    requested = os.environ.get("STEWARD_BENCH_PY_SPY")
-    spy = Path(sys.executable).with_name("py-spy")
-    if not requested or not spy.exists():
-        yield
-        return
-    path = Path(requested)
-    output = path.with_name(f"{path.stem}-{part}{path.suffix}")
-    command = [str(spy), "record", "--pid", str(pid), "--output", str(output), "--nonblocking"]
-    if output.suffix == ".txt":
-        command += ["--format", "raw"]
-    command += os.environ.get("STEWARD_BENCH_PY_SPY_ARGS", "").split()
-    recorder = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        yield
-    finally:
-        recorder.send_signal(signal.SIGINT)
-        recorder.wait(timeout=60)
-        print(f"  (py-spy profile of the server: {output})")
 
 
 # Training and quality -----------------------------------------------------------------------
@@ -794,13 +673,6 @@ def warm_up(target: str, requests: Sequence[bytes], count: int) -> None:
 # Figures ------------------------------------------------------------------------------------
 
 
-def percentile(values: Sequence[float], fraction: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
 def machine() -> str:
     model = next(
         (
@@ -913,7 +785,10 @@ def main() -> None:
             database_url = f"sqlite:///{data_dir}/recommend.db"
             backend = f"SQLite {sqlite3.sqlite_version} (WAL) in {data_dir}"
         else:
-            database_url, version = stack.enter_context(postgres_database(args.postgres_url))
+            database_url = stack.enter_context(
+                postgres_database(args.postgres_url, "steward_bench_recommend")
+            )
+            version = server_version(database_url)
             backend = f"PostgreSQL {version}, fresh database for the run"
         log, log_target = stack.enter_context(event_log(shop))
         if args.load == "direct":
@@ -962,7 +837,7 @@ def main() -> None:
 
         for rate in args.rate:
             settle(server)
-            with py_spy(server.process.pid, f"{rate:.0f}"):
+            with py_spy_from_env(server.process.pid, f"{rate:.0f}"):
                 server_cpu, own_cpu, wall = server.cpu_seconds(), client_cpu(), time.perf_counter()
                 result = open_loop(
                     server.target, requests, labels, rate, args.seconds, args.senders

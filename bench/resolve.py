@@ -31,7 +31,8 @@ Run from the repository root::
         --postgres-url postgresql://postgres@127.0.0.1:5432/postgres
 
 ``STEWARD_BENCH_PY_SPY=out.svg`` (or ``out.txt`` for collapsed stacks) records the server with
-py-spy while measuring, if py-spy is installed in the environment (``pip install py-spy``).
+py-spy into ``out-measure.svg`` while measuring, if py-spy is installed in the environment
+(``pip install py-spy``); ``STEWARD_BENCH_PY_SPY_ARGS`` adds py-spy options.
 """
 
 from __future__ import annotations
@@ -39,15 +40,10 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -57,7 +53,15 @@ from pathlib import Path
 from typing import Final
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from harness import (
+    Server,
+    analyze,
+    percentile,
+    postgres_database,
+    py_spy_from_env,
+    run_threads,
+    steward_server,
+)
 from steward.common.v1 import common_pb2
 from steward.identity.v1 import identity_pb2
 
@@ -224,104 +228,14 @@ def warm_seen_at(k: int, now: datetime) -> datetime:
 # The server process -------------------------------------------------------------------------
 
 
-@dataclass
-class Server:
-    process: subprocess.Popen[bytes]
-    target: str
-    log: Path
-
-    def status(self, name: str) -> int:
-        """A /proc/<pid>/status figure in kB (VmRSS, VmHWM)."""
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith(f"{name}:"):
-                return int(line.split()[1])
-        return 0
-
-    def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @contextmanager
 def identity_server(data_dir: Path, db_url: str) -> Iterator[Server]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "STEWARD_DATA_DIR": str(data_dir),
-        "STEWARD_IDENTITY_DB_URL": db_url,
-        "STEWARD_LOG_LEVEL": "WARNING",
-        "STEWARD_MAX_BATCH": "1000",
-    }
-    env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
-    log = data_dir / "server.log"
-    steward = Path(sys.executable).with_name("steward")
-    command = [str(steward), "serve", "--service", "identity", "--port", str(port)]
-    with log.open("wb") as output:
-        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
-    server = Server(process, f"127.0.0.1:{port}", log)
-    try:
-        wait_serving(server)
+    """``steward serve --service identity`` on a free port, on ``db_url``."""
+    env = {"STEWARD_IDENTITY_DB_URL": db_url, "STEWARD_MAX_BATCH": "1000"}
+    with steward_server(
+        ["identity"], data_dir, env, health_service="steward.identity.v1.IdentityService"
+    ) as server:
         yield server
-    except BaseException:
-        if process.poll() is not None:
-            print(f"the server exited with {process.returncode}:", file=sys.stderr)
-            print(log.read_text()[-5000:], file=sys.stderr)
-        raise
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def wait_serving(server: Server, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(server.target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if server.process.poll() is not None:
-                raise SystemExit(f"the server exited:\n{server.log.read_text()}")
-            try:
-                answer = stub.Check(
-                    health_pb2.HealthCheckRequest(service="steward.identity.v1.IdentityService"),
-                    timeout=1,
-                )
-                if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                time.sleep(0.2)
-    raise SystemExit(f"the server did not start within {timeout:.0f} s")
-
-
-@contextmanager
-def postgres_database(admin_url: str) -> Iterator[str]:
-    """A fresh database for the run, dropped afterwards; yields its URL."""
-    import psycopg
-    from psycopg import sql
-    from sqlalchemy.engine import make_url
-
-    libpq_url = make_url(admin_url).set(drivername="postgresql")
-    name = f"steward_bench_{uuid.uuid4().hex[:12]}"
-    admin = libpq_url.render_as_string(hide_password=False)
-    with psycopg.connect(admin, autocommit=True) as connection:
-        connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        url = libpq_url.set(drivername="postgresql+psycopg", database=name)
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(admin, autocommit=True) as connection:
-            connection.execute(
-                sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name))
-            )
 
 
 # Warming ------------------------------------------------------------------------------------
@@ -351,7 +265,7 @@ def warm_through_resolve(target: str, persons: int, batch: int, clients: int) ->
                 except grpc.RpcError as error:
                     errors.append(error)
 
-    run_threads(send, clients)
+    run_threads(lambda _index: send(), clients)
     if errors:
         raise SystemExit(f"warming failed: {errors[0]}")
 
@@ -411,18 +325,6 @@ def warm_directly(db_url: str, keyring_json: str, persons: int) -> None:
                         f"SELECT setval(pg_get_serial_sequence('{table}', '{column}'), "
                         f"(SELECT max({column}) FROM {table}))"
                     )
-    finally:
-        engine.dispose()
-
-
-def analyze(db_url: str) -> None:
-    """Gather planner statistics, as autovacuum would after a bulk load (it is off here)."""
-    from services.common.db import make_engine
-
-    engine = make_engine(db_url)
-    try:
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-            connection.exec_driver_sql("ANALYZE")
     finally:
         engine.dispose()
 
@@ -510,39 +412,6 @@ def measure(
     return result
 
 
-def run_threads(work: Callable[[], None], count: int) -> None:
-    threads = [threading.Thread(target=work) for _ in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
-@contextmanager
-def py_spy(pid: int) -> Iterator[None]:
-    output = os.environ.get("STEWARD_BENCH_PY_SPY")
-    spy = Path(sys.executable).with_name("py-spy")
-    if not output or not spy.exists():
-        yield
-        return
-    command = [str(spy), "record", "--pid", str(pid), "--output", output, "--nonblocking"]
-    command += ["--threads"] if os.environ.get("STEWARD_BENCH_PY_SPY_THREADS") else []
-    if output.endswith(".txt"):
-        command += ["--format", "raw"]
-    recorder = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        yield
-    finally:
-        recorder.send_signal(signal.SIGINT)
-        recorder.wait(timeout=60)
-        print(f"py-spy profile of the server written to {output}")
-
-
 def count_rows(db_url: str) -> dict[str, int]:
     from sqlalchemy import text
 
@@ -607,7 +476,7 @@ def main() -> None:
         rss_warm = server.status("VmRSS")
 
         cpu_before = server.cpu_seconds()
-        with py_spy(server.process.pid):
+        with py_spy_from_env(server.process.pid, "measure"):
             result = measure(
                 server.target, persons, args.batch, args.clients, args.seconds, target_rate
             )
