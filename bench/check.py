@@ -28,11 +28,11 @@ latency when other work shares the machine), and on PostgreSQL the database sess
 each part (pooled connections are reused, so a growing count means connections opened per call).
 An overloaded server refuses streams, which the client sees as UNAVAILABLE; calls answered late
 count in the latencies, failed ones only in the error counts. The client pauses its own cyclic
-garbage collector while keeping the schedule (see ``client_gc_paused``). Figures only: nothing
-about time is asserted. Several ``--rate`` values run the by-person part once at each (to find
-the rate the target holds to); ``--identifiers-rate`` sets the by-identifiers rate apart (0 skips
-that part); ``--record-batches`` with no value skips RecordConsent. Run from the repository
-root::
+garbage collector while keeping the schedule (``harness.client_gc_paused``). Figures only:
+nothing about time is asserted. Several ``--rate`` values run the by-person part once at each
+(to find the rate the target holds to); ``--identifiers-rate`` sets the by-identifiers rate
+apart (0 skips that part); ``--record-batches`` with no value skips RecordConsent. Run from the
+repository root::
 
     .venv/bin/python bench/check.py --backend sqlite
     .venv/bin/python bench/check.py --backend postgres \\
@@ -47,7 +47,6 @@ GIL, which is where a saturated Python server spends its time).
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import platform
 import random
@@ -61,12 +60,13 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
 import grpc
 from harness import (
+    OWN_CONNECTION,
+    OpenLoopResult,
     Server,
     percentile,
     postgres_database,
@@ -74,6 +74,7 @@ from harness import (
     server_version,
     steward_server,
 )
+from harness import open_loop as harness_open_loop
 from steward.common.v1 import common_pb2
 from steward.consent.v1 import audit_pb2, consent_pb2
 
@@ -93,8 +94,6 @@ CALL_DEADLINE_SECONDS: Final = 10.0
 BY_IDENTIFIERS_EVERY: Final = 10
 UNKNOWN_PERSON_SHARE: Final = 0.03
 UNKNOWN_IDENTIFIERS_SHARE: Final = 0.05
-CHANNEL_OPTIONS: Final = [("grpc.use_local_subchannel_pool", 1)]
-"""Each client thread gets its own connection instead of sharing the process-wide one."""
 DECISIONS: Final = (
     (0.6, T.DECISION_GRANTED),
     (0.25, T.DECISION_DENIED),
@@ -250,7 +249,7 @@ def run_in_threads(
     errors: list[BaseException] = []
 
     def client() -> None:
-        with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+        with grpc.insecure_channel(target, options=OWN_CONNECTION) as channel:
             call = channel.unary_unary(method)
             while not errors:
                 with lock:
@@ -274,109 +273,30 @@ def run_in_threads(
 # Open-loop CheckConsent ---------------------------------------------------------------------
 
 
-@dataclass
-class OpenLoopResult:
-    offered_rate: float
-    scheduled: list[float]
-    sent: list[float]
-    done: list[float]
-    answered: list[bool]
-    answers: Counter[str]
-    errors: Counter[str]
-
-    def completed(self) -> list[int]:
-        """The calls answered without an error."""
-        return [i for i, answered in enumerate(self.answered) if answered]
-
-    def from_scheduled_ms(self) -> list[float]:
-        return [(self.done[i] - self.scheduled[i]) * 1000 for i in self.completed()]
-
-    def from_sent_ms(self) -> list[float]:
-        return [(self.done[i] - self.sent[i]) * 1000 for i in self.completed()]
-
-    def send_lag_ms(self) -> list[float]:
-        return [(s - t) * 1000 for s, t in zip(self.sent, self.scheduled, strict=True) if s]
-
-    def achieved_rate(self) -> float:
-        finished = self.completed()
-        if not finished:
-            return 0.0
-        span = max(self.done[i] for i in finished) - self.scheduled[0]
-        return len(finished) / span
-
-
 def open_loop(
     target: str, requests: Sequence[bytes], rate: float, seconds: float, senders: int
 ) -> OpenLoopResult:
-    """Send ``requests`` (cycled) at ``rate`` calls/s on a fixed schedule, as futures."""
-    total = int(rate * seconds)
-    channels = [grpc.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(senders)]
-    for channel in channels:
-        grpc.channel_ready_future(channel).result(timeout=10)
-    calls = [channel.unary_unary(CHECK_METHOD) for channel in channels]
-    start = time.perf_counter() + 0.2
-    scheduled = [start + i / rate for i in range(total)]
-    sent = [0.0] * total
-    done = [0.0] * total
-    futures: list[Any] = [None] * total
-    clock = time.perf_counter
-
-    def finished(index: int, _future: Any) -> None:
-        done[index] = clock()
-
-    def sender(which: int) -> None:
-        call = calls[which]
-        for index in range(which, total, senders):
-            delay = scheduled[index] - clock()
-            if delay > 0:
-                time.sleep(delay)
-            sent[index] = clock()
-            future = call.future(
-                requests[index % len(requests)], timeout=CALL_DEADLINE_SECONDS, metadata=METADATA
-            )
-            futures[index] = future
-            future.add_done_callback(partial(finished, index))
-
-    threads = [threading.Thread(target=sender, args=(which,)) for which in range(senders)]
-    with client_gc_paused():
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        for future in futures:
-            future.exception()
-    answered = [False] * total
-    answers: Counter[str] = Counter()
-    errors: Counter[str] = Counter()
-    for index, future in enumerate(futures):
-        try:
-            answer = C.CheckConsentResponse.FromString(future.result())
-        except grpc.RpcError as error:
-            errors[error.code().name] += 1  # type: ignore[attr-defined]
-            continue
-        answered[index] = True
-        answers[C.ConsentReason.Name(answer.reason)] += 1
-    for channel in channels:
-        channel.close()
-    return OpenLoopResult(rate, scheduled, sent, done, answered, answers, errors)
+    """CheckConsent at ``rate`` calls/s on a fixed schedule (see ``harness.open_loop``)."""
+    return harness_open_loop(
+        target,
+        CHECK_METHOD,
+        requests,
+        rate,
+        seconds,
+        senders,
+        deadline=CALL_DEADLINE_SECONDS,
+        metadata=METADATA,
+    )
 
 
-@contextmanager
-def client_gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection in this (client) process while it keeps the schedule.
-
-    With 2,000 futures a second alive, a full collection stalls the sender threads for tens of
-    milliseconds; those stalls would show as server latency (a trivial servicer's p99 goes from
-    4 ms to 60-100 ms). The run's garbage is kept until the end instead.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
-        gc.unfreeze()
+def reasons(result: OpenLoopResult) -> Counter[str]:
+    """How many answers gave each reason."""
+    parse = C.CheckConsentResponse.FromString
+    return Counter(
+        C.ConsentReason.Name(parse(response).reason)
+        for response in result.responses
+        if response is not None
+    )
 
 
 def check_requests_by_person(
@@ -474,7 +394,7 @@ def record_throughput(
         ]
         mine: list[float] = []
         calls = decisions = 0
-        with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+        with grpc.insecure_channel(target, options=OWN_CONNECTION) as channel:
             call = channel.unary_unary(
                 RECORD_METHOD, response_deserializer=C.RecordConsentResponse.FromString
             )
@@ -613,7 +533,7 @@ def print_open_loop(title: str, result: OpenLoopResult, usage: Usage) -> None:
         f"answered {len(scheduled):,} at {result.achieved_rate():,.0f}/s"
         + (f"; errors {dict(result.errors)}" if result.errors else "")
     )
-    print(f"  answers:          {dict(result.answers.most_common())}")
+    print(f"  answers:          {dict(reasons(result).most_common())}")
     print(
         f"  from scheduled:   p50 {p50:.2f} ms ({p50 / TARGET_P50_MS:.2f} x target "
         f"{TARGET_P50_MS} ms), p99 {p99:.2f} ms ({p99 / TARGET_P99_MS:.2f} x target "

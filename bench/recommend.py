@@ -52,7 +52,6 @@ py-spy during each measured rate (``out-1000.svg``); ``STEWARD_BENCH_PY_SPY_ARGS
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import platform
 import resource
@@ -66,14 +65,14 @@ from concurrent import futures
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from functools import partial
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import grpc
 import numpy as np
 import numpy.typing as npt
 from harness import (
+    OpenLoopResult,
     Server,
     analyze,
     percentile,
@@ -82,6 +81,7 @@ from harness import (
     server_version,
     steward_server,
 )
+from harness import open_loop as harness_open_loop
 from steward.common.v1 import common_pb2
 from steward.events.v1 import events_pb2, events_pb2_grpc
 from steward.recommend.v1 import recommend_pb2, recommend_pb2_grpc
@@ -96,7 +96,6 @@ TARGET_P99_MS: Final = 10.0
 SERVICE: Final = "steward.recommend.v1.RecommendService"
 RECOMMEND_METHOD: Final = f"/{SERVICE}/Recommend"
 CALL_DEADLINE_SECONDS: Final = 10.0
-CHANNEL_OPTIONS: Final = [("grpc.use_local_subchannel_pool", 1)]
 CATEGORIES: Final = [
     "kitchen",
     "garden",
@@ -553,41 +552,6 @@ def requests_for(shop: Shop, count: int, seed: int) -> tuple[list[bytes], list[s
     return requests, labels
 
 
-@dataclass
-class OpenLoopResult:
-    offered_rate: float
-    scheduled: list[float]
-    sent: list[float]
-    done: list[float]
-    answered: list[bool]
-    labels: list[str]
-    personalised: int
-    errors: dict[str, int]
-
-    def completed(self) -> list[int]:
-        return [i for i, answered in enumerate(self.answered) if answered]
-
-    def from_scheduled_ms(self, kind: str | None = None) -> list[float]:
-        return [
-            (self.done[i] - self.scheduled[i]) * 1000
-            for i in self.completed()
-            if kind is None or self.labels[i] == kind
-        ]
-
-    def from_sent_ms(self) -> list[float]:
-        return [(self.done[i] - self.sent[i]) * 1000 for i in self.completed()]
-
-    def send_lag_ms(self) -> list[float]:
-        return [(s - t) * 1000 for s, t in zip(self.sent, self.scheduled, strict=True) if s]
-
-    def achieved_rate(self) -> float:
-        finished = self.completed()
-        if not finished:
-            return 0.0
-        span = max(self.done[i] for i in finished) - self.scheduled[0]
-        return len(finished) / span
-
-
 def open_loop(
     target: str,
     requests: Sequence[bytes],
@@ -595,72 +559,19 @@ def open_loop(
     rate: float,
     seconds: float,
     senders: int,
-) -> OpenLoopResult:
-    """Send ``requests`` (cycled) at ``rate`` calls/s on a fixed schedule, as futures."""
-    total = int(rate * seconds)
-    channels = [grpc.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(senders)]
-    for channel in channels:
-        grpc.channel_ready_future(channel).result(timeout=10)
-    calls = [channel.unary_unary(RECOMMEND_METHOD) for channel in channels]
-    start = time.perf_counter() + 0.2
-    scheduled = [start + i / rate for i in range(total)]
-    sent = [0.0] * total
-    done = [0.0] * total
-    pending: list[Any] = [None] * total
-    clock = time.perf_counter
-
-    def finished(index: int, _future: Any) -> None:
-        done[index] = clock()
-
-    def sender(which: int) -> None:
-        call = calls[which]
-        for index in range(which, total, senders):
-            delay = scheduled[index] - clock()
-            if delay > 0:
-                time.sleep(delay)
-            sent[index] = clock()
-            future = call.future(requests[index % len(requests)], timeout=CALL_DEADLINE_SECONDS)
-            pending[index] = future
-            future.add_done_callback(partial(finished, index))
-
-    threads = [threading.Thread(target=sender, args=(which,)) for which in range(senders)]
-    with client_gc_paused():
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        for future in pending:
-            future.exception()
-    answered = [False] * total
-    errors: dict[str, int] = defaultdict(int)
-    personalised = 0
-    for index, future in enumerate(pending):
-        try:
-            answer = R.RecommendResponse.FromString(future.result())
-        except grpc.RpcError as error:
-            errors[error.code().name] += 1  # type: ignore[attr-defined]
-            continue
-        answered[index] = True
-        personalised += answer.personalised
-    for channel in channels:
-        channel.close()
-    kinds = [labels[index % len(labels)] for index in range(total)]
-    return OpenLoopResult(rate, scheduled, sent, done, answered, kinds, personalised, dict(errors))
+) -> tuple[OpenLoopResult, list[str]]:
+    """Recommend at ``rate`` calls/s on a fixed schedule (see ``harness.open_loop``); with the
+    kind of each call."""
+    result = harness_open_loop(
+        target, RECOMMEND_METHOD, requests, rate, seconds, senders, deadline=CALL_DEADLINE_SECONDS
+    )
+    kinds = [labels[index % len(labels)] for index in range(len(result.responses))]
+    return result, kinds
 
 
-@contextmanager
-def client_gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection in this (client) process while it keeps the schedule: a
-    full collection with a thousand futures a second alive stalls the senders for tens of
-    milliseconds, which would show as server latency."""
-    gc.collect()
-    gc.freeze()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
-        gc.unfreeze()
+def personalised(result: OpenLoopResult) -> int:
+    parse = R.RecommendResponse.FromString
+    return sum(parse(r).personalised for r in result.responses if r is not None)
 
 
 def warm_up(target: str, requests: Sequence[bytes], count: int) -> None:
@@ -708,7 +619,9 @@ def client_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def print_open_loop(result: OpenLoopResult, server_cpu: float, own_cpu: float, wall: float) -> None:
+def print_open_loop(
+    result: OpenLoopResult, kinds: Sequence[str], server_cpu: float, own_cpu: float, wall: float
+) -> None:
     scheduled, sent = result.from_scheduled_ms(), result.from_sent_ms()
     lag = result.send_lag_ms()
     p50, p99 = percentile(scheduled, 0.5), percentile(scheduled, 0.99)
@@ -718,8 +631,8 @@ def print_open_loop(result: OpenLoopResult, server_cpu: float, own_cpu: float, w
         f"  offered {result.offered_rate:,.0f}/s for {len(result.scheduled):,} calls; answered "
         f"{answered:,} at {result.achieved_rate():,.0f}/s "
         f"({result.achieved_rate() / TARGET_RATE:.2f} x target {TARGET_RATE:,.0f}/s); "
-        f"{result.personalised:,} personalised"
-        + (f"; errors {result.errors}" if result.errors else "")
+        f"{personalised(result):,} personalised"
+        + (f"; errors {dict(result.errors)}" if result.errors else "")
     )
     print(
         f"  from scheduled:   p50 {p50:.2f} ms ({p50 / TARGET_P50_MS:.2f} x target "
@@ -733,7 +646,7 @@ def print_open_loop(result: OpenLoopResult, server_cpu: float, own_cpu: float, w
         f"p99 {percentile(lag, 0.99):.2f} ms"
     )
     for kind, _ in KINDS:
-        values = result.from_scheduled_ms(kind)
+        values = result.from_scheduled_ms(i for i, k in enumerate(kinds) if k == kind)
         print(
             f"    {kind:<11} {len(values):>6,} calls  p50 {percentile(values, 0.5):6.2f} ms  "
             f"p99 {percentile(values, 0.99):6.2f} ms"
@@ -839,13 +752,13 @@ def main() -> None:
             settle(server)
             with py_spy_from_env(server.process.pid, f"{rate:.0f}"):
                 server_cpu, own_cpu, wall = server.cpu_seconds(), client_cpu(), time.perf_counter()
-                result = open_loop(
+                result, kinds = open_loop(
                     server.target, requests, labels, rate, args.seconds, args.senders
                 )
                 wall = time.perf_counter() - wall
                 server_cpu = server.cpu_seconds() - server_cpu
                 own_cpu = client_cpu() - own_cpu
-            print_open_loop(result, server_cpu, own_cpu, wall)
+            print_open_loop(result, kinds, server_cpu, own_cpu, wall)
         print(
             f"server RSS: {server.status('VmRSS') / 1024:,.0f} MiB at end, peak "
             f"{server.status('VmHWM') / 1024:,.0f} MiB; load average {load_average()}"
