@@ -15,10 +15,25 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
-from sqlalchemy import Column, Index, MetaData, String, Table, delete, or_, select, text, update
+from sqlalchemy import (
+    Column,
+    CompoundSelect,
+    Index,
+    MetaData,
+    String,
+    Table,
+    delete,
+    func,
+    or_,
+    select,
+    text,
+    union_all,
+    update,
+)
 from sqlalchemy.engine import Connection
+from sqlalchemy.sql.elements import ColumnElement
 from steward.events.v1 import events_pb2
 
 _MAX_CHAIN: Final = 10_000
@@ -68,6 +83,21 @@ class PersonLinks:
         """Every person merged with ``person`` (itself included), the group's root first."""
         rows = connection.execute(self._group, {"person": person}).all()
         return [rows[0][0], *sorted(member for _, member in rows if member is not None)]
+
+    def group_members(self, person: ColumnElement[Any]) -> CompoundSelect[tuple[str]]:
+        """A subquery of every member of ``person``'s group (a bound parameter or column), for
+        ``column.in_(...)``: one statement reads a whole group's rows."""
+        links = self.table
+        root = select(
+            func.coalesce(
+                select(links.c.root_id).where(links.c.person_id == person).scalar_subquery(),
+                person,
+            )
+        ).scalar_subquery()
+        return union_all(
+            select(root.label("person_id")),
+            select(links.c.person_id).where(links.c.root_id == root),
+        )
 
     def groups(self, connection: Connection, persons: Iterable[str]) -> dict[str, list[str]]:
         """``group`` of each of ``persons`` merged with anyone; the others are left out."""

@@ -204,18 +204,11 @@ def person_groups(connection: Connection, persons: Iterable[str]) -> dict[str, l
 # key cost more than running it (decisions_of on SQLite: 138 -> 70 us with its connection).
 _DECISIONS_OF: Final = (
     select(decisions_table)
-    .where(decisions_table.c.person_id == bindparam("person_id"))
+    .where(decisions_table.c.person_id.in_(PERSON_LINKS.group_members(bindparam("person_id"))))
     .order_by(decisions_table.c.seq)
 )
+"""The decisions of a person and of everyone identity merged with it, in one statement."""
 _DECISIONS_OF_PURPOSE: Final = _DECISIONS_OF.where(
-    decisions_table.c.purpose == bindparam("purpose")
-)
-_DECISIONS_OF_GROUP: Final = (
-    select(decisions_table)
-    .where(decisions_table.c.person_id.in_(bindparam("persons", expanding=True)))
-    .order_by(decisions_table.c.seq)
-)
-_DECISIONS_OF_GROUP_PURPOSE: Final = _DECISIONS_OF_GROUP.where(
     decisions_table.c.purpose == bindparam("purpose")
 )
 _ERASED_DIGEST: Final = select(erased_table.c.person_digest).where(
@@ -473,15 +466,6 @@ class ConsentStore:
     ) -> list[DecisionRecord]:
         """The decisions deciding the person's consent: its own and those of every person
         identity merged with it (``person_group``), in ledger order."""
-        group = person_group(connection, person_id)
-        if len(group) > 1:
-            if purpose is None:
-                rows = connection.execute(_DECISIONS_OF_GROUP, {"persons": group})
-            else:
-                rows = connection.execute(
-                    _DECISIONS_OF_GROUP_PURPOSE, {"persons": group, "purpose": purpose}
-                )
-            return [_decision(row) for row in rows]
         if purpose is None:
             rows = connection.execute(_DECISIONS_OF, {"person_id": person_id})
         else:
