@@ -27,7 +27,9 @@ class PersonCache:
     """A bounded LRU map from identifier sets to person ids. Thread-safe.
 
     Each person's keys are indexed too, so a merge, unmerge or forget invalidates in time
-    proportional to what it touches, not to the cache's size.
+    proportional to what it touches, not to the cache's size. An answer asked of identity before
+    an invalidation may be stale by the time it arrives: :meth:`put` with the ``generation`` read
+    before asking drops it then.
     """
 
     def __init__(self, capacity: int = CAPACITY) -> None:
@@ -35,6 +37,7 @@ class PersonCache:
         self._lock = threading.Lock()
         self._entries: OrderedDict[tuple[str, ...], str] = OrderedDict()
         self._keys_of: dict[str, set[tuple[str, ...]]] = {}
+        self._generation = 0
 
     def get(self, key: tuple[str, ...]) -> str | None:
         with self._lock:
@@ -53,10 +56,19 @@ class PersonCache:
                     entries.move_to_end(key)
             return found
 
-    def put(self, key: tuple[str, ...], person: str) -> None:
+    @property
+    def generation(self) -> int:
+        """Changes with every invalidation."""
+        with self._lock:
+            return self._generation
+
+    def put(self, key: tuple[str, ...], person: str, generation: int | None = None) -> None:
+        """Remember ``key``'s person, unless an invalidation came after ``generation``."""
         if not key or not person:
             return
         with self._lock:
+            if generation is not None and generation != self._generation:
+                return
             previous = self._entries.get(key)
             if previous is not None and previous != person:
                 self._unindex(key, previous)
@@ -70,6 +82,7 @@ class PersonCache:
     def invalidate(self, persons: Iterable[str]) -> int:
         removed = 0
         with self._lock:
+            self._generation += 1
             for person in set(persons):
                 for key in self._keys_of.pop(person, ()):
                     del self._entries[key]

@@ -105,11 +105,12 @@ def _event_time(stamp: Timestamp) -> datetime:
 class SubjectResolver:
     """Turns a PersonRef into a person id: directly, or through identity for identifiers."""
 
-    def __init__(self, context: ServiceContext) -> None:
+    def __init__(self, context: ServiceContext, cache: PersonCache) -> None:
         self._keyring = context.keyring
         self._region = context.settings.phone_default_region
         self._lock = threading.Lock()
         self._client: IdentityClient | None = None
+        self._cache = cache
 
     def connect(self, client: IdentityClient) -> None:
         with self._lock:
@@ -182,7 +183,15 @@ class SubjectResolver:
         violations.raise_if_any()
         if subject.person_id:
             return subject.person_id
-        return self.identity().lookup(hashed, deadline_remaining(context))
+        # Sets Collect or earlier checks resolved are known: identity is asked only for others.
+        key = cache_key(hashed)
+        known = self._cache.get(key)
+        if known is not None:
+            return known
+        generation = self._cache.generation
+        person = self.identity().lookup(hashed, deadline_remaining(context))
+        self._cache.put(key, person, generation)
+        return person
 
 
 def _occurred_at(request_time: Timestamp, field: str, violations: FieldViolations) -> datetime:
@@ -537,6 +546,7 @@ class ConsentServicer(consent_pb2_grpc.ConsentServiceServicer):
                     missing.setdefault(key, []).append(position)
             if missing:
                 firsts = [positions[0] for positions in missing.values()]
+                generation = self._cache.generation
                 client = self._subjects.identity()
                 persons = client.resolve_many(
                     [sets[p] for p in firsts],
@@ -544,7 +554,7 @@ class ConsentServicer(consent_pb2_grpc.ConsentServiceServicer):
                     deadline_remaining(context),
                 )
                 for (key, positions), person in zip(missing.items(), persons, strict=True):
-                    self._cache.put(key, person)
+                    self._cache.put(key, person, generation)
                     for position in positions:
                         answers[position] = person
             return answers
@@ -794,7 +804,8 @@ def build(context: ServiceContext) -> ServiceParts:
         checkpoint_every=settings.checkpoint_every,
     )
     service.ensure_default_purposes()
-    subjects = SubjectResolver(context)
+    cache = PersonCache()
+    subjects = SubjectResolver(context, cache)
     collection = CollectionService(service, keyring)
     tasks = [
         PeriodicTask(
@@ -802,7 +813,6 @@ def build(context: ServiceContext) -> ServiceParts:
         ),
         PeriodicTask("retention-sweep", SWEEP_INTERVAL_SECONDS, _logged_sweep(collection)),
     ]
-    cache = PersonCache()
     consumers: list[Consumer] = []
     channels: list[PeerChannels] = []
 

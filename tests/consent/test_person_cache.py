@@ -89,3 +89,13 @@ def test_behaves_as_a_plain_lru_map(
                 del model[k]
             assert cache.invalidate([person]) == len(doomed)
         assert len(cache) == len(model)
+
+
+def test_an_answer_asked_before_an_invalidation_is_not_kept() -> None:
+    cache = PersonCache()
+    asked_at = cache.generation
+    cache.invalidate(["p1"])  # a merge arrived while identity was being asked
+    cache.put(("a",), "p1", asked_at)
+    assert cache.get(("a",)) is None
+    cache.put(("a",), "p1", cache.generation)
+    assert cache.get(("a",)) == "p1"
