@@ -23,6 +23,7 @@ from services.common.db import is_sqlite
 from services.common.errors import NotFound
 from services.common.identifiers import PseudonymisedIdentifier
 from services.common.keyring import Keyring, decrypt_field, encrypt_field
+from services.common.times import utc
 from services.consent import ledger
 from services.consent.collect import (
     ConsentTimeline,
@@ -35,7 +36,7 @@ from services.consent.collect import (
 )
 from services.consent.purposes import PurposeDefinition
 from services.consent.service import ConsentService
-from services.consent.store import CollectionStore, person_groups, utc
+from services.consent.store import CollectionStore, person_groups
 from services.consent.timelines import ConsentTimelines
 
 logger = logging.getLogger(__name__)
@@ -122,14 +123,6 @@ class _ErasedPersons:
                 found = frozenset(self._store.all_erased(connection))
                 self._held = (len(found), found)
         return {person for person, ms in markers.items() if not found.isdisjoint(ms)}
-
-
-def _stamp(moment: datetime | None) -> Timestamp | None:
-    if moment is None:
-        return None
-    value = Timestamp()
-    value.FromDatetime(moment)
-    return value
 
 
 def _event_stamp(moment: datetime) -> Timestamp:

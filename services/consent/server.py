@@ -39,6 +39,7 @@ from services.common.migrations import upgrade
 from services.common.server import ServiceRegistration, deadline_remaining
 from services.common.tasks import PeriodicTask, start_all
 from services.common.telemetry import instrument_channel
+from services.common.times import timestamp
 from services.consent import keystore as keystore_module
 from services.consent import ledger, signals, tcf
 from services.consent.collect import EventFields
@@ -84,14 +85,6 @@ _DROP_REASON_NAMES: Final = {
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _TIMESTAMP_SECONDS: Final = range(-62_135_596_800, 253_402_300_800)
 """The seconds of 0001-01-01 to 9999-12-31, the range ``Timestamp.ToDatetime`` accepts."""
-
-
-def _timestamp(moment: datetime | None) -> Timestamp | None:
-    if moment is None:
-        return None
-    stamp = Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
 
 
 def _event_time(stamp: Timestamp) -> datetime:
@@ -224,7 +217,7 @@ def _purpose_message(purpose: PurposeDefinition) -> common_pb2.Purpose:
         allowed_fields=list(purpose.allowed_fields),
         gpc_withdraws=purpose.gpc_withdraws,
         revision=purpose.revision,
-        updated_at=_timestamp(purpose.updated_at),
+        updated_at=timestamp(purpose.updated_at),
     )
     message.default_lifetime.FromTimedelta(purpose.default_lifetime)
     return message
@@ -240,8 +233,8 @@ def _state_message(state: ConsentState, legal_basis: int) -> consent_pb2.Purpose
         decision=deciding.decision if deciding else common_pb2.DECISION_UNSPECIFIED,
         ledger_seq=deciding.seq if deciding else 0,
         source=deciding.source if deciding else C.CONSENT_SOURCE_UNSPECIFIED,
-        occurred_at=_timestamp(deciding.occurred_at if deciding else None),
-        expires_at=_timestamp(state.expires_at),
+        occurred_at=timestamp(deciding.occurred_at if deciding else None),
+        expires_at=timestamp(state.expires_at),
         policy_version=deciding.policy_version if deciding else "",
     )
 
@@ -251,13 +244,13 @@ def _erasure_message(erasure: ErasureView) -> consent_pb2.Erasure:
         erasure_id=erasure.erasure_id,
         person_id=erasure.person_id,
         state=erasure.state,  # type: ignore[arg-type]
-        requested_at=_timestamp(erasure.requested_at),
-        completed_at=_timestamp(erasure.completed_at),
+        requested_at=timestamp(erasure.requested_at),
+        completed_at=timestamp(erasure.completed_at),
         services=[
             C.ServiceErasure(
                 service=name,
                 state=part["state"],
-                completed_at=_timestamp(
+                completed_at=timestamp(
                     datetime.fromisoformat(part["completed_at"]) if part["completed_at"] else None
                 ),
                 detail=part.get("detail", ""),
@@ -523,7 +516,7 @@ class ConsentServicer(consent_pb2_grpc.ConsentServiceServicer):
             reason=state.reason,
             person_id=person,
             ledger_seq=state.deciding.seq if state.deciding else 0,
-            expires_at=_timestamp(state.expires_at),
+            expires_at=timestamp(state.expires_at),
         )
 
     # Collection, erasure and access ------------------------------------------------------------
@@ -687,15 +680,15 @@ class ConsentServicer(consent_pb2_grpc.ConsentServiceServicer):
         data = self._collection.subject_data(root, aliases)
         bundle = C.SubjectDataBundle(
             person_id=root,
-            generated_at=_timestamp(datetime.now(UTC)),
+            generated_at=timestamp(datetime.now(UTC)),
             consent_history=[
                 C.ConsentRecord(
                     seq=d.seq,
                     purpose=d.purpose,
                     decision=d.decision,
                     source=d.source,
-                    occurred_at=_timestamp(d.occurred_at),
-                    expires_at=_timestamp(d.expires_at),
+                    occurred_at=timestamp(d.occurred_at),
+                    expires_at=timestamp(d.expires_at),
                     policy_version=d.policy_version,
                 )
                 for d in data.history
@@ -710,7 +703,7 @@ class ConsentServicer(consent_pb2_grpc.ConsentServiceServicer):
                     dwell_ms=e["dwell_ms"],
                     query=e["query"],
                     channel=e["channel"],
-                    occurred_at=_timestamp(e["occurred_at"]),
+                    occurred_at=timestamp(e["occurred_at"]),
                     purposes=e["purposes"],
                     attributes=e["attributes"],
                     quantity=e["quantity"],

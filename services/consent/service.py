@@ -10,16 +10,16 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TypeAlias
 
-from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.engine import Connection
 from steward.common.v1 import common_pb2
 from steward.consent.v1 import audit_pb2, consent_pb2
 from steward.events.v1 import events_pb2
 
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.common.times import timestamp, utc, utc_now
 from services.consent import ledger
 from services.consent.decisions import (
     ConsentSource,
@@ -31,7 +31,7 @@ from services.consent.decisions import (
 from services.consent.keystore import KeyStore
 from services.consent.purposes import DEFAULT_PURPOSES, PurposeDefinition, validate_purpose
 from services.consent.signals import gpc_conflict_violation, requires_gpc_acknowledgement
-from services.consent.store import PERSON_LINKS, AppendedEntry, ConsentStore, person_group, utc
+from services.consent.store import PERSON_LINKS, AppendedEntry, ConsentStore, person_group
 
 logger = logging.getLogger(__name__)
 
@@ -40,10 +40,6 @@ EntryKind: TypeAlias = audit_pb2.EntryKind.ValueType
 A = audit_pb2
 
 SYSTEM_ACTOR = "system"
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,14 +60,6 @@ class Receipt:
     seq: int
     leaf_hash: bytes
     purpose: str
-
-
-def _timestamp(moment: datetime | None) -> Timestamp | None:
-    if moment is None:
-        return None
-    stamp = Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
 
 
 class LedgerTree:
@@ -491,7 +479,7 @@ class ConsentService:
         header = audit_pb2.ExportHeader(
             format_version=1,
             public_key_pem=self.public_key_pem,
-            exported_at=_timestamp(self.clock()),
+            exported_at=timestamp(self.clock()),
         )
         yield audit_pb2.ExportLedgerResponse(header=header)
         seq = max(from_seq, 1)
@@ -574,8 +562,8 @@ def _consent_changed(person_id: str, state: ConsentState) -> events_pb2.ConsentC
         purpose=state.purpose,
         decision=deciding.decision if deciding else common_pb2.DECISION_UNSPECIFIED,
         allowed=state.allowed,
-        effective_at=_timestamp(deciding.occurred_at if deciding else None),
-        expires_at=_timestamp(state.expires_at),
+        effective_at=timestamp(deciding.occurred_at if deciding else None),
+        expires_at=timestamp(state.expires_at),
         ledger_seq=deciding.seq if deciding else 0,
     )
 

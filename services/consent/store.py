@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Final
 
 from sqlalchemy import (
@@ -40,6 +40,7 @@ from services.common.consumer import consumer_tables
 from services.common.db import for_writes, is_postgres
 from services.common.outbox import Outbox, outbox_tables
 from services.common.person_links import PersonLinks, person_links_table
+from services.common.times import utc
 from services.consent import ledger
 from services.consent.decisions import DecisionRecord
 from services.consent.purposes import PurposeDefinition
@@ -214,11 +215,6 @@ _DECISIONS_OF_PURPOSE: Final = _DECISIONS_OF.where(
 _ERASED_DIGEST: Final = select(erased_table.c.person_digest).where(
     erased_table.c.person_digest == bindparam("digest")
 )
-
-
-def utc(moment: datetime) -> datetime:
-    """SQLite hands datetimes back naive; everything stored is UTC."""
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def _utc_or_none(moment: datetime | None) -> datetime | None:

@@ -9,7 +9,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Final
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 from steward.common.v1 import common_pb2
 from steward.identity.v1 import identity_pb2, identity_pb2_grpc
 
@@ -21,10 +20,11 @@ from services.common.eventlog import ProducerLog
 from services.common.identifiers import IdentifierError, pseudonymise_identifier
 from services.common.migrations import upgrade
 from services.common.server import ServiceRegistration
+from services.common.times import timestamp
 from services.identity.graph import IdentifierInput, ItemInput, ItemResult, MergeRecord
 from services.identity.rules import MergeRules, TypeLimit, validate_rules
 from services.identity.service import IdentityService
-from services.identity.store import PRODUCER, IdentityStore, utc
+from services.identity.store import PRODUCER, IdentityStore
 
 MAX_IDENTIFIERS_PER_ITEM: Final = 32
 MAX_SOURCE_LENGTH: Final = 64
@@ -32,14 +32,6 @@ MAX_REASON_LENGTH: Final = 1024
 MAX_PAGE_SIZE: Final = 1000
 DEFAULT_PAGE_SIZE: Final = 100
 FUTURE_TOLERANCE: Final = timedelta(minutes=5)
-
-
-def _timestamp(moment: datetime | None) -> Timestamp | None:
-    if moment is None:
-        return None
-    stamp = Timestamp()
-    stamp.FromDatetime(utc(moment))
-    return stamp
 
 
 class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
@@ -173,7 +165,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         return identity_pb2.GetPersonResponse(
             person=identity_pb2.Person(
                 person_id=person.person_id,
-                created_at=_timestamp(person.created_at),
+                created_at=timestamp(person.created_at),
                 alias_person_ids=person.alias_person_ids,
                 identifiers=[
                     identity_pb2.LinkedIdentifier(
@@ -181,8 +173,8 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
                         namespace=i.namespace,
                         hashed_value=i.hashed_value,
                         sources=i.sources,
-                        first_seen=_timestamp(i.first_seen),
-                        last_seen=_timestamp(i.last_seen),
+                        first_seen=timestamp(i.first_seen),
+                        last_seen=timestamp(i.last_seen),
                         quarantined=i.quarantined,
                     )
                     for i in person.identifiers
@@ -247,7 +239,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
                 identity_pb2.HistoryEntry(
                     id=entry.id,
                     kind=entry.kind,  # type: ignore[arg-type]
-                    at=_timestamp(entry.at),
+                    at=timestamp(entry.at),
                     actor=entry.actor,
                     source=entry.source,
                     person_ids=entry.person_ids,
@@ -357,7 +349,7 @@ def _merge_message(merge: MergeRecord) -> identity_pb2.MergeRecord:
         absorbed_person_ids=list(merge.absorbed),
         actor=merge.actor,
         reason=merge.reason,
-        merged_at=_timestamp(merge.merged_at),
+        merged_at=timestamp(merge.merged_at),
         undone=merge.undone_at is not None,
     )
 
@@ -379,7 +371,7 @@ def _rules_message(rules: MergeRules) -> identity_pb2.MergeRules:
         blocked_patterns=list(rules.blocked_patterns),
         hub_threshold=rules.hub_threshold,
         actor=rules.actor,
-        created_at=_timestamp(rules.created_at),
+        created_at=timestamp(rules.created_at),
     )
 
 

@@ -5,20 +5,17 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 from services.common.errors import NotFound
 from services.common.keyring import Keyring
+from services.common.times import utc, utc_now
 from services.identity import graph
 from services.identity.graph import ItemInput, ItemResult, MergeRecord
 from services.identity.rules import MergeRules
-from services.identity.store import IdentityStore, utc
+from services.identity.store import IdentityStore
 
 Clock = Callable[[], datetime]
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True, slots=True)

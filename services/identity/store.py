@@ -49,6 +49,7 @@ from steward.identity.v1 import identity_pb2
 from services.common.db import for_writes, is_postgres, make_engine
 from services.common.identifiers import IdentifierType
 from services.common.outbox import Outbox, outbox_tables
+from services.common.times import utc
 from services.identity.graph import (
     Evidence,
     HistoryRecord,
@@ -189,11 +190,6 @@ evidence_table = MergeEvidence.__table__  # type: ignore[attr-defined]
 history = HistoryRow.__table__  # type: ignore[attr-defined]
 history_persons = HistoryPerson.__table__  # type: ignore[attr-defined]
 rules_table = RulesRow.__table__  # type: ignore[attr-defined]
-
-
-def utc(moment: datetime) -> datetime:
-    """SQLite hands datetimes back naive; everything stored is UTC."""
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:

@@ -25,8 +25,9 @@ import numpy as np
 from sqlalchemy import bindparam, event, select
 from sqlalchemy.engine import Connection, Engine
 
+from services.common.times import utc
 from services.recommend.models.base import FloatArray
-from services.recommend.store import consents_table, interactions_table, utc
+from services.recommend.store import consents_table, interactions_table
 
 logger = logging.getLogger(__name__)
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import Final
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 from steward.recommend.v1 import recommend_pb2, recommend_pb2_grpc
 
 from services.common.consumer import Consumer, GrpcEnvelopeSource
@@ -18,6 +17,7 @@ from services.common.db import make_engine
 from services.common.errors import FieldViolations, InvalidArgument
 from services.common.migrations import upgrade
 from services.common.server import ServiceRegistration
+from services.common.times import timestamp
 from services.recommend.models import MODEL_NAMES, CatalogueItem
 from services.recommend.ranking import Filters, ReasonKind
 from services.recommend.service import (
@@ -58,14 +58,6 @@ _FEEDBACK: Final = {
     R.FEEDBACK_TYPE_PURCHASE: "purchase",
     R.FEEDBACK_TYPE_DISMISS: "dismiss",
 }
-
-
-def _stamp(moment: datetime | None) -> Timestamp | None:
-    if moment is None:
-        return None
-    value = Timestamp()
-    value.FromDatetime(moment)
-    return value
 
 
 def _finite(value: float) -> bool:
@@ -306,7 +298,7 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
                 for a in info.arms
             ],
             pending_forgets=info.pending_forgets,
-            forget_deadline=_stamp(info.forget_deadline),
+            forget_deadline=timestamp(info.forget_deadline),
         )
 
     def PutExperiment(
@@ -364,13 +356,13 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
             person_id=request.person_id,
             interactions=[
                 R.Interaction(
-                    item_id=item_id, event_type=kind, weight=weight, occurred_at=_stamp(at)
+                    item_id=item_id, event_type=kind, weight=weight, occurred_at=timestamp(at)
                 )
                 for item_id, kind, weight, at in export.interactions
             ],
             shown=[
                 R.ShownRecommendation(
-                    impression_id=impression_id, item_ids=items, shown_at=_stamp(at), model=model
+                    impression_id=impression_id, item_ids=items, shown_at=timestamp(at), model=model
                 )
                 for impression_id, items, at, model in export.shown
             ],

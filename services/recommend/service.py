@@ -30,6 +30,7 @@ from steward.common.v1 import common_pb2
 from steward.events.v1 import events_pb2
 
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.common.times import utc, utc_now
 from services.recommend.evaluation import PER_PERSON, holdout_metrics
 from services.recommend.impressions import ImpressionWriter
 from services.recommend.interactions import (
@@ -67,7 +68,6 @@ from services.recommend.store import (
     impressions_table,
     interactions_table,
     items_table,
-    utc,
 )
 
 logger = logging.getLogger(__name__)
@@ -88,10 +88,6 @@ _EVENT_TYPES: Final[Mapping[int, str]] = {
 
 _NO_ITEMS: Final = np.zeros(0, dtype=np.int64)
 _NO_WEIGHTS: Final = np.zeros(0, dtype=np.float64)
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 def settle_heap() -> None:

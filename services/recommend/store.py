@@ -9,7 +9,7 @@ Recommend produces no log, so it has consumer tables but no outbox.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Final
 
 from sqlalchemy import JSON, BigInteger, Boolean, Column, DateTime, Float, Index, Text
@@ -117,8 +117,3 @@ impressions_table = ImpressionRow.__table__  # type: ignore[attr-defined]
 feedback_table = FeedbackRow.__table__  # type: ignore[attr-defined]
 experiments_table = ExperimentRow.__table__  # type: ignore[attr-defined]
 forgets_table = ForgetRow.__table__  # type: ignore[attr-defined]
-
-
-def utc(moment: datetime) -> datetime:
-    """SQLite hands datetimes back naive; everything stored is UTC."""
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from typing import Any, Final
 
 import grpc
 from google.protobuf import json_format, struct_pb2
-from google.protobuf.timestamp_pb2 import Timestamp
 from steward.tagging.v1 import tagging_pb2, tagging_pb2_grpc
 
 from services.common.callers import caller_of
@@ -23,6 +21,7 @@ from services.common.migrations import upgrade
 from services.common.outbox import Outbox
 from services.common.server import ServiceRegistration
 from services.common.tasks import PeriodicTask, start_all, stop_all
+from services.common.times import timestamp
 from services.tagging.guardrails import AssignedTag, dry_run
 from services.tagging.profile import ProfileColumns
 from services.tagging.rules import ParsedRuleSet, parse_rule_set
@@ -40,14 +39,6 @@ it touches, however many of their events it holds, so a backlog is worked off in
 a quiet log still goes in small ones (what arrived within the consumer's linger)."""
 
 
-def _stamp(moment: datetime | None) -> Timestamp | None:
-    if moment is None:
-        return None
-    value = Timestamp()
-    value.FromDatetime(moment)
-    return value
-
-
 def _rule_set_message(parsed: ParsedRuleSet, row: Any) -> tagging_pb2.RuleSet:
     message = T.RuleSet(
         version=parsed.version,
@@ -55,7 +46,7 @@ def _rule_set_message(parsed: ParsedRuleSet, row: Any) -> tagging_pb2.RuleSet:
         tag_budget=parsed.tag_budget,
         k_floor=parsed.k_floor,
         extra_banned_categories=list(parsed.extra_banned_categories),
-        created_at=_stamp(row.created_at),
+        created_at=timestamp(row.created_at),
         actor=row.actor,
     )
     for rule in parsed.rules:
@@ -100,8 +91,8 @@ def _tag_message(tag: AssignedTag) -> tagging_pb2.Tag:
         condition=tag.condition,
         field_values={k: _value(v) for k, v in tag.field_values.items()},
         evidence_count=tag.evidence_count,
-        assigned_at=_stamp(tag.assigned_at),
-        expires_at=_stamp(tag.expires_at),
+        assigned_at=timestamp(tag.assigned_at),
+        expires_at=timestamp(tag.expires_at),
         priority=tag.priority,
     )
 
@@ -182,7 +173,7 @@ class TaggingServicer(tagging_pb2_grpc.TaggingServiceServicer):
                     tag_id="" if tag == "*" else tag,
                     all_profiling=tag == "*",
                     reason=reason,
-                    recorded_at=_stamp(at),
+                    recorded_at=timestamp(at),
                 )
                 for tag, reason, at in tags.objections
             ],
@@ -207,7 +198,7 @@ class TaggingServicer(tagging_pb2_grpc.TaggingServiceServicer):
                 tag_id=request.tag_id,
                 all_profiling=request.all_profiling,
                 reason=request.reason,
-                recorded_at=_stamp(at),
+                recorded_at=timestamp(at),
             ),
             removed_tag_ids=removed,
         )

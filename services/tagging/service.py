@@ -24,7 +24,7 @@ from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Final
 
 import numpy as np
@@ -38,6 +38,7 @@ from steward.events.v1 import events_pb2
 from services.common.db import is_postgres
 from services.common.errors import FailedPrecondition, NotFound
 from services.common.outbox import Outbox
+from services.common.times import utc, utc_now
 from services.tagging import ingest
 from services.tagging.aggregates import (
     Event,
@@ -73,7 +74,6 @@ from services.tagging.store import (
     rule_sets_table,
     suppressed_table,
     tags_table,
-    utc,
 )
 
 logger = logging.getLogger(__name__)
@@ -96,10 +96,6 @@ _CHANGE_KINDS = {
     ChangeKind.SUPPRESSED: events_pb2.TAG_CHANGE_SUPPRESSED,
     ChangeKind.REMOVED: events_pb2.TAG_CHANGE_REMOVED,
 }
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,7 @@ Tagging keeps only what consent's log sent it for the ``profiling`` purpose; an 
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Final
 
 from sqlalchemy import JSON, BigInteger, Boolean, Column, DateTime, Float, Index, Text
@@ -124,8 +124,3 @@ suppressed_table = SuppressedRow.__table__  # type: ignore[attr-defined]
 objections_table = ObjectionRow.__table__  # type: ignore[attr-defined]
 rule_sets_table = RuleSetRow.__table__  # type: ignore[attr-defined]
 population_table = PopulationRow.__table__  # type: ignore[attr-defined]
-
-
-def utc(moment: datetime) -> datetime:
-    """SQLite hands datetimes back naive; everything stored is UTC."""
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)

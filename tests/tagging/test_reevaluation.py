@@ -20,6 +20,7 @@ from steward.events.v1 import events_pb2
 
 from services.common.migrations import upgrade
 from services.common.outbox import Outbox
+from services.common.times import utc
 from services.tagging.service import TaggingService, lock_persons
 from services.tagging.store import (
     OUTBOX_TABLES,
@@ -30,7 +31,6 @@ from services.tagging.store import (
     profiles_table,
     suppressed_table,
     tags_table,
-    utc,
 )
 
 T = common_pb2

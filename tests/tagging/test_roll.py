@@ -18,6 +18,7 @@ from services.common.config import Settings
 from services.common.db import make_engine
 from services.common.migrations import upgrade
 from services.common.outbox import Outbox
+from services.common.times import utc
 from services.runtime import start_suite
 from services.tagging.service import TaggingService
 from services.tagging.store import (
@@ -26,7 +27,6 @@ from services.tagging.store import (
     consents_table,
     events_table,
     population_table,
-    utc,
 )
 
 NOW = datetime.now(UTC)
