@@ -647,3 +647,34 @@ class _Prefetcher:
         self._closed.set()
         self._stream.cancel()
         self._thread.join(timeout=1.0)
+
+
+def start_log_consumers(
+    name: str,
+    feeds: Sequence[tuple[str, Apply]],
+    channel_to: Callable[[str], grpc.Channel],
+    engine: Engine,
+    *,
+    tables: ConsumerTables,
+    tracer_provider: TracerProvider | None = None,
+    end_batch: EndBatch | None = None,
+    batch_size: int = BATCH_SIZE,
+) -> list[Consumer]:
+    """One started consumer ``name`` per (producer, apply) feed, each reading its producer's
+    log on ``channel_to(producer)``; stop them with :meth:`Consumer.stop`."""
+    consumers = []
+    for producer, apply in feeds:
+        consumer = Consumer(
+            name,
+            producer,
+            GrpcEnvelopeSource(channel_to(producer), producer, name),
+            engine,
+            apply,
+            tables=tables,
+            end_batch=end_batch,
+            tracer_provider=tracer_provider,
+            batch_size=batch_size,
+        )
+        consumer.start()
+        consumers.append(consumer)
+    return consumers

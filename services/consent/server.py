@@ -19,7 +19,7 @@ from steward.consent.v1 import audit_pb2, audit_pb2_grpc, consent_pb2, consent_p
 from steward.events.v1 import events_pb2
 
 from services.common.callers import caller_of
-from services.common.consumer import Consumer, GrpcEnvelopeSource
+from services.common.consumer import Consumer, start_log_consumers
 from services.common.context import PeerChannels, ServiceContext, ServiceParts
 from services.common.db import make_engine
 from services.common.errors import (
@@ -817,21 +817,20 @@ def build(context: ServiceContext) -> ServiceParts:
     def connect_identity(own_target: str) -> None:
         peers = PeerChannels(settings, own_target)
         channels.append(peers)
-        raw = peers.to("identity")
-        subjects.connect(IdentityClient(instrument_channel(raw, context.telemetry)))
-        # The log is read on the plain channel: its envelopes carry their own trace context.
-        source = GrpcEnvelopeSource(raw, "identity", IDENTITY_CONSUMER)
-        consumer = Consumer(
-            IDENTITY_CONSUMER,
-            "identity",
-            source,
-            engine,
-            follow_identity,
-            tables=CONSUMER_TABLES,
-            tracer_provider=context.telemetry.tracer_provider,
+        subjects.connect(
+            IdentityClient(instrument_channel(peers.to("identity"), context.telemetry))
         )
-        consumers.append(consumer)
-        consumer.start()
+        # The log is read on the plain channel: its envelopes carry their own trace context.
+        consumers.extend(
+            start_log_consumers(
+                IDENTITY_CONSUMER,
+                [("identity", follow_identity)],
+                peers.to,
+                engine,
+                tables=CONSUMER_TABLES,
+                tracer_provider=context.telemetry.tracer_provider,
+            )
+        )
 
     def close() -> None:
         for task in tasks:

@@ -11,7 +11,7 @@ from typing import Final
 import grpc
 from steward.recommend.v1 import recommend_pb2, recommend_pb2_grpc
 
-from services.common.consumer import Consumer, GrpcEnvelopeSource
+from services.common.consumer import Consumer, start_log_consumers
 from services.common.context import PeerChannels, ServiceContext, ServiceParts
 from services.common.db import make_engine
 from services.common.errors import FieldViolations, InvalidArgument
@@ -387,18 +387,16 @@ def build(context: ServiceContext) -> ServiceParts:
             ("identity", service.apply_identity_envelope),
         )
 
-        for producer, apply in feeds:
-            consumer = Consumer(
+        consumers.extend(
+            start_log_consumers(
                 "recommend",
-                producer,
-                GrpcEnvelopeSource(peers.to(producer), producer, "recommend"),
+                feeds,
+                peers.to,
                 engine,
-                apply,
                 tables=CONSUMER_TABLES,
                 tracer_provider=context.telemetry.tracer_provider,
             )
-            consumers.append(consumer)
-            consumer.start()
+        )
         service.start()
 
     def stop() -> None:

@@ -12,7 +12,7 @@ from google.protobuf import json_format, struct_pb2
 from steward.tagging.v1 import tagging_pb2, tagging_pb2_grpc
 
 from services.common.callers import caller_of
-from services.common.consumer import Consumer, GrpcEnvelopeSource
+from services.common.consumer import Consumer, start_log_consumers
 from services.common.context import PeerChannels, ServiceContext, ServiceParts
 from services.common.db import make_engine
 from services.common.errors import FieldViolations, InvalidArgument
@@ -253,20 +253,18 @@ def build(context: ServiceContext) -> ServiceParts:
             ("identity", service.ingest_identity_envelope),
         )
 
-        for producer, apply in feeds:
-            consumer = Consumer(
+        consumers.extend(
+            start_log_consumers(
                 "tagging",
-                producer,
-                GrpcEnvelopeSource(peers.to(producer), producer, "tagging"),
+                feeds,
+                peers.to,
                 engine,
-                apply,
                 tables=CONSUMER_TABLES,
                 end_batch=service.end_batch,
                 batch_size=CONSUMER_BATCH_SIZE,
                 tracer_provider=context.telemetry.tracer_provider,
             )
-            consumers.append(consumer)
-            consumer.start()
+        )
 
     tasks = [
         # Hourly, expired tags go. Daily, and once at start (in the background, so a restart
