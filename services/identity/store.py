@@ -118,13 +118,21 @@ class IdentifierRow(IdentityTable, table=True):
 
 class IdentifierSource(IdentityTable, table=True):
     __tablename__ = "identifier_sources"
-    identifier_id: int = Field(primary_key=True)
+    identifier_id: int = Field(
+        sa_column=Column(
+            BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=False
+        )
+    )
     source: str = Field(primary_key=True, max_length=64)
 
 
 class Copresence(IdentityTable, table=True):
     __tablename__ = "copresence"
-    identifier_id: int = Field(primary_key=True)
+    identifier_id: int = Field(
+        sa_column=Column(
+            BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=False
+        )
+    )
     other_person_id: str = Field(primary_key=True, max_length=40)
     observed_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
 
@@ -146,7 +154,11 @@ class MergeEvidence(IdentityTable, table=True):
     __tablename__ = "merge_evidence"
     __table_args__ = (Index("ix_merge_evidence_identifier", "identifier_id"),)
     merge_id: str = Field(primary_key=True, max_length=40)
-    identifier_id: int = Field(primary_key=True)
+    identifier_id: int = Field(
+        sa_column=Column(
+            BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=False
+        )
+    )
     side_person_id: str = Field(max_length=40)
 
 

@@ -6,8 +6,11 @@ import threading
 import time
 from pathlib import Path
 from textwrap import dedent
+from typing import Any
 
 import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
 from sqlalchemy import Column, Integer, MetaData, String, Table, inspect, select, text
 from sqlalchemy.engine import Engine
 from sqlmodel.sql.sqltypes import AutoString
@@ -16,6 +19,7 @@ from services.common.migrations import (
     current_revision,
     head_revision,
     revision,
+    service_metadata,
     upgrade,
     version_table,
     versions_directory,
@@ -283,3 +287,28 @@ def test_each_service_keeps_its_revisions_in_its_own_package() -> None:
 
     assert directory.parts[-4:] == ("services", "consent", "migrations", "versions")
     assert version_table("consent") == "alembic_version_consent"
+
+
+def _table_of(difference: Any) -> str | None:
+    """The table an alembic autogenerate difference is about."""
+    if isinstance(difference, list):  # column modifications come grouped
+        return _table_of(difference[0])
+    kind, *rest = difference
+    target = rest[0]
+    if kind.endswith("_table"):
+        return str(target.name)
+    if kind.endswith("_index") or kind.endswith("_constraint"):
+        return str(target.table.name)
+    return str(rest[1])  # ("add_column", schema, table, column), ("modify_type", schema, table…)
+
+
+@pytest.mark.parametrize("service", ["consent", "identity", "tagging", "recommend"])
+def test_the_migrations_build_exactly_the_tables_the_service_declares(
+    engine: Engine, service: str
+) -> None:
+    upgrade(engine, service)
+    declared = service_metadata(service)
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        differences = compare_metadata(context, declared)
+    assert [d for d in differences if _table_of(d) in declared.tables] == []
