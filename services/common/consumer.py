@@ -55,6 +55,7 @@ from sqlalchemy.engine import Connection, Engine
 from steward.events.v1 import events_pb2, events_pb2_grpc
 
 from services.common.db import for_writes
+from services.common.eventlog import SHUTTING_DOWN
 
 logger = logging.getLogger(__name__)
 
@@ -393,7 +394,14 @@ class Consumer:
                     logger.info("event log stream ended; reconnecting", extra=self._log_fields())
             except SourceUnavailable as exc:
                 failed = True
-                logger.warning("event log unavailable: %s", exc, extra=self._log_fields())
+                # A producer stopping ends its streams on purpose: a restart, not a fault.
+                planned = SHUTTING_DOWN in str(exc)
+                logger.log(
+                    logging.INFO if planned else logging.WARNING,
+                    "event log unavailable: %s",
+                    exc,
+                    extra=self._log_fields(),
+                )
             except ApplyFailed as exc:
                 failed = True
                 self._retry_singly_through = exc.seq

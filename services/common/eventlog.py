@@ -17,6 +17,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Final
 
 import grpc
 from sqlalchemy.engine import Engine
@@ -32,6 +33,9 @@ from services.common.errors import (
 )
 from services.common.outbox import Outbox
 from services.common.server import ServiceRegistration
+
+SHUTTING_DOWN: Final = "the event log is shutting down"
+"""Why a Subscribe stream ends when its process stops: a planned end, not a fault."""
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +112,7 @@ class EventLogServicer(events_pb2_grpc.EventLogServiceServicer):
             abort_invalid(context, list(violations))
         log = self._log(request.producer, context)
         if self._closing.is_set():
-            abort(context, grpc.StatusCode.UNAVAILABLE, "the event log is shutting down")
+            abort(context, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
 
         outbox, engine = log.outbox, log.engine
         next_seq = max(request.from_seq, 1)
@@ -126,7 +130,7 @@ class EventLogServicer(events_pb2_grpc.EventLogServiceServicer):
                 return
             outbox.wait(seen, self._poll_interval)
             if self._closing.is_set():
-                abort(context, grpc.StatusCode.UNAVAILABLE, "the event log is shutting down")
+                abort(context, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
             if not context.is_active():
                 return
 
