@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine
 from services.common.db import make_engine
 from services.common.keyring import Keyring
 from services.common.migrations import upgrade, versions_directory
-from services.identity import store
+from services.common.sqlite_writer import CHECKPOINT_EVERY
 from services.identity.service import IdentityService
 from services.identity.store import IdentityStore
 from tests.identity.conftest import Clock, make_item
@@ -129,11 +129,11 @@ def test_sqlite_writer_checkpoints_the_wal_into_the_database_file(
     try:
         upgrade(engine, "identity")
         identity = IdentityService(identity_store, keyring)
-        for batch in range(store.CHECKPOINT_EVERY):
+        for batch in range(CHECKPOINT_EVERY):
             identity.resolve(
                 [make_item(identity, ("COOKIE_ID", f"c-{batch}-{n}")) for n in range(50)]
             )
-        expected = 50 * store.CHECKPOINT_EVERY
+        expected = 50 * CHECKPOINT_EVERY
         # immutable=1 reads the database file alone, as if the WAL were not there.
         deadline, in_file = time.monotonic() + 30, 0
         while in_file < expected and time.monotonic() < deadline:
