@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import secrets
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -15,14 +15,16 @@ from typing import Any, Final
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.pool import StaticPool
 from steward.common.v1 import common_pb2
 from steward.consent.v1 import audit_pb2, consent_pb2
 from steward.events.v1 import events_pb2
 
-from services.common.db import is_sqlite
+from services.common.db import for_writes, is_sqlite
 from services.common.errors import NotFound
 from services.common.identifiers import PseudonymisedIdentifier
 from services.common.keyring import Keyring, decrypt_field, encrypt_field
+from services.common.sqlite_writer import SqliteWriter
 from services.common.times import utc
 from services.consent import ledger
 from services.consent.collect import (
@@ -139,15 +141,36 @@ class CollectionService:
         self.store = CollectionStore(consent.store)
         self.keyring = keyring
         # SQLite has one writer at a time and makes the others poll (sleeping up to 100 ms
-        # between tries): Collect batches of this process queue here instead.
-        self._write_turn: contextlib.AbstractContextManager[Any] = (
-            threading.Lock() if is_sqlite(consent.store.engine) else contextlib.nullcontext()
+        # between tries): Collect batches of this process queue on one writer connection
+        # instead, whose WAL checkpoints run off the commit.
+        engine = consent.store.engine
+        self._writer = (
+            SqliteWriter(engine)
+            if is_sqlite(engine) and not isinstance(engine.pool, StaticPool)
+            else None
         )
         self.timelines = ConsentTimelines(self.store)
         self._erased = _ErasedPersons(self.store, self.erased_digests)
         self._purposes: tuple[tuple[PurposeDefinition, ...], int] = ((), 0)
         """The purposes as of the last batch, and their generation (for ConsentTimeline)."""
         self._purposes_lock = threading.Lock()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.dispose()
+
+    @contextmanager
+    def _writing(self) -> Iterator[Connection]:
+        """Collect's write transaction: on the SQLite writer when there is one."""
+        writer = self._writer
+        if writer is None:
+            with self.consent.store.writing() as connection:
+                yield connection
+            return
+        with writer.lock, for_writes(writer.engine).begin() as connection:
+            yield connection
+        writer.committed()
+        self.consent.store.outbox.notify()
 
     def erased_digests(self, person_id: str) -> list[str]:
         """Keyed hashes that mark an erased person (one per HMAC key, for rotation)."""
@@ -237,7 +260,7 @@ class CollectionService:
         candidates = [p for p in live if not results[p].drop_reason]
         persons = sorted({results[p].person_id for p in candidates})
         store = self.store
-        with self._write_turn, self.consent.store.writing() as connection:
+        with self._writing() as connection:
             erased_persons = self._erased.among(connection, persons)
             timelines = self._timelines(connection, persons)
             existing = store.existing_event_ids(

@@ -839,6 +839,7 @@ def build(context: ServiceContext) -> ServiceParts:
             consumer.stop()
         for channel in channels:
             channel.close()
+        collection.close()
         engine.dispose()
         keystore_engine.dispose()
 
