@@ -29,6 +29,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from services.common import eventlog
 from services.common.config import Settings
 from services.common.context import ServiceContext, ServiceParts
+from services.common.interceptors import ConcurrencyLimit
 from services.common.keyring import Keyring, KeyringError, init_keys, load_keyring
 from services.common.server import BuiltServer, ServiceRegistration, build_server, shutdown
 from services.common.telemetry import Telemetry, server_interceptor, setup_telemetry
@@ -146,13 +147,17 @@ def build_suite(
         registration = eventlog.registration(logs)
         event_log = registration.servicer
         registrations.append(registration)
-    interceptors = [server_interceptor(telemetry)]
+    # Outermost first: the span covers the wait for a turn. Each server has its own turns, so a
+    # call waiting on another service in this process never waits for its own caller's turn.
     built = build_server(
         registrations,
         host=settings.host,
         port=settings.port,
         max_message_bytes=settings.max_message_bytes,
-        interceptors=interceptors,
+        interceptors=[
+            server_interceptor(telemetry),
+            ConcurrencyLimit(settings.max_concurrent_calls),
+        ],
         max_workers=settings.max_workers,
     )
     # A private directory (mode 0700): only this user can reach the internal socket.
@@ -163,7 +168,10 @@ def build_suite(
         host=settings.host,
         port=0,
         max_message_bytes=settings.max_message_bytes,
-        interceptors=interceptors,
+        interceptors=[
+            server_interceptor(telemetry),
+            ConcurrencyLimit(settings.max_concurrent_calls),
+        ],
         address=internal_target,
     )
     return RunningSuite(

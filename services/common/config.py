@@ -62,8 +62,10 @@ class Settings:
     max_message_bytes: int = 4 * 1024 * 1024
     max_batch: int = 1000
     max_workers: int = 32
-    """Threads serving calls from other processes. Python runs one of them at a time: more
-    threads than the work needs cost CPU handing the interpreter lock around."""
+    """Threads serving calls from other processes (each long-lived Subscribe stream holds one)."""
+    max_concurrent_calls: int = 4
+    """Unary calls whose handlers run at once; the others wait. Python runs one thread at a time,
+    and more runnable threads than that cost CPU handing the interpreter lock around."""
     grace_seconds: float = 5.0
     log_level: str = "INFO"
     log_format: LogFormat = "auto"
@@ -122,6 +124,9 @@ class Settings:
             max_message_bytes=read("max_message_bytes", "STEWARD_MAX_MESSAGE_BYTES", _positive),
             max_batch=read("max_batch", "STEWARD_MAX_BATCH", _positive),
             max_workers=read("max_workers", "STEWARD_MAX_WORKERS", _positive),
+            max_concurrent_calls=read(
+                "max_concurrent_calls", "STEWARD_MAX_CONCURRENT_CALLS", _positive
+            ),
             grace_seconds=read("grace_seconds", "STEWARD_GRACE_SECONDS", _non_negative_float),
             log_level=read("log_level", "STEWARD_LOG_LEVEL", _parse_log_level),
             log_format=read("log_format", "STEWARD_LOG_FORMAT", _choice(LogFormat)),

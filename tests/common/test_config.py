@@ -61,6 +61,7 @@ def test_values_are_parsed_from_their_variables() -> None:
             "STEWARD_PHONE_REGION": "fr",
             "STEWARD_CALLERS_FILE": "callers.yaml",
             "STEWARD_MAX_WORKERS": "8",
+            "STEWARD_MAX_CONCURRENT_CALLS": "2",
             "STEWARD_CONSENT_TARGET": "consent:50051",
             "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317",
         }
@@ -75,6 +76,7 @@ def test_values_are_parsed_from_their_variables() -> None:
     assert settings.callers_file == Path("callers.yaml")
     assert settings.otlp_endpoint == "http://collector:4317"
     assert settings.max_workers == 8
+    assert settings.max_concurrent_calls == 2
     assert settings.consent_target == "consent:50051"
 
 
@@ -93,6 +95,7 @@ def test_empty_variables_count_as_unset() -> None:
         ("STEWARD_LOG_LEVEL", "LOUD"),
         ("STEWARD_MAX_BATCH", "0"),
         ("STEWARD_MAX_WORKERS", "0"),
+        ("STEWARD_MAX_CONCURRENT_CALLS", "0"),
         ("STEWARD_MAX_MESSAGE_BYTES", "-1"),
         ("STEWARD_GRACE_SECONDS", "nan"),
         ("STEWARD_PHONE_REGION", "GBR"),

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
 
@@ -312,3 +314,50 @@ def test_sigterm_drains_in_flight_calls_then_serve_returns(built: RunningServer)
 
     assert outcome == {"before": SERVING, "after": NOT_SERVING, "in_flight": b"drain"}
     assert restored is unexpected_sigterm
+
+
+def test_concurrency_limit_runs_at_most_its_limit_of_unary_handlers_at_once() -> None:
+    from services.common.interceptors import ConcurrencyLimit
+
+    running = 0
+    most = 0
+    lock = threading.Lock()
+
+    def slow(request: bytes, context: grpc.ServicerContext) -> bytes:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.05)
+        with lock:
+            running -= 1
+        return request
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=16), interceptors=[ConcurrencyLimit(2)]
+    )
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "test.Slow", {"Call": grpc.unary_unary_rpc_method_handler(slow)}
+            )
+        ]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary("/test.Slow/Call", None, None)
+            with futures.ThreadPoolExecutor(max_workers=10) as pool:
+                answers = list(pool.map(lambda i: call(bytes([i]), timeout=10), range(10)))
+    finally:
+        server.stop(None)
+    assert answers == [bytes([i]) for i in range(10)]
+    assert most == 2
+
+
+def test_a_concurrency_limit_below_one_is_refused() -> None:
+    from services.common.interceptors import ConcurrencyLimit
+
+    with pytest.raises(ValueError, match="at least 1"):
+        ConcurrencyLimit(0)
