@@ -24,6 +24,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    and_,
     delete,
     func,
     or_,
@@ -221,6 +222,22 @@ class PersonLinks:
             delete(links).where(or_(links.c.person_id.in_(doomed), links.c.root_id.in_(doomed)))
         )
         return Change(frozenset(changed))
+
+
+def handed_back(
+    change: Change,
+    split: events_pb2.PersonUnmerged,
+    origin: ColumnElement[str],
+    holder: ColumnElement[str],
+) -> ColumnElement[bool]:
+    """The rows an unmerge gives back to the restored person, for a table whose ``origin``
+    column names the person a row was collected for and ``holder`` the person holding it now:
+    those of the restored person and of the persons merged into it before, wherever later merges
+    moved them; for a merge older than the links table, the restored person's own rows that the
+    survivor holds."""
+    if change.handed_back:
+        return origin.in_(change.handed_back)
+    return and_(origin == split.restored_person_id, holder == split.surviving_person_id)
 
 
 def _walk(person: str, parents: dict[str, str]) -> str:

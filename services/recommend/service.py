@@ -23,13 +23,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import numpy as np
-from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from steward.common.v1 import common_pb2
 from steward.events.v1 import events_pb2
 
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.common.person_links import handed_back
 from services.common.times import utc, utc_now
 from services.recommend.evaluation import PER_PERSON, holdout_metrics
 from services.recommend.impressions import ImpressionWriter
@@ -303,18 +304,14 @@ class RecommendService:
             self.people.writing(
                 connection, [split.restored_person_id, split.surviving_person_id, holder]
             )
-            handed_back = (
-                interactions_table.c.origin_person_id.in_(change.handed_back)
-                if change.handed_back
-                else and_(
-                    interactions_table.c.origin_person_id == split.restored_person_id,
-                    interactions_table.c.person_id == split.surviving_person_id,
-                )
+            back = handed_back(
+                change,
+                split,
+                interactions_table.c.origin_person_id,
+                interactions_table.c.person_id,
             )
             connection.execute(
-                update(interactions_table)
-                .where(handed_back)
-                .values(person_id=split.restored_person_id)
+                update(interactions_table).where(back).values(person_id=split.restored_person_id)
             )
         elif body == "person_forgotten":
             forgotten = envelope.person_forgotten

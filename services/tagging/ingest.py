@@ -19,11 +19,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Final
 
-from sqlalchemy import and_, delete, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from steward.events.v1 import events_pb2
 
+from services.common.person_links import handed_back
 from services.tagging.store import (
     PERSON_LINKS,
     consents_table,
@@ -101,19 +102,9 @@ def apply_identity_log(connection: Connection, envelope: events_pb2.Envelope) ->
     if body == "person_unmerged":
         split = envelope.person_unmerged
         holder = PERSON_LINKS.root_of(connection, split.surviving_person_id)
-        # The events collected for the restored person and for those merged into it before,
-        # wherever later merges moved them; a merge older than the links table knows only the
-        # restored person's own events under the survivor.
-        handed_back = (
-            events_table.c.origin_person_id.in_(change.handed_back)
-            if change.handed_back
-            else and_(
-                events_table.c.origin_person_id == split.restored_person_id,
-                events_table.c.person_id == split.surviving_person_id,
-            )
-        )
+        back = handed_back(change, split, events_table.c.origin_person_id, events_table.c.person_id)
         connection.execute(
-            update(events_table).where(handed_back).values(person_id=split.restored_person_id)
+            update(events_table).where(back).values(person_id=split.restored_person_id)
         )
         return {holder, split.restored_person_id}
     if body == "person_forgotten":
