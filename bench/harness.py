@@ -29,6 +29,32 @@ from typing import Any, Final
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from steward.common.v1 import common_pb2
+
+Spec = tuple[int, str]
+"""An identifier as a bench sends it: (identifier type, raw value)."""
+
+
+def email(tag: str) -> Spec:
+    return common_pb2.IDENTIFIER_TYPE_EMAIL, f"shopper.{tag}@shop.example"
+
+
+def cookie(tag: str) -> Spec:
+    return common_pb2.IDENTIFIER_TYPE_COOKIE_ID, f"ck-{tag}"
+
+
+def device(tag: str) -> Spec:
+    return common_pb2.IDENTIFIER_TYPE_DEVICE_ID, f"dv-{tag}"
+
+
+def phone(number: int) -> Spec:
+    """A valid UK mobile number, unique for each ``number`` below 10^8."""
+    return common_pb2.IDENTIFIER_TYPE_PHONE, f"+4474{number:08d}"
+
+
+def loyalty(tag: str) -> Spec:
+    return common_pb2.IDENTIFIER_TYPE_LOYALTY_CARD, f"LC-{tag}"
+
 
 SERVER_ENV_DROPPED = (
     "OTEL_EXPORTER_OTLP_ENDPOINT",

@@ -71,9 +71,14 @@ import grpc
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from harness import (
     Server,
+    Spec,
     analyze,
+    cookie,
     create_database,
+    device,
+    email,
     percentile,
+    phone,
     postgres_database,
     py_spy,
     run_threads,
@@ -116,25 +121,6 @@ L = identity_pb2
 # Warm person k: email + cookie; k % 3 == 0 also uses the app (a device id); k % 5 == 0 also
 # gave a phone number at the till. Values derive from k, so the mix names known identifiers
 # without asking the server.
-
-Spec = tuple[int, str]
-"""(identifier type, raw value)"""
-
-
-def email(tag: str) -> Spec:
-    return T.IDENTIFIER_TYPE_EMAIL, f"shopper.{tag}@shop.example"
-
-
-def cookie(tag: str) -> Spec:
-    return T.IDENTIFIER_TYPE_COOKIE_ID, f"ck-{tag}"
-
-
-def device(tag: str) -> Spec:
-    return T.IDENTIFIER_TYPE_DEVICE_ID, f"dv-{tag}"
-
-
-def phone(k: int) -> Spec:
-    return T.IDENTIFIER_TYPE_PHONE, f"+4474{k:08d}"
 
 
 def warm_identifiers(k: int) -> list[Spec]:

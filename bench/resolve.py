@@ -55,8 +55,14 @@ from typing import Final
 import grpc
 from harness import (
     Server,
+    Spec,
     analyze,
+    cookie,
+    device,
+    email,
+    loyalty,
     percentile,
+    phone,
     postgres_database,
     py_spy_from_env,
     run_threads,
@@ -70,9 +76,6 @@ RESOLVE_METHOD: Final = "/steward.identity.v1.IdentityService/Resolve"
 T = common_pb2
 L = identity_pb2
 
-Spec = tuple[int, str]
-"""(identifier type, raw value)"""
-
 
 # The shop's identifiers ---------------------------------------------------------------------
 #
@@ -81,26 +84,6 @@ Spec = tuple[int, str]
 # from k, so the mix can name known identifiers without asking the server.
 
 SHAPE_SOURCES: Final = ("web", "app", "pos")
-
-
-def email(tag: str) -> Spec:
-    return T.IDENTIFIER_TYPE_EMAIL, f"shopper.{tag}@shop.example"
-
-
-def cookie(tag: str) -> Spec:
-    return T.IDENTIFIER_TYPE_COOKIE_ID, f"ck-{tag}"
-
-
-def device(tag: str) -> Spec:
-    return T.IDENTIFIER_TYPE_DEVICE_ID, f"dv-{tag}"
-
-
-def phone(number: int) -> Spec:
-    return T.IDENTIFIER_TYPE_PHONE, f"+4474{number:08d}"
-
-
-def loyalty(tag: str) -> Spec:
-    return T.IDENTIFIER_TYPE_LOYALTY_CARD, f"LC-{tag}"
 
 
 def warm_person(k: int) -> tuple[str, list[Spec]]:
