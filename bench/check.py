@@ -11,8 +11,9 @@ PostgreSQL database that this script creates and drops. The run has four parts:
    (``p_<32 hex>``, as identity issues them; consent accepts any well-formed id) and one in ten
    by an email and a cookie, so identity resolves them. A quarter get a second, later decision.
 2. CheckConsent by person id (the fast path: no identity call) at ``--rate`` calls/s for
-   ``--seconds``, open-loop: each call has a scheduled send time, ``--senders`` threads issue it
-   then as a future whatever the answers so far, so queueing shows in the figures. Latency is
+   ``--seconds``, open-loop: each call has a scheduled send time and is started then, on one of
+   ``--senders`` connections, whatever the answers so far, so queueing shows in the figures
+   (``harness.open_loop``: one asyncio loop, the cheapest Python client here). Latency is
    printed from the scheduled time (what a caller on a fixed schedule sees) and from the actual
    send (the server and transport alone); the gap between the two is the client falling behind.
    3% of the questions name a person with no decisions.
@@ -594,7 +595,7 @@ def main() -> None:
         type=float,
         help="CheckConsent calls/s by identifiers (default: the first --rate; 0 skips the part)",
     )
-    parser.add_argument("--senders", type=int, default=2, help="threads issuing CheckConsent")
+    parser.add_argument("--senders", type=int, default=2, help="connections CheckConsent is sent on")
     parser.add_argument("--record-seconds", type=float, default=10.0, help="per batch size")
     parser.add_argument("--record-clients", type=int, default=4)
     parser.add_argument(

@@ -381,14 +381,9 @@ class ConsentService:
         purpose = purposes.get(purpose_id)
         if purpose is None:
             raise NotFound("purpose", purpose_id)
-        with self.store.reading() as connection:
-            decisions = self.store.decisions_of(connection, person_id, purpose_id)
-            if (
-                not decisions
-                and erasure_markers is not None
-                and self.store.is_erased(connection, erasure_markers())
-            ):
-                return ConsentState(purpose.id, False, consent_pb2.CONSENT_REASON_ERASED)
+        decisions, erased = self.store.check_reads(person_id, purpose_id, erasure_markers)
+        if erased:
+            return ConsentState(purpose.id, False, consent_pb2.CONSENT_REASON_ERASED)
         return effective_state(purpose, decisions, at)
 
     # Ledger and checkpoints ----------------------------------------------------------------------

@@ -10,7 +10,7 @@ deleted at erasure).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -37,7 +37,13 @@ from sqlmodel import Field, SQLModel
 
 from services.common.bulk import BulkInsert
 from services.common.consumer import consumer_tables
-from services.common.db import for_writes, is_postgres
+from services.common.db import (
+    DriverQuery,
+    driver_cursor,
+    driver_datetime,
+    for_writes,
+    is_postgres,
+)
 from services.common.outbox import Outbox, outbox_tables
 from services.common.person_links import PersonLinks, person_links_table
 from services.common.times import utc
@@ -237,6 +243,10 @@ class ConsentStore:
     def __init__(self, engine: Engine, outbox: Outbox | None = None) -> None:
         self.engine = engine
         self.outbox = outbox or Outbox(PRODUCER, OUTBOX_TABLES)
+        self._check_queries = (
+            DriverQuery(engine, _CHECK_DECISIONS),
+            DriverQuery(engine, _ERASED_DIGEST),
+        )
 
     @contextmanager
     def writing(self) -> Iterator[Connection]:
@@ -470,6 +480,37 @@ class ConsentStore:
             )
         return [_decision(row) for row in rows]
 
+    def check_reads(
+        self, person_id: str, purpose: str, erasure_markers: Callable[[], Sequence[str]] | None
+    ) -> tuple[list[DecisionRecord], bool]:
+        """CheckConsent's reads: the decisions of ``person_id``'s group for ``purpose`` and, only
+        when there are none, whether one of ``erasure_markers()`` is recorded (erasure deletes a
+        person's decisions and none is accepted afterwards, so one query answers almost every
+        check). Run on the driver (:class:`DriverQuery`): at thousands of checks a second the
+        SQLAlchemy layers around these two point reads cost more than the reads."""
+        decisions_of, erased_digest = self._check_queries
+        with driver_cursor(self.engine) as cursor:
+            rows = decisions_of.rows(cursor, person_id=person_id, purpose=purpose)
+            if rows or erasure_markers is None:
+                erased = False
+            else:
+                erased = any(erased_digest.rows(cursor, digest=d) for d in erasure_markers())
+        decisions = [
+            DecisionRecord(
+                seq,
+                person,
+                purpose_id,
+                decision,
+                utc(driver_datetime(occurred)),
+                None if expires is None else utc(driver_datetime(expires)),
+                source,
+                policy,
+                signal,
+            )
+            for seq, person, purpose_id, decision, occurred, expires, source, policy, signal in rows
+        ]
+        return decisions, erased
+
     def is_erased(self, connection: Connection, digests: Sequence[str]) -> bool:
         """Whether any of ``digests`` (a person's erasure markers, one per key) is recorded.
 
@@ -536,6 +577,7 @@ _DECISION_COLUMNS: Final = (
     decisions_table.c.policy_version,
     decisions_table.c.signal,
 )
+_CHECK_DECISIONS: Final = _DECISIONS_OF_PURPOSE.with_only_columns(*_DECISION_COLUMNS)
 _DECISIONS_OF_MANY: Final = (
     select(*_DECISION_COLUMNS)
     .where(decisions_table.c.person_id.in_(bindparam("person_ids", expanding=True)))

@@ -1,16 +1,33 @@
 from __future__ import annotations
 
 import threading
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Column, ForeignKey, Integer, MetaData, Table, func, inspect, select
+from sqlalchemy import (
+    Column,
+    DateTime,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    bindparam,
+    func,
+    insert,
+    inspect,
+    select,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Field, SQLModel
 
 from services.common.db import (
     SQLITE_CACHE_KIB,
+    DriverQuery,
+    driver_cursor,
+    driver_datetime,
     for_writes,
     is_postgres,
     is_sqlite,
@@ -27,6 +44,13 @@ children = Table(
     Column("parent_id", Integer, ForeignKey("test_db_parent.id"), nullable=False),
 )
 counter = Table("test_db_counter", metadata, Column("n", Integer, primary_key=True))
+moments = Table(
+    "test_db_moment",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("owner", String(32), nullable=False),
+    Column("at", DateTime, nullable=False),
+)
 
 
 class Note(SQLModel, table=True):
@@ -183,3 +207,45 @@ def test_for_writes_takes_the_write_lock_when_the_transaction_begins(tmp_path: P
 
     assert for_writes(engine).pool is engine.pool
     engine.dispose()
+
+
+def test_driver_query_answers_as_the_core_statement_does(engine: Engine) -> None:
+    """The same Core statement, run on the driver: same rows, parameters bound by name even
+    where one is used twice, and datetimes readable on both backends."""
+    metadata.create_all(engine)
+    at = datetime(2026, 11, 23, 2, 30, 15, 123456)
+    with engine.begin() as connection:
+        connection.execute(
+            insert(moments),
+            [{"id": n, "owner": f"o{n % 3}", "at": at + timedelta(minutes=n)} for n in range(9)],
+        )
+    statement = (
+        select(moments.c.id, moments.c.at)
+        .where(
+            (moments.c.owner == bindparam("owner"))
+            | (moments.c.id == func.length(bindparam("owner")) + bindparam("offset"))
+        )
+        .order_by(moments.c.id)
+    )
+    query = DriverQuery(engine, statement)
+    with engine.connect() as connection:
+        expected = connection.execute(statement, {"owner": "o1", "offset": 6}).all()
+    with driver_cursor(engine) as cursor:
+        rows = query.rows(cursor, owner="o1", offset=6)
+        assert query.rows(cursor, owner="nobody", offset=100) == []
+    assert [n for n, _ in rows] == [n for n, _ in expected] == [1, 4, 7, 8]
+    assert [driver_datetime(value).replace(tzinfo=None) for _, value in rows] == [
+        at + timedelta(minutes=n) for n in (1, 4, 7, 8)
+    ]
+
+
+def test_driver_cursor_sees_what_was_committed_after_it_was_last_used(engine: Engine) -> None:
+    """Pooled driver connections hold no snapshot between uses: a later read sees new rows."""
+    metadata.create_all(engine)
+    query = DriverQuery(engine, select(func.count()).select_from(counter))
+    with driver_cursor(engine) as cursor:
+        assert query.rows(cursor) == [(0,)]
+    with engine.begin() as connection:
+        connection.execute(insert(counter), [{"n": 1}, {"n": 2}])
+    with driver_cursor(engine) as cursor:
+        assert query.rows(cursor) == [(2,)]
