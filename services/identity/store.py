@@ -236,13 +236,14 @@ class _DriverSql:
 
     def __init__(self, postgres: bool) -> None:
         self.postgres = postgres
+        self._column_types: dict[str, tuple[str, ...]] = {}
 
         def sql(statement: str) -> str:
             return statement.replace("?", "%s") if postgres else statement
 
-        def among(column: str) -> str:
+        def among(column: str, type_: str = "text") -> str:
             if postgres:
-                return f"{column} = ANY(?)"
+                return f"{column} = ANY(?::{type_}[])"
             return f"{column} IN (SELECT value FROM json_each(?))"
 
         self.known = sql(
@@ -269,7 +270,8 @@ class _DriverSql:
             else "SELECT max(key) FROM persons"
         )
         self.copresence = sql(
-            f"SELECT identifier_id, other_person_id FROM copresence WHERE {among('identifier_id')}"
+            "SELECT identifier_id, other_person_id FROM copresence"
+            f" WHERE {among('identifier_id', 'bigint')}"
         )
         self.ids_of_digests = sql(f"SELECT digest, id FROM identifiers WHERE {among('digest')}")
         self.last_identifier_id = "SELECT max(id) FROM identifiers"
@@ -299,7 +301,7 @@ class _DriverSql:
             "identifier_sources", ("identifier_id", "bigint"), ("source", "text")
         )
         self.touch_all = sql(
-            f"UPDATE identifiers SET last_seen = ? WHERE {among('id')} AND last_seen < ?"
+            f"UPDATE identifiers SET last_seen = ? WHERE {among('id', 'bigint')} AND last_seen < ?"
         )
         self.touch_one = sql("UPDATE identifiers SET last_seen = ? WHERE id = ? AND last_seen < ?")
         self.insert_copresence = self._insert(
@@ -349,6 +351,7 @@ class _DriverSql:
         names = ", ".join(name for name, _ in columns)
         if not self.postgres:
             return f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' for _ in columns)})"
+        self._column_types[table] = tuple(type_ for _, type_ in columns)
         arrays = ", ".join(f"%s::{'text' if type_ == 'json' else type_}[]" for _, type_ in columns)
         aliases = ", ".join(f"c{i}" for i in range(len(columns)))
         values = ", ".join(
@@ -360,16 +363,61 @@ class _DriverSql:
     def rows(self, cursor: Any, statement: str, rows: Sequence[tuple[Any, ...]]) -> None:
         """Run an :meth:`_insert` statement for ``rows``."""
         if self.postgres:
-            cursor.execute(statement, [list(column) for column in zip(*rows, strict=True)])
+            table = statement.split(" ", 3)[2]
+            cursor.execute(
+                statement,
+                [
+                    pg_array_literal(column, type_)
+                    for column, type_ in zip(
+                        zip(*rows, strict=True), self._column_types[table], strict=True
+                    )
+                ],
+            )
         else:
             cursor.executemany(statement, rows)
 
     def values(self, values: Iterable[Any]) -> Any:
-        """A list bound as one parameter: an array on PostgreSQL, JSON for json_each on SQLite."""
-        return list(values) if self.postgres else json.dumps(list(values))
+        """A list bound as one parameter: an array literal on PostgreSQL (``among`` casts it),
+        JSON for json_each on SQLite."""
+        listed = list(values)
+        return pg_array_literal(listed, "text") if self.postgres else json.dumps(listed)
 
     def time(self, moment: datetime) -> Any:
         return moment if self.postgres else sqlite_time(moment)
+
+
+def pg_array_literal(values: Sequence[Any], type_: str) -> str:
+    """``values`` as the text of a PostgreSQL array, for a parameter cast to ``type_[]``.
+
+    psycopg dumps a list element by element in Python: 0.9 µs per text, 2.8 µs per timestamp
+    (measured here), a fifth of the identity server's time on a Resolve load. Joined as text the
+    same column costs 0.04 µs per text element; a batch's timestamps are mostly one moment, so
+    each distinct one is formatted once.
+    """
+    if type_ in ("int", "bigint"):
+        return "{" + ",".join("NULL" if v is None else str(int(v)) for v in values) + "}"
+    if type_ == "boolean":
+        return "{" + ",".join("NULL" if v is None else ("t" if v else "f") for v in values) + "}"
+    if type_ == "timestamptz":
+        formatted: dict[datetime, str] = {}
+        parts = []
+        for moment in values:
+            if moment is None:
+                parts.append("NULL")
+                continue
+            text = formatted.get(moment)
+            if text is None:
+                text = formatted[moment] = '"' + utc(moment).isoformat() + '"'
+            parts.append(text)
+        return "{" + ",".join(parts) + "}"
+    return (
+        "{"
+        + ",".join(
+            "NULL" if v is None else '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+            for v in values
+        )
+        + "}"
+    )
 
 
 _DRIVER_SQL: Final = {"sqlite": _DriverSql(postgres=False), "postgresql": _DriverSql(postgres=True)}

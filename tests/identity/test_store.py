@@ -5,9 +5,11 @@ from __future__ import annotations
 import shutil
 import sqlite3
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
+import psycopg
 from sqlalchemy import Boolean, Column, DateTime, Integer, MetaData, String, Table, insert
 from sqlalchemy.engine import Engine
 
@@ -16,7 +18,7 @@ from services.common.keyring import Keyring
 from services.common.migrations import upgrade, versions_directory
 from services.common.sqlite_writer import CHECKPOINT_EVERY
 from services.identity.service import IdentityService
-from services.identity.store import IdentityStore
+from services.identity.store import IdentityStore, pg_array_literal
 from tests.identity.conftest import Clock, make_item
 
 FIRST_REVISION = "67e64e544229"
@@ -149,3 +151,37 @@ def test_sqlite_writer_checkpoints_the_wal_into_the_database_file(
     finally:
         identity_store.close()
         engine.dispose()
+
+
+def test_postgres_array_literals_read_back_as_the_values(postgres_admin_url: str) -> None:
+    """Resolve binds its PostgreSQL arrays as literal text (psycopg's list dumper is slow):
+    quotes, backslashes, blanks, the word NULL, None, numbers, booleans and aware or naive
+    datetimes all come back as given."""
+    texts = ['a\\"b', None, "x y", "", "NULL", "{,}", 'q"', "\\", "é ü"]
+    moments = [
+        datetime(2026, 11, 23, 3, 0, 0, 123456, tzinfo=UTC),
+        None,
+        datetime(2026, 1, 1, tzinfo=timezone(timedelta(hours=2))),
+        datetime(2026, 5, 5, 1, 2, 3),
+    ]
+    with psycopg.connect(postgres_admin_url, autocommit=True) as connection:
+
+        def read(literal: str, type_: str) -> list[Any]:
+            row = connection.execute(f"SELECT %s::{type_}[]", (literal,)).fetchone()
+            assert row is not None
+            return list(row[0])
+
+        assert read(pg_array_literal(texts, "text"), "text") == texts
+        assert read(pg_array_literal([5, None, 2**40], "bigint"), "bigint") == [5, None, 2**40]
+        assert read(pg_array_literal([5, 7], "text"), "bigint") == [5, 7]
+        assert read(pg_array_literal([True, False, None], "boolean"), "boolean") == [
+            True,
+            False,
+            None,
+        ]
+        assert read(pg_array_literal(moments, "timestamptz"), "timestamptz") == [
+            moments[0],
+            None,
+            moments[2],
+            moments[3].replace(tzinfo=UTC),
+        ]
