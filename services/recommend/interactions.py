@@ -177,45 +177,52 @@ def build_history(
         times.append(timestamp(occurred_at))
         kinds.append(str(event[3]) if len(event) > 3 else "")
     return history_of(
-        np.array(items, dtype=np.int64),
-        np.array(weights, dtype=np.float64),
-        np.array(times, dtype=np.float64),
-        kinds,
-        now=timestamp(now),
-        half_life_days=half_life_days,
+        items, weights, times, kinds, now=timestamp(now), half_life_days=half_life_days
     )
 
 
 def history_of(
-    items: IntArray,
-    weights: FloatArray,
-    times: FloatArray,
+    items: Sequence[int],
+    weights: Sequence[float],
+    times: Sequence[float],
     kinds: Sequence[str],
     *,
     now: float,
     half_life_days: float | None = None,
 ) -> History:
-    """`build_history` on arrays of catalogue indices, weights (> 0), epoch seconds and event
-    types: the request path, in plain numpy (a few microseconds for a few dozen events).
-
-    The order of operations is `_aggregate`'s, so the weights are the training row's to the bit.
+    """`build_history` on catalogue indices, weights (> 0), epoch seconds and event types: the
+    request path. A person has a few dozen events, so the sorting and grouping are plain Python
+    (numpy's per-call cost would dominate); the decay and the sums are numpy's, in
+    `_aggregate`'s order, so the weights are the training row's to the bit.
     """
-    if items.size == 0:
+    count = len(items)
+    if count == 0:
         return History.empty()
     half_life = None if half_life_days is None else half_life_days * SECONDS_PER_DAY
-    order = np.lexsort((weights, times, items))
-    sorted_items = items[order]
-    decayed = weights[order] * decay(now - times[order], half_life)
-    starts = np.flatnonzero(np.r_[True, sorted_items[1:] != sorted_items[:-1]])
+    # `_aggregate`'s order: by item, then time, then weight (stable).
+    order = sorted(range(count), key=lambda j: (items[j], times[j], weights[j]))
+    ordered = [items[j] for j in order]
+    starts = [0, *(p for p in range(1, count) if ordered[p] != ordered[p - 1])]
+    decayed = np.array([weights[j] for j in order], dtype=np.float64) * decay(
+        now - np.array([times[j] for j in order], dtype=np.float64), half_life
+    )
     sums = np.add.reduceat(decayed, starts)
-    keep = sums > 0
-    indices = sorted_items[starts][keep]
-    # The heaviest event of each item names it (the latest among equals).
-    heaviest = np.lexsort((times, weights, items))
-    by_item = items[heaviest]
-    last = heaviest[np.flatnonzero(np.r_[by_item[1:] != by_item[:-1], True])]
-    verbs = tuple(VERBS.get(kinds[int(position)], "viewed") for position in last[keep])
-    return History(indices, np.asarray(sums[keep], dtype=np.float64), verbs)
+    kept = (sums > 0).tolist()
+    ends = [*starts[1:], count]
+    indices: list[int] = []
+    verbs: list[str] = []
+    for start, end, keep in zip(starts, ends, kept, strict=True):
+        if not keep:
+            continue
+        indices.append(ordered[start])
+        # The heaviest event of each item names it (the latest among equals, then the last).
+        named = max(order[start:end], key=lambda j: (weights[j], times[j], j))
+        verbs.append(VERBS.get(kinds[named], "viewed"))
+    return History(
+        np.array(indices, dtype=np.int64),
+        np.asarray(sums[np.array(kept, dtype=np.bool_)], dtype=np.float64),
+        tuple(verbs),
+    )
 
 
 def _aggregate(

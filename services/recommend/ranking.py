@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -28,6 +29,7 @@ from services.recommend.models.base import (
     FROM_CONTENT,
     FROM_INTERACTIONS,
     Catalogue,
+    CatalogueItem,
     FloatArray,
     History,
     IntArray,
@@ -300,15 +302,27 @@ class Ranker:
             content_led = (content.sum(axis=1) > interactions.sum(axis=1)).tolist()
         need_terms = self.matcher.terms(need) if need else []
         items = self.catalogue.items
+        told = [items[index] for index in history.indices.tolist()]
+        # Answers often share their leading history items: one reason each, made once.
+        reasons: dict[tuple[object, ...], Reason] = {}
         answer = []
         for row, (index, score) in enumerate(
             zip(chosen.tolist(), scores[chosen].tolist(), strict=True)
         ):
             item = items[index]
             matched = self.matcher.matched_terms(need, index) if need_terms else []
-            reason = self._reason(
-                item.category, history, leaders[row], matched, content_led=content_led[row]
+            leading = leaders[row]
+            key = (
+                tuple(leading),
+                content_led[row],
+                tuple(matched),
+                "" if leading or matched else item.category,
             )
+            reason = reasons.get(key)
+            if reason is None:
+                reason = reasons[key] = self._reason(
+                    item.category, history, told, leading, matched, content_led=content_led[row]
+                )
             answer.append(
                 Recommendation(
                     item_id=item.item_id,
@@ -338,27 +352,25 @@ class Ranker:
         self,
         category: str,
         history: History,
+        told: Sequence[CatalogueItem],
         contributors: list[int],
         matched: list[str],
         *,
         content_led: bool,
     ) -> Reason:
-        if contributors:
-            indices = history.indices
-            ids = tuple(self.catalogue.item_ids[indices[p]] for p in contributors)
-        else:
-            ids = ()
+        """`told` holds the catalogue item of each history position."""
+        ids = tuple(told[p].item_id for p in contributors)
         if matched:
             text = "matches " + ", ".join(f"“{term}”" for term in matched)
             if contributors:
-                text += "; " + self._because(history, contributors)
+                text += "; " + self._because(history, told, contributors)
             return Reason(ReasonKind.MATCHES_NEED, text, ids)
         if contributors:
             if content_led:
-                names = ", ".join(self._name(history, p) for p in contributors)
+                names = ", ".join(_name(told[p]) for p in contributors)
                 return Reason(ReasonKind.SIMILAR_CONTENT, f"similar to {names}", ids)
             return Reason(
-                ReasonKind.BECAUSE_YOU_INTERACTED, self._because(history, contributors), ids
+                ReasonKind.BECAUSE_YOU_INTERACTED, self._because(history, told, contributors), ids
             )
         if category:
             return Reason(
@@ -366,15 +378,13 @@ class Ranker:
             )
         return Reason(ReasonKind.POPULAR, "popular right now")
 
-    def _name(self, history: History, position: int) -> str:
-        item = self.catalogue.items[int(history.indices[position])]
-        return item.title or item.item_id
-
-    def _because(self, history: History, contributors: list[int]) -> str:
+    def _because(
+        self, history: History, told: Sequence[CatalogueItem], contributors: list[int]
+    ) -> str:
         """ "because you viewed X, Y" — or "bought X and viewed Y" when the verbs differ."""
         groups: dict[str, list[str]] = {}
         for position in contributors:
-            groups.setdefault(history.verb(position), []).append(self._name(history, position))
+            groups.setdefault(history.verb(position), []).append(_name(told[position]))
         phrases = []
         for verb, names in groups.items():
             if verb == "added to cart":
@@ -382,3 +392,7 @@ class Ranker:
             else:
                 phrases.append(f"{verb} {', '.join(names)}")
         return "because you " + " and ".join(phrases)
+
+
+def _name(item: CatalogueItem) -> str:
+    return item.title or item.item_id

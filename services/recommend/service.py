@@ -88,7 +88,6 @@ _EVENT_TYPES: Final[Mapping[int, str]] = {
 
 
 _NO_ITEMS: Final = np.zeros(0, dtype=np.int64)
-_NO_WEIGHTS: Final = np.zeros(0, dtype=np.float64)
 
 
 def settle_heap() -> None:
@@ -894,35 +893,42 @@ class RecommendService:
         now: datetime,
     ) -> tuple[History, IntArray, IntArray]:
         """The history to score (stored interactions and the session's items as views now),
-        the items bought and the items seen otherwise (both left out of the answer)."""
+        the items bought and the items seen otherwise (both left out of the answer).
+
+        Plain Python over the person's few dozen events: numpy's cost per call would dominate.
+        """
         at = now.timestamp()
-        stored = catalogue.positions(record.item_ids) if record is not None else _NO_ITEMS
-        session_items = catalogue.positions(session) if session else _NO_ITEMS
-        if not stored.size and not session_items.size:
-            return History.empty(), _NO_ITEMS, _NO_ITEMS
-        view = self.settings.interactions.weight(EventType.VIEW)
-        if record is not None and stored.size:
-            bought = np.fromiter(
-                (kind == EventType.PURCHASE for kind in record.kinds), bool, len(record.kinds)
-            )
-            known = stored >= 0
-            usable = known & (record.weights > 0)
-            items = np.concatenate([stored[usable], session_items[session_items >= 0]])
-            kinds = [kind for kind, use in zip(record.kinds, usable.tolist(), strict=True) if use]
-            weights, times = record.weights[usable], record.times[usable]
-            purchased = stored[known & bought]
-            seen = np.concatenate([stored[known & ~bought], session_items[session_items >= 0]])
-        else:
-            items = session_items[session_items >= 0]
-            kinds, weights, times = [], _NO_WEIGHTS, _NO_WEIGHTS
-            purchased, seen = _NO_ITEMS, items
-        extra = items.size - weights.size
-        if extra and view > 0:
-            weights = np.concatenate([weights, np.full(extra, view)])
-            times = np.concatenate([times, np.full(extra, at)])
-            kinds = [*kinds, *([str(EventType.VIEW)] * extra)]
-        elif extra:
-            items = items[: weights.size]
+        items: list[int] = []
+        weights: list[float] = []
+        times: list[float] = []
+        kinds: list[str] = []
+        purchased: list[int] = []
+        seen: list[int] = []
+        if record is not None and len(record):
+            for item, weight, moment, kind in zip(
+                catalogue.positions(record.item_ids).tolist(),
+                record.weights.tolist(),
+                record.times.tolist(),
+                record.kinds,
+                strict=True,
+            ):
+                if item < 0:
+                    continue
+                (purchased if kind == EventType.PURCHASE else seen).append(item)
+                if weight > 0:
+                    items.append(item)
+                    weights.append(weight)
+                    times.append(moment)
+                    kinds.append(kind)
+        if session:
+            viewed = [item for item in catalogue.positions(session).tolist() if item >= 0]
+            seen.extend(viewed)
+            view = self.settings.interactions.weight(EventType.VIEW)
+            if view > 0:
+                items.extend(viewed)
+                weights.extend([view] * len(viewed))
+                times.extend([at] * len(viewed))
+                kinds.extend([str(EventType.VIEW)] * len(viewed))
         history = history_of(
             items,
             weights,
@@ -931,7 +937,11 @@ class RecommendService:
             now=at,
             half_life_days=self.settings.interactions.half_life_days,
         )
-        return history, purchased, seen
+        return (
+            history,
+            np.array(purchased, dtype=np.int64) if purchased else _NO_ITEMS,
+            np.array(seen, dtype=np.int64) if seen else _NO_ITEMS,
+        )
 
     def _grant_holds(self, allowed: bool | None, expires_at: datetime | None) -> bool:
         if not allowed:

@@ -6,8 +6,11 @@ import random
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from services.recommend.interactions import (
+    VERBS,
     EventType,
     Interaction,
     InteractionSettings,
@@ -184,6 +187,37 @@ def test_request_time_history_equals_the_training_row_and_names_verbs() -> None:
         index("rake"): "bought",
         index("hose"): "added to cart",
     }
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(min_value=0, max_value=2**32 - 1), events=st.integers(1, 60))
+def test_request_time_history_equals_the_training_row_to_the_bit(seed: int, events: int) -> None:
+    """Many events on few items (numpy sums groups of 8 or more pairwise), repeated times and
+    weights (ties in the sort), and events in the future."""
+    rng = random.Random(seed)
+    kinds = {"view": 1.0, "dwell": 2.0, "add_to_cart": 4.0, "purchase": 8.0}
+    mine = []
+    for _ in range(events):
+        kind = rng.choice(list(kinds))
+        moment = NOW - rng.choice([0.0, DAY, 3 * DAY, rng.random() * 90 * DAY, -DAY])
+        mine.append(
+            (rng.choice(CATALOGUE.item_ids[:3]), kinds[kind] * rng.choice([1, 0.5]), moment, kind)
+        )
+    matrix = build_interaction_matrix(
+        [("p", *event[:3]) for event in mine], CATALOGUE, now=NOW, half_life_days=30.0
+    )
+    history = build_history(mine, CATALOGUE, now=NOW, half_life_days=30.0)
+    row = matrix.history("p")
+    assert history.indices.tolist() == row.indices.tolist()
+    assert history.weights.tobytes() == row.weights.tobytes()
+    for item, verb in zip(history.indices.tolist(), history.verbs, strict=True):
+        # The heaviest event names the item: the latest among equals, then the last given.
+        _, _, heaviest = max(
+            (event[1], event[2], position)
+            for position, event in enumerate(mine)
+            if CATALOGUE.index(event[0]) == item
+        )
+        assert verb == VERBS[mine[heaviest][3]]
 
 
 # EASE -----------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from services.recommend.models import (
     ItemKNNModel,
     PopularModel,
     TrainingReport,
+    top_k,
 )
 from services.recommend.ranking import (
     Filters,
@@ -330,3 +331,22 @@ def test_a_stated_need_ranks_matching_items_first_and_says_so() -> None:
     assert [item.item_id for item in unmatched] == ["kettle-red", "kettle-black", "kettle-retro"]
     garden = RANKER.recommend(RELEVANCE, History.empty(), k=2, need="garden")
     assert [item.item_id for item in garden] == ["rake", "hose"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    levels=st.integers(min_value=1, max_value=50),
+    size=st.sampled_from([9, 1_300, 5_000]),
+    k=st.integers(min_value=1, max_value=40),
+    excluded_share=st.sampled_from([0.0, 0.5, 0.97, 1.0]),
+    seed=st.integers(min_value=0, max_value=2**32 - 1),
+)
+def test_top_k_is_the_best_k_by_score_then_index_whatever_the_ties(
+    levels: int, size: int, k: int, excluded_share: float, seed: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, levels, size).astype(np.float64) / levels
+    scores[rng.random(size) < excluded_share] = -np.inf
+    competing = [index for index in range(size) if scores[index] > -np.inf]
+    expected = sorted(competing, key=lambda index: (-scores[index], index))[:k]
+    assert top_k(scores, k).tolist() == expected

@@ -347,8 +347,25 @@ def top_k(scores: FloatArray, k: int, candidates: IntArray | None = None) -> Int
     return np.asarray(pool[order], dtype=np.int64)
 
 
+_SAMPLE_STRIDE = 32
+
+
 def _top_k_of_all(scores: FloatArray, k: int) -> IntArray:
-    """`top_k` over every index (the request path): no copies of the scores."""
+    """`top_k` over every index (the request path): no copies of the scores.
+
+    The k-th best score of a strided sample is a floor for the k-th best of all, so only the
+    scores at or above it compete (usually a few dozen): one comparison instead of a partition
+    of every score. Ties at the floor all compete, so the answer is the same.
+    """
+    size = scores.shape[0]
+    if k > 0 and size >= 4 * _SAMPLE_STRIDE * k:
+        sample = scores[::_SAMPLE_STRIDE]
+        sample = sample[sample > -np.inf]
+        if sample.size >= k:
+            floor = np.partition(sample, sample.size - k)[sample.size - k]
+            candidates = np.flatnonzero(scores >= floor)
+            if candidates.size < size // 4:
+                return top_k(scores, k, candidates)
     competing = scores > -np.inf
     count = int(np.count_nonzero(competing))
     if k <= 0 or count == 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Literal
 
 import numpy as np
@@ -77,6 +78,11 @@ class TrainedPopular:
         return self.popularity.copy()
 
     def scored(self, history: History) -> Scores:
+        return self._scores
+
+    @cached_property
+    def _scores(self) -> Scores:
+        """The same for every history, so made once (its maximum is a pass over every item)."""
         return Scores(self.popularity)
 
     def contributions(self, history: History, items: IntArray) -> dict[str, FloatArray]:
