@@ -50,6 +50,9 @@ Resolver = Callable[[Sequence[Sequence[PseudonymisedIdentifier]], Sequence[str]]
 
 _ERASED_CONTEXT = b"steward-erased-person\x00"
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_NO_ATTRIBUTES: Final[dict[str, str]] = {}
+"""The attributes of every event row that has none: one object, stored as JSON once a batch
+(BulkInsert processes each distinct object once). Never changed."""
 
 
 @dataclass(slots=True)
@@ -342,7 +345,7 @@ class CollectionService:
                 ciphertext = encrypt_field(
                     keys[person], kept.query.encode(), kept.event_id.encode()
                 )
-            attributes = dict(kept.attributes)
+            attributes = dict(kept.attributes) if kept.attributes else _NO_ATTRIBUTES
             rows.append(
                 (
                     kept.event_id,
