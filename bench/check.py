@@ -595,7 +595,9 @@ def main() -> None:
         type=float,
         help="CheckConsent calls/s by identifiers (default: the first --rate; 0 skips the part)",
     )
-    parser.add_argument("--senders", type=int, default=2, help="connections CheckConsent is sent on")
+    parser.add_argument(
+        "--senders", type=int, default=2, help="connections CheckConsent is sent on"
+    )
     parser.add_argument("--record-seconds", type=float, default=10.0, help="per batch size")
     parser.add_argument("--record-clients", type=int, default=4)
     parser.add_argument(

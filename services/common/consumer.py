@@ -69,6 +69,9 @@ EndBatch = Callable[[Connection, Sequence[Envelope]], None]
 envelopes given (those applied in it, in seq order) and before the cursor moves; must not
 commit. Whatever it writes commits, or rolls back, with the batch and the cursor."""
 
+AfterCommit = Callable[[Sequence[Envelope]], None]
+"""Called with the envelopes a transaction applied, once it has committed; must not raise."""
+
 BATCH_SIZE: Final = 200
 """Most envelopes applied per transaction of the consumer's database."""
 
@@ -286,6 +289,10 @@ class Consumer:
     rolled back and retried one envelope per transaction, each with its own ``end_batch``, just
     as when ``apply`` fails.
 
+    ``after_commit``, if given, is called with the envelopes of each committed transaction,
+    after the commit: for what lives outside the database (a cache to drop), which must not
+    change before what it mirrors has.
+
     Two instances with the same name never apply an envelope twice either: the cursor row is
     locked for the transaction (PostgreSQL) or the transaction is exclusive (SQLite), and each
     re-reads the cursor before applying.
@@ -301,6 +308,7 @@ class Consumer:
         *,
         tables: ConsumerTables,
         end_batch: EndBatch | None = None,
+        after_commit: AfterCommit | None = None,
         tracer_provider: TracerProvider | None = None,
         batch_size: int = BATCH_SIZE,
         ack_interval: float = ACK_INTERVAL_SECONDS,
@@ -319,6 +327,7 @@ class Consumer:
         self._writes = for_writes(engine)  # read-modify-write: take SQLite's lock up front
         self._apply = apply
         self._end_batch = end_batch
+        self._after_commit = after_commit
         self._cursors = tables.cursors
         self._tracer = None if tracer_provider is None else tracer_provider.get_tracer(__name__)
         self._batch_size = batch_size
@@ -494,6 +503,8 @@ class Consumer:
                 connection.execute(
                     update(cursors).where(row).values(seq=cursor, updated_at=datetime.now(UTC))
                 )
+        if applied and self._after_commit is not None:
+            self._after_commit(applied)
         if gap is not None:
             raise gap  # after keeping what came before it
         return cursor - first, cursor
@@ -666,6 +677,7 @@ def start_log_consumers(
     tables: ConsumerTables,
     tracer_provider: TracerProvider | None = None,
     end_batch: EndBatch | None = None,
+    after_commit: AfterCommit | None = None,
     batch_size: int = BATCH_SIZE,
 ) -> list[Consumer]:
     """One started consumer ``name`` per (producer, apply) feed, each reading its producer's
@@ -680,6 +692,7 @@ def start_log_consumers(
             apply,
             tables=tables,
             end_batch=end_batch,
+            after_commit=after_commit,
             tracer_provider=tracer_provider,
             batch_size=batch_size,
         )

@@ -168,6 +168,7 @@ class CollectionService:
         writer = self._writer
         if writer is None:
             with self.consent.store.writing() as connection:
+                self.consent.store.changes_checks_of(connection, ())  # events and outbox only
                 yield connection
             return
         with writer.lock, for_writes(writer.engine).begin() as connection:
@@ -538,6 +539,7 @@ class CollectionService:
         """Delete events past their purposes' retention; returns counts by event type name."""
         now = datetime.now(UTC)
         with self.consent.store.writing() as connection:
+            self.consent.store.changes_checks_of(connection, ())  # events only
             removed = self.store.sweep(connection, now)
         return {
             common_pb2.EventType.Name(common_pb2.EventType.ValueType(int(k)))

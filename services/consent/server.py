@@ -828,6 +828,8 @@ def build(context: ServiceContext) -> ServiceParts:
                 peers.to,
                 engine,
                 tables=CONSUMER_TABLES,
+                # Links changed: CheckConsent's cache lets go of everyone, once they are stored.
+                after_commit=lambda _envelopes: store.checks.changed(),
                 tracer_provider=context.telemetry.tracer_provider,
             )
         )

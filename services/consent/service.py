@@ -21,6 +21,7 @@ from steward.events.v1 import events_pb2
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.times import timestamp, utc, utc_now
 from services.consent import ledger
+from services.consent.check_cache import CheckInputs, by_purpose
 from services.consent.decisions import (
     ConsentSource,
     ConsentState,
@@ -265,7 +266,9 @@ class ConsentService:
             self.store.save_decisions(connection, stored)
             after_all = [*existing, *(d for d, _ in stored)]
             # Published under the person the group resolves to, whose consent it now is.
-            root = person_group(connection, person_id)[0]
+            group = person_group(connection, person_id)
+            root = group[0]
+            self.store.changes_checks_of(connection, group)
             changes = []
             for purpose_id in dict.fromkeys(d.purpose for d in decisions):
                 after = self._state(purposes[purpose_id], after_all, now)
@@ -371,19 +374,28 @@ class ConsentService:
     ) -> ConsentState:
         """Whether one purpose is allowed; ERASED when one of ``erasure_markers()`` is recorded.
 
-        Erasure deletes a person's decisions and no decision is accepted for an erased person,
-        so the markers are looked up (and their keyed hashes computed) only for a person with
-        no decision for the purpose: one query answers almost every check. Both queries run on
-        one connection: a second checkout costs more than either query (on PostgreSQL a
-        pre-ping, BEGIN and ROLLBACK each).
+        The inputs come from the store's cache of recent persons (``ConsentStore.checks``), read
+        on a miss: the group's decisions, and whether the person was erased only for a purpose
+        without any decision (erasure deletes a person's decisions and none is accepted for an
+        erased person, so almost every check needs just the decisions). The state itself is
+        computed here, at ``at``, so an expiry needs no invalidation.
         """
-        purposes = self.purposes()
-        purpose = purposes.get(purpose_id)
+        purpose = self.purposes().get(purpose_id)
         if purpose is None:
             raise NotFound("purpose", purpose_id)
-        decisions, erased = self.store.check_reads(person_id, purpose_id, erasure_markers)
-        if erased:
-            return ConsentState(purpose.id, False, consent_pb2.CONSENT_REASON_ERASED)
+        checks = self.store.checks
+        generation = checks.generation
+        inputs = checks.get(person_id)
+        if inputs is None:
+            inputs = CheckInputs(by_purpose(self.store.check_decisions(person_id)))
+            checks.offer(person_id, inputs, generation)
+        decisions = inputs.decisions.get(purpose_id, ())
+        if not decisions and erasure_markers is not None:
+            if inputs.erased is None:
+                inputs = inputs.with_erased(self.store.erased_among(erasure_markers()))
+                checks.offer(person_id, inputs, generation)
+            if inputs.erased:
+                return ConsentState(purpose.id, False, consent_pb2.CONSENT_REASON_ERASED)
         return effective_state(purpose, decisions, at)
 
     # Ledger and checkpoints ----------------------------------------------------------------------
@@ -411,6 +423,7 @@ class ConsentService:
     def checkpoint(self, *, sign_now: bool) -> ledger.SignedCheckpoint:
         """The newest checkpoint; with ``sign_now`` (or none yet), one of the current tree."""
         with self.store.writing() as connection:
+            self.store.changes_checks_of(connection, ())  # the ledger's tree only
             latest = self.store.checkpoint(connection)
             size = self.store.ledger_size(connection)
             if latest is not None and (not sign_now or latest.tree_size == size):
@@ -422,6 +435,7 @@ class ConsentService:
     def checkpoint_if_grown(self) -> ledger.SignedCheckpoint | None:
         """Sign a checkpoint when entries were appended since the last one (the timer's job)."""
         with self.store.writing() as connection:
+            self.store.changes_checks_of(connection, ())  # the ledger's tree only
             latest = self.store.checkpoint(connection)
             size = self.store.ledger_size(connection)
             if size == 0 or (latest is not None and latest.tree_size >= size):

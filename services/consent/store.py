@@ -10,7 +10,7 @@ deleted at erasure).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -48,6 +48,7 @@ from services.common.outbox import Outbox, outbox_tables
 from services.common.person_links import PersonLinks, person_links_table
 from services.common.times import utc
 from services.consent import ledger
+from services.consent.check_cache import ConsentCheckCache
 from services.consent.decisions import DecisionRecord
 from services.consent.purposes import PurposeDefinition
 
@@ -192,6 +193,8 @@ decisions_table = DecisionRow.__table__  # type: ignore[attr-defined]
 events_table = EventRow.__table__  # type: ignore[attr-defined]
 erased_table = ErasedRow.__table__  # type: ignore[attr-defined]
 erasures_table = ErasureRow.__table__  # type: ignore[attr-defined]
+_CHECKS_CHANGED: Final = "steward.consent.checks_changed"
+"""``Connection.info`` key: the persons a :meth:`ConsentStore.writing` transaction changes."""
 PERSON_LINKS: Final = PersonLinks(person_links_table(target_metadata, prefix="consent_"))
 """Persons identity merged: a person's consent is decided by its whole group's decisions, the
 newest winning, as one person's would be (see services/common/person_links.py)."""
@@ -215,9 +218,6 @@ _DECISIONS_OF: Final = (
     .order_by(decisions_table.c.seq)
 )
 """The decisions of a person and of everyone identity merged with it, in one statement."""
-_DECISIONS_OF_PURPOSE: Final = _DECISIONS_OF.where(
-    decisions_table.c.purpose == bindparam("purpose")
-)
 _ERASED_DIGEST: Final = select(erased_table.c.person_digest).where(
     erased_table.c.person_digest == bindparam("digest")
 )
@@ -243,17 +243,33 @@ class ConsentStore:
     def __init__(self, engine: Engine, outbox: Outbox | None = None) -> None:
         self.engine = engine
         self.outbox = outbox or Outbox(PRODUCER, OUTBOX_TABLES)
-        self._check_queries = (
-            DriverQuery(engine, _CHECK_DECISIONS),
-            DriverQuery(engine, _ERASED_DIGEST),
-        )
+        self.checks = ConsentCheckCache()
+        """What CheckConsent reads, kept between calls (see services/consent/check_cache.py)."""
+        self._check_decisions = DriverQuery(engine, _CHECK_DECISIONS)
+        self._erased_digest = DriverQuery(engine, _ERASED_DIGEST)
 
     @contextmanager
     def writing(self) -> Iterator[Connection]:
-        """A write transaction; event-log followers are woken after it commits."""
-        with for_writes(self.engine).begin() as connection:
-            yield connection
+        """A write transaction; event-log followers are woken after it commits.
+
+        Afterwards CheckConsent's cache (:attr:`checks`) forgets what the transaction may have
+        changed: everything, unless it said less with :meth:`changes_checks_of`.
+        """
+        changed: set[str] | None = None
+        try:
+            with for_writes(self.engine).begin() as connection:
+                connection.info.pop(_CHECKS_CHANGED, None)  # left by a failed transaction
+                yield connection
+                changed = connection.info.pop(_CHECKS_CHANGED, None)
+        finally:
+            self.checks.changed(changed)
         self.outbox.notify()
+
+    @staticmethod
+    def changes_checks_of(connection: Connection, persons: Iterable[str]) -> None:
+        """Say that this :meth:`writing` transaction changes what only ``persons`` (perhaps
+        none) check their consent against: the cache keeps everyone else's."""
+        connection.info.setdefault(_CHECKS_CHANGED, set()).update(persons)
 
     @contextmanager
     def reading(self) -> Iterator[Connection]:
@@ -467,35 +483,20 @@ class ConsentStore:
                 ],
             )
 
-    def decisions_of(
-        self, connection: Connection, person_id: str, purpose: str | None = None
-    ) -> list[DecisionRecord]:
+    def decisions_of(self, connection: Connection, person_id: str) -> list[DecisionRecord]:
         """The decisions deciding the person's consent: its own and those of every person
         identity merged with it (``person_group``), in ledger order."""
-        if purpose is None:
-            rows = connection.execute(_DECISIONS_OF, {"person_id": person_id})
-        else:
-            rows = connection.execute(
-                _DECISIONS_OF_PURPOSE, {"person_id": person_id, "purpose": purpose}
-            )
-        return [_decision(row) for row in rows]
+        return [
+            _decision(row) for row in connection.execute(_DECISIONS_OF, {"person_id": person_id})
+        ]
 
-    def check_reads(
-        self, person_id: str, purpose: str, erasure_markers: Callable[[], Sequence[str]] | None
-    ) -> tuple[list[DecisionRecord], bool]:
-        """CheckConsent's reads: the decisions of ``person_id``'s group for ``purpose`` and, only
-        when there are none, whether one of ``erasure_markers()`` is recorded (erasure deletes a
-        person's decisions and none is accepted afterwards, so one query answers almost every
-        check). Run on the driver (:class:`DriverQuery`): at thousands of checks a second the
-        SQLAlchemy layers around these two point reads cost more than the reads."""
-        decisions_of, erased_digest = self._check_queries
+    def check_decisions(self, person_id: str) -> list[DecisionRecord]:
+        """The decisions of ``person_id``'s group, every purpose, in ledger order: what
+        CheckConsent reads. Run on the driver (:class:`DriverQuery`): the SQLAlchemy layers
+        around this one point read cost more than the read."""
         with driver_cursor(self.engine) as cursor:
-            rows = decisions_of.rows(cursor, person_id=person_id, purpose=purpose)
-            if rows or erasure_markers is None:
-                erased = False
-            else:
-                erased = any(erased_digest.rows(cursor, digest=d) for d in erasure_markers())
-        decisions = [
+            rows = self._check_decisions.rows(cursor, person_id=person_id)
+        return [
             DecisionRecord(
                 seq,
                 person,
@@ -509,7 +510,11 @@ class ConsentStore:
             )
             for seq, person, purpose_id, decision, occurred, expires, source, policy, signal in rows
         ]
-        return decisions, erased
+
+    def erased_among(self, digests: Sequence[str]) -> bool:
+        """Whether any of ``digests`` (a person's erasure markers) is recorded, on the driver."""
+        with driver_cursor(self.engine) as cursor:
+            return any(self._erased_digest.rows(cursor, digest=digest) for digest in digests)
 
     def is_erased(self, connection: Connection, digests: Sequence[str]) -> bool:
         """Whether any of ``digests`` (a person's erasure markers, one per key) is recorded.
@@ -577,7 +582,7 @@ _DECISION_COLUMNS: Final = (
     decisions_table.c.policy_version,
     decisions_table.c.signal,
 )
-_CHECK_DECISIONS: Final = _DECISIONS_OF_PURPOSE.with_only_columns(*_DECISION_COLUMNS)
+_CHECK_DECISIONS: Final = _DECISIONS_OF.with_only_columns(*_DECISION_COLUMNS)
 _DECISIONS_OF_MANY: Final = (
     select(*_DECISION_COLUMNS)
     .where(decisions_table.c.person_id.in_(bindparam("person_ids", expanding=True)))
