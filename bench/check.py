@@ -5,20 +5,25 @@ p99 <= 5 ms, on the 2-core machine with client and server on it.
 
 The consent and identity services run together in their own process (``steward serve --service
 consent --service identity``) on a temporary data directory: SQLite files there, or a fresh
-PostgreSQL database that this script creates and drops. The run has four parts:
+PostgreSQL database that this script creates and drops. The run has five parts:
 
 1. Warm-up: ``--persons`` persons get consents through RecordConsent, nine in ten by person id
    (``p_<32 hex>``, as identity issues them; consent accepts any well-formed id) and one in ten
    by an email and a cookie, so identity resolves them. A quarter get a second, later decision.
-2. CheckConsent by person id (the fast path: no identity call) at ``--rate`` calls/s for
+2. Each warm person's first CheckConsent by person id, at the first ``--rate``, in random
+   order (``--no-first-checks`` skips it). Consent keeps the decisions of persons checked
+   recently in memory (services/consent/check_cache.py), as a shop's traffic asks about the same
+   customers again and again; a first check reads the database, so this part is printed apart
+   and the parts after it measure the steady state.
+3. CheckConsent by person id (the fast path: no identity call) at ``--rate`` calls/s for
    ``--seconds``, open-loop: each call has a scheduled send time and is started then, on one of
    ``--senders`` connections, whatever the answers so far, so queueing shows in the figures
    (``harness.open_loop``: one asyncio loop, the cheapest Python client here). Latency is
    printed from the scheduled time (what a caller on a fixed schedule sees) and from the actual
    send (the server and transport alone); the gap between the two is the client falling behind.
    3% of the questions name a person with no decisions.
-3. The same by identifiers (consent asks identity's Lookup first); 5% are unknown identifiers.
-4. RecordConsent, closed-loop from ``--record-clients`` threads for ``--record-seconds`` each,
+4. The same by identifiers (consent asks identity's Lookup first); 5% are unknown identifiers.
+5. RecordConsent, closed-loop from ``--record-clients`` threads for ``--record-seconds`` each,
    with 1 and with 4 decisions per call: calls/s, decisions/s (each decision is one ledger
    append, confirmed by the ledger's size before and after) and p50/p99 latency.
 
@@ -319,6 +324,21 @@ def check_requests_by_person(
     return requests
 
 
+def first_check_requests(
+    population: Population, purposes: Sequence[Purpose], seed: int
+) -> list[bytes]:
+    """One CheckConsent by person id for every warm person, in random order."""
+    rng = random.Random(seed)
+    persons = list(population.person_ids)
+    rng.shuffle(persons)
+    return [
+        C.CheckConsentRequest(
+            subject=T.PersonRef(person_id=person), purpose=rng.choice(purposes).id
+        ).SerializeToString()
+        for person in persons
+    ]
+
+
 def check_requests_by_identifiers(
     population: Population, purposes: Sequence[Purpose], count: int, seed: int
 ) -> list[bytes]:
@@ -598,6 +618,12 @@ def main() -> None:
     parser.add_argument(
         "--senders", type=int, default=2, help="connections CheckConsent is sent on"
     )
+    parser.add_argument(
+        "--first-checks",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ask each warm person once, at the first --rate, before the timed parts",
+    )
     parser.add_argument("--record-seconds", type=float, default=10.0, help="per batch size")
     parser.add_argument("--record-clients", type=int, default=4)
     parser.add_argument(
@@ -643,6 +669,18 @@ def main() -> None:
         print(f"  {usage.stop().line(calls)}")
 
         identifiers_rate = args.rate[0] if args.identifiers_rate is None else args.identifiers_rate
+        if args.first_checks:
+            # Consent keeps recent persons' decisions in memory: first checks read the database.
+            requests = first_check_requests(population, purposes, 11)
+            settle(server)
+            usage = Usage(server, sessions)
+            result = open_loop(
+                server.target, requests, args.rate[0], len(requests) / args.rate[0], args.senders
+            )
+            usage.stop()
+            print_open_loop(
+                "by person id, each person's first check (nothing cached)", result, usage
+            )
         parts = [
             ("by person id (no identity call)", "by-person-id", check_requests_by_person, rate)
             for rate in args.rate
