@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Final
 
 import grpc
 import typer
@@ -31,6 +31,17 @@ from services.common.server import serve as serve_until_stopped
 from services.runtime import SERVICES, build_suite
 
 # Tracebacks never show local variables: they could hold keys or raw identifiers.
+GC_THRESHOLDS: Final = (10_000, 50, 100)
+"""The cyclic collector's thresholds in a serving process (Python's are 700, 10, 10).
+
+A server's allocations are mostly short-lived (each call's messages and handler objects), so
+with the defaults the youngest generation is collected every 700 allocations and whatever a
+call has in flight at that moment is promoted until a full collection runs: every couple of
+seconds under 2,000 CheckConsent calls/s, each pausing every thread for 15-45 ms over what the
+caches hold. Collecting less often lets those objects die young: CheckConsent at 2,000/s went
+from p99 15 ms to 4.6 ms and 414 to 370 us of CPU per call (bench/check.py). Cycles are still
+collected, later."""
+
 app = typer.Typer(
     help="Steward: consent, identity, tagging and recommendation services.",
     pretty_exceptions_show_locals=False,
@@ -104,6 +115,7 @@ def serve(
         # What start-up allocated lives as long as the process: keeping it out of the
         # collector's reach makes each full collection, and so the tail latency, shorter.
         gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
 
     try:
         serve_until_stopped(
