@@ -29,10 +29,11 @@ creates and drops. Loading, by ``--load``:
 Either way the catalogue comes through ``PutItems`` and the models through ``Train`` (wait), whose
 time is printed with each model's own training time and size and the offline metrics it reports.
 Then Recommend is offered at ``--rate`` requests/s for ``--seconds``, open-loop: each call has a
-scheduled send time and ``--senders`` threads issue it then as a future whatever the answers so
-far, so queueing shows. The requests, built beforehand, are a shop's mix: 80% a consented person
-(k = 10, available items only), 5% the same with diversity 0.5, 5% with a stated need, 5% an
-anonymous session of 1-5 items, 5% a person without consent (the non-personalised answer).
+scheduled send time and is started then on one of ``--senders`` connections, whatever the
+answers so far, so queueing shows (``harness.open_loop``: one asyncio loop on grpc.aio). The
+requests, built beforehand, are a shop's mix: 80% a consented person (k = 10, available items
+only), 5% the same with diversity 0.5, 5% with a stated need, 5% an anonymous session of 1-5
+items, 5% a person without consent (the non-personalised answer).
 
 Printed: the answered rate, p50/p99 from the scheduled time (what a caller on a fixed schedule
 sees) and from the actual send, the ratios to the targets, per-kind p50/p99, the server's CPU per
