@@ -341,71 +341,62 @@ def open_loop(
     per call where futures from sender threads cost about 380 µs (a do-nothing server at
     2,000 calls/s: p99 2.4 ms with this client, 6.1 ms with the threaded one).
     """
-    return asyncio.run(
-        _open_loop(target, method, requests, rate, seconds, senders, deadline, metadata)
-    )
 
+    async def run() -> OpenLoopResult:
+        total = int(rate * seconds)
+        channels = [
+            grpc.aio.insecure_channel(target, options=OWN_CONNECTION) for _ in range(senders)
+        ]
+        for channel in channels:
+            await asyncio.wait_for(channel.channel_ready(), timeout=10)
+        calls = [channel.unary_unary(method) for channel in channels]
+        clock = time.perf_counter
+        start = clock() + 0.2
+        scheduled = [start + i / rate for i in range(total)]
+        sent = [0.0] * total
+        done = [0.0] * total
+        pending: list[Any] = [None] * total
+        outstanding = total
+        all_done = asyncio.Event()
 
-async def _open_loop(
-    target: str,
-    method: str,
-    requests: Sequence[bytes],
-    rate: float,
-    seconds: float,
-    senders: int,
-    deadline: float,
-    metadata: Sequence[tuple[str, str]],
-) -> OpenLoopResult:
-    total = int(rate * seconds)
-    channels = [grpc.aio.insecure_channel(target, options=OWN_CONNECTION) for _ in range(senders)]
-    for channel in channels:
-        await asyncio.wait_for(channel.channel_ready(), timeout=10)
-    calls = [channel.unary_unary(method) for channel in channels]
-    clock = time.perf_counter
-    start = clock() + 0.2
-    scheduled = [start + i / rate for i in range(total)]
-    sent = [0.0] * total
-    done = [0.0] * total
-    pending: list[Any] = [None] * total
-    outstanding = total
-    all_done = asyncio.Event()
+        def finished(index: int, _call: Any) -> None:
+            nonlocal outstanding
+            done[index] = clock()
+            outstanding -= 1
+            if outstanding == 0:
+                all_done.set()
 
-    def finished(index: int, _call: Any) -> None:
-        nonlocal outstanding
-        done[index] = clock()
-        outstanding -= 1
-        if outstanding == 0:
-            all_done.set()
+        with client_gc_paused():
+            index = 0
+            while index < total:
+                now = clock()
+                if scheduled[index] > now:
+                    await asyncio.sleep(scheduled[index] - now)
+                    continue
+                while index < total and scheduled[index] <= now:
+                    sent[index] = now
+                    call = calls[index % senders](
+                        requests[index % len(requests)],
+                        timeout=deadline,
+                        metadata=tuple(metadata) or None,
+                    )
+                    call.add_done_callback(partial(finished, index))
+                    pending[index] = call
+                    index += 1
+            if total:
+                await all_done.wait()
+        responses: list[bytes | None] = [None] * total
+        errors: Counter[str] = Counter()
+        for index, call in enumerate(pending):
+            try:
+                responses[index] = await call
+            except grpc.aio.AioRpcError as error:
+                errors[error.code().name] += 1
+        for channel in channels:
+            await channel.close()
+        return OpenLoopResult(rate, scheduled, sent, done, responses, errors)
 
-    with client_gc_paused():
-        index = 0
-        while index < total:
-            now = clock()
-            if scheduled[index] > now:
-                await asyncio.sleep(scheduled[index] - now)
-                continue
-            while index < total and scheduled[index] <= now:
-                sent[index] = now
-                call = calls[index % senders](
-                    requests[index % len(requests)],
-                    timeout=deadline,
-                    metadata=tuple(metadata) or None,
-                )
-                call.add_done_callback(partial(finished, index))
-                pending[index] = call
-                index += 1
-        if total:
-            await all_done.wait()
-    responses: list[bytes | None] = [None] * total
-    errors: Counter[str] = Counter()
-    for index, call in enumerate(pending):
-        try:
-            responses[index] = await call
-        except grpc.aio.AioRpcError as error:
-            errors[error.code().name] += 1
-    for channel in channels:
-        await channel.close()
-    return OpenLoopResult(rate, scheduled, sent, done, responses, errors)
+    return asyncio.run(run())
 
 
 @contextmanager

@@ -496,35 +496,12 @@ class ConsentStore:
         around this one point read cost more than the read."""
         with driver_cursor(self.engine) as cursor:
             rows = self._check_decisions.rows(cursor, person_id=person_id)
-        return [
-            DecisionRecord(
-                seq,
-                person,
-                purpose_id,
-                decision,
-                utc(driver_datetime(occurred)),
-                None if expires is None else utc(driver_datetime(expires)),
-                source,
-                policy,
-                signal,
-            )
-            for seq, person, purpose_id, decision, occurred, expires, source, policy, signal in rows
-        ]
+        return list(_decision_records(rows))
 
     def erased_among(self, digests: Sequence[str]) -> bool:
         """Whether any of ``digests`` (a person's erasure markers) is recorded, on the driver."""
         with driver_cursor(self.engine) as cursor:
             return any(self._erased_digest.rows(cursor, digest=digest) for digest in digests)
-
-    def is_erased(self, connection: Connection, digests: Sequence[str]) -> bool:
-        """Whether any of ``digests`` (a person's erasure markers, one per key) is recorded.
-
-        One equality lookup per digest: an IN list would be re-rendered on every call.
-        """
-        return any(
-            connection.execute(_ERASED_DIGEST, {"digest": digest}).first() is not None
-            for digest in digests
-        )
 
 
 def _with_seq(record: ledger.LedgerRecord, seq: int) -> ledger.LedgerRecord:
@@ -618,15 +595,16 @@ _INSERT_EVENTS: Final = BulkInsert(events_table, EVENT_COLUMNS)
 
 
 def _decision_records(rows: Iterable[Any]) -> Iterator[DecisionRecord]:
-    """Rows of ``_DECISION_COLUMNS`` as records (unpacked: Collect reads thousands at a time)."""
+    """Rows of ``_DECISION_COLUMNS`` as records (unpacked: Collect reads thousands at a time),
+    from SQLAlchemy or straight from the driver (SQLite's datetimes as text)."""
     for seq, person, purpose, decision, occurred, expires, source, policy, signal in rows:
         yield DecisionRecord(
             seq,
             person,
             purpose,
             decision,
-            utc(occurred),
-            None if expires is None else utc(expires),
+            utc(driver_datetime(occurred)),
+            None if expires is None else utc(driver_datetime(expires)),
             source,
             policy,
             signal,
