@@ -21,7 +21,12 @@ PostgreSQL database that this script creates and drops. The run has five parts:
    (``harness.open_loop``: one asyncio loop, the cheapest Python client here). Latency is
    printed from the scheduled time (what a caller on a fixed schedule sees) and from the actual
    send (the server and transport alone); the gap between the two is the client falling behind.
-   3% of the questions name a person with no decisions.
+   3% of the questions name a person with no decisions. After each rate, the same calls go
+   at the same rate to the floor server (``bench/floor_server.py``): Steward's server kit with
+   its interceptors and collector settings, answering every call with one stored CheckConsent
+   answer and doing nothing else. Its figures are what gRPC, Python and this machine cost
+   before consent does any work, measured in the same run. ``--floor-work 0 100`` adds a part
+   where the floor spends 100 µs of CPU per call (a handler's budget); with no value, no floor.
 4. The same by identifiers (consent asks identity's Lookup first); 5% are unknown identifiers.
 5. RecordConsent, closed-loop from ``--record-clients`` threads for ``--record-seconds`` each,
    with 1 and with 4 decisions per call: calls/s, decisions/s (each decision is one ledger
@@ -74,6 +79,7 @@ from harness import (
     OWN_CONNECTION,
     OpenLoopResult,
     Server,
+    floor_server,
     percentile,
     postgres_database,
     py_spy_from_env,
@@ -96,6 +102,7 @@ RECORD_METHOD: Final = f"/{CONSENT}/RecordConsent"
 LIST_PURPOSES_METHOD: Final = f"/{CONSENT}/ListPurposes"
 CHECKPOINT_METHOD: Final = "/steward.consent.v1.AuditService/GetCheckpoint"
 METADATA: Final = (("x-steward-caller", "bench-check"),)
+
 CALL_DEADLINE_SECONDS: Final = 10.0
 BY_IDENTIFIERS_EVERY: Final = 10
 UNKNOWN_PERSON_SHARE: Final = 0.03
@@ -572,6 +579,11 @@ def print_open_loop(title: str, result: OpenLoopResult, usage: Usage) -> None:
     print(f"  {usage.line(len(scheduled))}")
 
 
+def floor_title(work_us: float) -> str:
+    work = f"{work_us:,.0f} us of CPU per call" if work_us else "no work"
+    return f"on the floor server (stored answer, {work})"
+
+
 def print_record(batch: int, clients: int, result: RecordResult, usage: Usage) -> None:
     appended = result.ledger_after - result.ledger_before
     print(f"RecordConsent, {batch} decision{'s' if batch > 1 else ''} per call, {clients} clients")
@@ -623,6 +635,16 @@ def main() -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="ask each warm person once, at the first --rate, before the timed parts",
+    )
+    parser.add_argument(
+        "--floor-work",
+        type=float,
+        nargs="*",
+        default=[0.0],
+        metavar="US",
+        help="after each rate by person id, the same load on the floor server (Steward's "
+        "server kit answering with a stored answer) spending this much CPU per call, one part "
+        "each; none skips it",
     )
     parser.add_argument("--record-seconds", type=float, default=10.0, help="per batch size")
     parser.add_argument("--record-clients", type=int, default=4)
@@ -703,6 +725,16 @@ def main() -> None:
                 result = open_loop(server.target, requests, rate, args.seconds, args.senders)
                 usage.stop()
             print_open_loop(title, result, usage)
+            answer = next((r for r in result.responses if r is not None), None)
+            if part != "by-person-id" or answer is None:
+                continue
+            for work_us in args.floor_work:
+                with floor_server(data_dir, CHECK_METHOD, answer, work_us) as floor:
+                    settle(floor)
+                    usage = Usage(floor)
+                    result = open_loop(floor.target, requests, rate, args.seconds, args.senders)
+                    usage.stop()
+                print_open_loop(floor_title(work_us), result, usage)
 
         for batch in args.record_batches:
             settle(server)

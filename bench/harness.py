@@ -2,10 +2,10 @@
 
 A benchmark imports this module (``bench/`` is on ``sys.path`` when a bench runs as
 ``python bench/<name>.py``) for: a Steward process of its own (``steward serve`` with chosen
-services on a free port, waited for until it serves, stopped with SIGTERM), that process's CPU
-time and memory from /proc, a PostgreSQL database made for the run and dropped after it,
-percentiles, worker threads, and an optional py-spy recording of the server. Figures only:
-nothing here asserts anything about time.
+services on a free port, waited for until it serves, stopped with SIGTERM), the floor server
+that answers like one without doing any work, a process's CPU time and memory from /proc, a
+PostgreSQL database made for the run and dropped after it, percentiles, worker threads, and an
+optional py-spy recording of the server. Figures only: nothing here asserts anything about time.
 """
 
 from __future__ import annotations
@@ -109,6 +109,51 @@ def steward_server(
     logs to ``data_dir/server.log``, shown if it dies. Yields once ``health_service`` serves.
     """
     port = free_port()
+    command = [str(Path(sys.executable).with_name("steward")), "serve", "--port", str(port)]
+    for service in services:
+        command += ["--service", service]
+    with _server_process(
+        command, port, data_dir / "server.log", data_dir, env, health_service, start_timeout
+    ) as server:
+        yield server
+
+
+@contextmanager
+def floor_server(
+    data_dir: Path, method: str, answer: bytes, work_us: float = 0.0
+) -> Iterator[Server]:
+    """``bench/floor_server.py``: Steward's server kit answering ``method`` with ``answer``
+    and doing nothing else (or only ``work_us`` of CPU time per call), on a free port; the
+    floor a service's figures are read against."""
+    port = free_port()
+    answer_file = data_dir / "floor-answer.bin"
+    answer_file.write_bytes(answer)
+    command = [
+        sys.executable,
+        str(Path(__file__).with_name("floor_server.py")),
+        "--port",
+        str(port),
+        "--method",
+        method,
+        "--answer",
+        str(answer_file),
+        "--work-us",
+        str(work_us),
+    ]
+    with _server_process(command, port, data_dir / "floor.log", data_dir, None, "", 60.0) as server:
+        yield server
+
+
+@contextmanager
+def _server_process(
+    command: Sequence[str],
+    port: int,
+    log: Path,
+    data_dir: Path,
+    env: Mapping[str, str] | None,
+    health_service: str,
+    start_timeout: float,
+) -> Iterator[Server]:
     server_env = {
         name: value
         for name, value in os.environ.items()
@@ -116,12 +161,10 @@ def steward_server(
     }
     server_env |= {"STEWARD_DATA_DIR": str(data_dir), "STEWARD_LOG_LEVEL": "WARNING"}
     server_env |= dict(env or {})
-    log = data_dir / "server.log"
-    command = [str(Path(sys.executable).with_name("steward")), "serve", "--port", str(port)]
-    for service in services:
-        command += ["--service", service]
     with log.open("wb") as output:
-        process = subprocess.Popen(command, env=server_env, stdout=output, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            list(command), env=server_env, stdout=output, stderr=subprocess.STDOUT
+        )
     server = Server(process, f"127.0.0.1:{port}", log)
     try:
         wait_serving(server, health_service, start_timeout)

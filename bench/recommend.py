@@ -38,7 +38,12 @@ items, 5% a person without consent (the non-personalised answer).
 Printed: the answered rate, p50/p99 from the scheduled time (what a caller on a fixed schedule
 sees) and from the actual send, the ratios to the targets, per-kind p50/p99, the server's CPU per
 answered request (steadier than latency when other work shares the machine) and its resident
-set (VmRSS; VmHWM is the peak) after loading, after training and at the end. Figures only:
+set (VmRSS; VmHWM is the peak) after loading, after training and at the end. After each rate the
+same requests go at the same rate to the floor server (``bench/floor_server.py``: Steward's
+server kit with its interceptors, answering every call with one stored Recommend answer), once
+for each ``--floor-work`` value: the CPU time it spends per call before answering, a stand-in
+for a handler's own work. So the run shows, on the machine it ran on, what gRPC and Python cost
+before Recommend does anything, and how much work per call the target leaves room for. Figures only:
 nothing about time is asserted. Run from the repository root::
 
     .venv/bin/python bench/recommend.py                       # SQLite, through the consumer
@@ -76,6 +81,7 @@ from harness import (
     OpenLoopResult,
     Server,
     analyze,
+    floor_server,
     percentile,
     postgres_database,
     py_spy_from_env,
@@ -620,14 +626,41 @@ def client_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def measure(
+    server: Server,
+    requests: Sequence[bytes],
+    labels: Sequence[str],
+    rate: float,
+    seconds: float,
+    senders: int,
+) -> tuple[OpenLoopResult, list[str], float, float, float]:
+    """One open-loop part once the server is idle: the result, each call's kind, the server's
+    and this process's CPU seconds and the wall time."""
+    settle(server)
+    server_cpu, own_cpu, wall = server.cpu_seconds(), client_cpu(), time.perf_counter()
+    result, kinds = open_loop(server.target, requests, labels, rate, seconds, senders)
+    return (
+        result,
+        kinds,
+        server.cpu_seconds() - server_cpu,
+        client_cpu() - own_cpu,
+        time.perf_counter() - wall,
+    )
+
+
 def print_open_loop(
-    result: OpenLoopResult, kinds: Sequence[str], server_cpu: float, own_cpu: float, wall: float
+    result: OpenLoopResult,
+    kinds: Sequence[str],
+    server_cpu: float,
+    own_cpu: float,
+    wall: float,
+    title: str = "",
 ) -> None:
     scheduled, sent = result.from_scheduled_ms(), result.from_sent_ms()
     lag = result.send_lag_ms()
     p50, p99 = percentile(scheduled, 0.5), percentile(scheduled, 0.99)
     answered = len(scheduled)
-    print(f"Recommend at {result.offered_rate:,.0f}/s offered")
+    print(f"Recommend{' ' + title if title else ''} at {result.offered_rate:,.0f}/s offered")
     print(
         f"  offered {result.offered_rate:,.0f}/s for {len(result.scheduled):,} calls; answered "
         f"{answered:,} at {result.achieved_rate():,.0f}/s "
@@ -679,6 +712,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="per measured rate")
     parser.add_argument("--senders", type=int, default=2)
     parser.add_argument("--quality-persons", type=int, default=300)
+    parser.add_argument(
+        "--floor-work",
+        type=float,
+        nargs="*",
+        default=[0.0, 200.0, 400.0],
+        metavar="US",
+        help="after each rate, the same load on the floor server spending this much CPU per "
+        "call, one part each; none skips it",
+    )
     args = parser.parse_args()
 
     print(f"machine: {machine()}")
@@ -750,16 +792,15 @@ def main() -> None:
         )
 
         for rate in args.rate:
-            settle(server)
             with py_spy_from_env(server.process.pid, f"{rate:.0f}"):
-                server_cpu, own_cpu, wall = server.cpu_seconds(), client_cpu(), time.perf_counter()
-                result, kinds = open_loop(
-                    server.target, requests, labels, rate, args.seconds, args.senders
-                )
-                wall = time.perf_counter() - wall
-                server_cpu = server.cpu_seconds() - server_cpu
-                own_cpu = client_cpu() - own_cpu
-            print_open_loop(result, kinds, server_cpu, own_cpu, wall)
+                measured = measure(server, requests, labels, rate, args.seconds, args.senders)
+            print_open_loop(*measured)
+            answer = next((r for r in measured[0].responses if r is not None), None)
+            for work_us in args.floor_work if answer is not None else ():
+                with floor_server(data_dir, RECOMMEND_METHOD, answer, work_us) as floor:
+                    measured = measure(floor, requests, labels, rate, args.seconds, args.senders)
+                work = f"{work_us:,.0f} us of CPU per call" if work_us else "no work"
+                print_open_loop(*measured, title=f"on the floor server (stored answer, {work})")
         print(
             f"server RSS: {server.status('VmRSS') / 1024:,.0f} MiB at end, peak "
             f"{server.status('VmHWM') / 1024:,.0f} MiB; load average {load_average()}"

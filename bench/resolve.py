@@ -22,7 +22,10 @@ About 7% of the items merge (a new device with a known cookie is one too: a devi
 cookie). Printed: identifier sets/s and its ratio to the target, p50/p99 batch latency, the
 server's resident set (VmRSS; VmHWM is the peak), the server's CPU use and CPU time per 1,000
 sets (steadier than throughput when other work shares the machine), and the warm-up time.
-Figures only.
+Then ``--driver-batches`` more batches go through the servicer inside this script, one at a
+time and without gRPC, with every call into the database driver (execute, fetch, commit) timed:
+the database's own share of Resolve, and the rate a single writer could not exceed even if
+Python cost nothing around the statements. Figures only.
 
 Run from the repository root::
 
@@ -50,7 +53,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import grpc
 from harness import (
@@ -395,6 +398,120 @@ def measure(
     return result
 
 
+@dataclass
+class DriverTime:
+    """Resolve in this process, and the part of it spent inside the database driver."""
+
+    sets: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+    driver_seconds: float = 0.0
+    statements: int = 0
+
+
+class _TimedCursor:
+    """A DBAPI cursor whose calls into the driver add their time to a :class:`DriverTime`."""
+
+    def __init__(self, cursor: Any, timing: DriverTime) -> None:
+        self._cursor = cursor
+        self._timing = timing
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._cursor, name)
+        if name not in _DRIVER_CALLS:
+            return attribute
+        timing = self._timing
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            began = time.perf_counter()
+            try:
+                return attribute(*args, **kwargs)
+            finally:
+                timing.driver_seconds += time.perf_counter() - began
+                timing.statements += name in ("execute", "executemany")
+
+        return timed
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.fetchall())
+
+
+_DRIVER_CALLS: Final = frozenset(
+    {"execute", "executemany", "fetchone", "fetchmany", "fetchall", "copy"}
+)
+
+
+@contextmanager
+def driver_timed(timing: DriverTime) -> Iterator[None]:
+    """Every cursor SQLAlchemy's pool hands out in this process, and every commit, timed.
+
+    Both SQLAlchemy's own statements and the store's statements on the DBAPI cursor come
+    from the pooled connection's ``cursor()``, so this sees all of them. COPY's rows are fed
+    inside ``copy`` (PostgreSQL), so they count too.
+    """
+    from sqlalchemy.pool.base import _ConnectionFairy
+
+    original_cursor = _ConnectionFairy.cursor
+
+    def cursor(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return _TimedCursor(original_cursor(self, *args, **kwargs), timing)
+
+    def commit(self: Any) -> None:
+        began = time.perf_counter()
+        try:
+            self.dbapi_connection.commit()
+        finally:
+            timing.driver_seconds += time.perf_counter() - began
+
+    _ConnectionFairy.cursor = cursor  # type: ignore[method-assign]
+    _ConnectionFairy.commit = commit  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        _ConnectionFairy.cursor = original_cursor  # type: ignore[method-assign]
+        del _ConnectionFairy.commit  # type: ignore[attr-defined]
+
+
+def resolve_in_process(
+    db_url: str, keyring_json: str, persons: int, batch: int, batches: int
+) -> DriverTime:
+    """``batches`` Resolve batches of the shop's mix through the servicer in this process (no
+    gRPC, one at a time), with the time spent inside the database driver measured apart: what
+    Resolve's statements cost the database whatever Python does around them."""
+    from services.common.db import make_engine
+    from services.common.keyring import Keyring
+    from services.identity.server import IdentityServicer
+    from services.identity.service import IdentityService
+    from services.identity.store import IdentityStore
+
+    mix = ShopMix(persons, seed=99)
+    requests = [
+        identity_pb2.ResolveRequest.FromString(resolve_request([mix.item() for _ in range(batch)]))
+        for _ in range(batches + 2)
+    ]
+    engine = make_engine(db_url)
+    store = IdentityStore(engine)
+    servicer = IdentityServicer(
+        IdentityService(store, Keyring.from_json(keyring_json)),
+        max_batch=max(batch, 1000),
+        phone_region="GB",
+    )
+    timing = DriverTime()
+    try:
+        for request in requests[:2]:  # the caches of a process that has served a while
+            servicer.Resolve(request, None)  # type: ignore[arg-type]
+        with driver_timed(timing):
+            began = time.perf_counter()
+            for request in requests[2:]:
+                timing.sets += len(servicer.Resolve(request, None).results)  # type: ignore[arg-type]
+                timing.batches += 1
+            timing.seconds = time.perf_counter() - began
+    finally:
+        store.close()
+        engine.dispose()
+    return timing
+
+
 def count_rows(db_url: str) -> dict[str, int]:
     from sqlalchemy import text
 
@@ -431,6 +548,13 @@ def main() -> None:
         default="resolve",
         help="warm through Resolve, or insert the warm rows directly with the store's tables",
     )
+    parser.add_argument(
+        "--driver-batches",
+        type=int,
+        default=40,
+        help="batches resolved in this process afterwards, the driver's time measured apart "
+        "(0 skips it)",
+    )
     args = parser.parse_args()
 
     from services.common.keyring import Keyring
@@ -466,6 +590,11 @@ def main() -> None:
         server_cpu = server.cpu_seconds() - cpu_before
         rss_after, rss_peak = server.status("VmRSS"), server.status("VmHWM")
         final_rows = count_rows(db_url)
+        driver = None
+        if args.driver_batches > 0:
+            driver = resolve_in_process(
+                db_url, keyring_json, persons, args.batch, args.driver_batches
+            )
 
     rate = result.items / result.seconds
     latencies_ms = [seconds * 1000 for seconds in result.latencies]
@@ -500,6 +629,16 @@ def main() -> None:
         f"{server_cpu / result.items * 1e6:,.0f} ms per 1,000 sets; "
         f"graph now {final_rows['identifiers']:,} identifiers, {final_rows['merges']:,} merges"
     )
+    if driver is not None and driver.sets:
+        in_database = driver.driver_seconds / driver.batches * 1000
+        print(
+            f"  in process:  {driver.batches} batches through the servicer, one at a time, no "
+            f"gRPC: {driver.sets / driver.seconds:,.0f} sets/s; inside the database driver "
+            f"(execute, fetch, commit) {in_database:.1f} ms per batch of {args.batch} "
+            f"({driver.driver_seconds / driver.seconds:.0%} of the time, "
+            f"{driver.statements / driver.batches:,.0f} statements per batch): with nothing "
+            f"else to do, one writer would reach {driver.sets / driver.driver_seconds:,.0f} sets/s"
+        )
     if result.generated_late:
         print(f"  note: {result.generated_late} batches were built during the measurement")
 

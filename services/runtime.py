@@ -125,6 +125,15 @@ def select_services(services: Sequence[str]) -> tuple[str, ...]:
     return tuple(service for service in SERVICES if service in services) or SERVICES
 
 
+def call_interceptors(
+    settings: Settings, telemetry: Telemetry
+) -> list[grpc.ServerInterceptor[Any, Any]]:
+    """What wraps every call of a suite's server, outermost first: the span covers the wait for
+    a turn under the concurrency limit. Each server gets its own turns, so a call waiting on
+    another service in this process never waits for its own caller's turn."""
+    return [server_interceptor(telemetry), ConcurrencyLimit(settings.max_concurrent_calls)]
+
+
 def build_suite(
     settings: Settings,
     services: Sequence[str] = SERVICES,
@@ -147,17 +156,12 @@ def build_suite(
         registration = eventlog.registration(logs)
         event_log = registration.servicer
         registrations.append(registration)
-    # Outermost first: the span covers the wait for a turn. Each server has its own turns, so a
-    # call waiting on another service in this process never waits for its own caller's turn.
     built = build_server(
         registrations,
         host=settings.host,
         port=settings.port,
         max_message_bytes=settings.max_message_bytes,
-        interceptors=[
-            server_interceptor(telemetry),
-            ConcurrencyLimit(settings.max_concurrent_calls),
-        ],
+        interceptors=call_interceptors(settings, telemetry),
         max_workers=settings.max_workers,
     )
     # A private directory (mode 0700): only this user can reach the internal socket.
@@ -168,10 +172,7 @@ def build_suite(
         host=settings.host,
         port=0,
         max_message_bytes=settings.max_message_bytes,
-        interceptors=[
-            server_interceptor(telemetry),
-            ConcurrencyLimit(settings.max_concurrent_calls),
-        ],
+        interceptors=call_interceptors(settings, telemetry),
         address=internal_target,
     )
     return RunningSuite(
