@@ -186,15 +186,24 @@ class Ranker:
         self.explained_items = explained_items
         self._masks: dict[tuple[object, ...], BoolArray] = {}
 
-    def relevance(self, model: TrainedModel, history: History, need: str = "") -> FloatArray:
-        """Personal scores scaled to a maximum of 1, blended with the need; matches rank first."""
+    def relevance(
+        self,
+        model: TrainedModel,
+        history: History,
+        need: str = "",
+        *,
+        terms: list[str] | None = None,
+    ) -> FloatArray:
+        """Personal scores scaled to a maximum of 1, blended with the need; matches rank first.
+
+        `terms` are the need's (`NeedMatcher.terms`) when the caller has them already."""
         personal = model.score(history)
         top = float(personal.max()) if personal.size else 0.0
         if top > 0:
             personal = personal / top
         if not need:
             return personal
-        matched = self.matcher.score(need)
+        matched = self.matcher.score(need, terms)
         best = float(matched.max()) if matched.size else 0.0
         if best <= 0:
             return personal
@@ -216,14 +225,15 @@ class Ranker:
         """The k best allowed items, diversified and explained."""
         if not 0.0 <= diversity <= 1.0:
             raise ValueError("diversity must be between 0 and 1")
-        relevance = self.relevance(model, history, need)
+        terms = self.matcher.terms(need) if need else []
+        relevance = self.relevance(model, history, need, terms=terms)
         allowed = self._allowed(filters, purchased, exclude)
         scores = np.where(allowed, relevance, -np.inf)
         if diversity <= 0:
             chosen = top_k(scores, k)
         else:
             chosen = self._diversify(scores, allowed, k, diversity)
-        return self._explain(model, history, chosen, scores, need)
+        return self._explain(model, history, chosen, scores, terms)
 
     def _allowed(
         self, filters: Filters, purchased: IntArray | None, exclude: IntArray | None
@@ -285,8 +295,9 @@ class Ranker:
         history: History,
         chosen: IntArray,
         scores: FloatArray,
-        need: str,
+        need_terms: list[str],
     ) -> list[Recommendation]:
+        """`need_terms` are the need's terms found in the catalogue."""
         by_source = model.contributions(history, chosen) if len(history) and chosen.size else {}
         interactions = by_source.get(FROM_INTERACTIONS)
         content = by_source.get(FROM_CONTENT)
@@ -300,17 +311,20 @@ class Ranker:
                 content = np.zeros_like(interactions)
             leaders = self._contributors(interactions + content)
             content_led = (content.sum(axis=1) > interactions.sum(axis=1)).tolist()
-        need_terms = self.matcher.terms(need) if need else []
         items = self.catalogue.items
+        indices = chosen.tolist()
+        matches = (
+            self.matcher.matched_terms_of(need_terms, indices)
+            if need_terms
+            else [[] for _ in indices]
+        )
         told = [items[index] for index in history.indices.tolist()]
         # Answers often share their leading history items: one reason each, made once.
         reasons: dict[tuple[object, ...], Reason] = {}
         answer = []
-        for row, (index, score) in enumerate(
-            zip(chosen.tolist(), scores[chosen].tolist(), strict=True)
-        ):
+        for row, (index, score) in enumerate(zip(indices, scores[chosen].tolist(), strict=True)):
             item = items[index]
-            matched = self.matcher.matched_terms(need, index) if need_terms else []
+            matched = matches[row]
             leading = leaders[row]
             key = (
                 tuple(leading),
