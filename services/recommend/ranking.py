@@ -20,6 +20,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -34,6 +35,7 @@ from services.recommend.models.base import (
     History,
     IntArray,
     TrainedModel,
+    csr_entries,
     top_k,
 )
 from services.recommend.models.content import content_features
@@ -118,9 +120,42 @@ def category_cap(k: int, diversity: float) -> int:
     return max(1, math.ceil(k * (1.0 - diversity) - 1e-9))
 
 
+class SimilarityRows(Protocol):
+    """Row `pick` of a pool's similarity matrix (a dense matrix is one)."""
+
+    def __getitem__(self, pick: int, /) -> Any: ...
+
+
+class PoolSimilarity:
+    """The content similarity of a pool's items to one of them, made row by row.
+
+    MMR reads only the rows of the k items it picks, so the pool x pool product is never made.
+    Each row sums the products over the picked item's features in column order, as the sparse
+    product F·Fᵀ does, so its values are the same bits.
+    """
+
+    def __init__(self, features: Any, pool: IntArray) -> None:
+        positions, columns, values = csr_entries(features, pool)
+        self._used, local = np.unique(columns, return_inverse=True)
+        # One contiguous row per feature the pool has: the pool's values of that feature.
+        self._by_feature = np.zeros((self._used.size, pool.size), dtype=np.float64)
+        self._by_feature[local, positions] = values
+        self._features, self._pool = features, pool
+
+    def __getitem__(self, pick: int) -> FloatArray:
+        features = self._features
+        item = int(self._pool[pick])
+        start, end = int(features.indptr[item]), int(features.indptr[item + 1])
+        local = np.searchsorted(self._used, features.indices[start:end]).tolist()
+        row = np.zeros(self._pool.size, dtype=np.float64)
+        for feature, value in zip(local, features.data[start:end].tolist(), strict=True):
+            row += self._by_feature[feature] * value
+        return row
+
+
 def mmr_select(
     relevance: FloatArray,
-    similarity: FloatArray,
+    similarity: FloatArray | SimilarityRows,
     categories: IntArray,
     k: int,
     *,
@@ -267,11 +302,9 @@ class Ranker:
         values = scores[pool]
         low, high = float(values.min()), float(values.max())
         relevance = (values - low) / (high - low) if high > low else np.ones_like(values)
-        rows = self.features[pool]
-        similarity = np.asarray((rows @ rows.T).toarray(), dtype=np.float64)
         selected = mmr_select(
             relevance,
-            similarity,
+            PoolSimilarity(self.features, pool),
             self.catalogue.category_codes[pool],
             k,
             trade_off=1.0 - diversity * self.mmr_weight,

@@ -25,6 +25,7 @@ from services.recommend.models import (
 )
 from services.recommend.ranking import (
     Filters,
+    PoolSimilarity,
     Ranker,
     ReasonKind,
     allowed_items,
@@ -202,6 +203,15 @@ def test_mmr_trades_relevance_for_dissimilarity() -> None:
     assert diverse.tolist() == [0, 2, 1]
     capped = mmr_select(relevance, similarity, np.array([0, 0, 1]), 3, trade_off=1.0, cap=1)
     assert capped.tolist() == [0, 2, 1]
+
+
+def test_pool_similarity_rows_are_the_sparse_products_bits() -> None:
+    pool = np.array([8, 0, 3, 1, 5, 6], dtype=np.int64)
+    rows = RANKER.features[pool]
+    product = np.asarray((rows @ rows.T).toarray(), dtype=np.float64)
+    similarity = PoolSimilarity(RANKER.features, pool)
+    for pick in range(pool.size):
+        assert similarity[pick].tobytes() == product[pick].tobytes()
 
 
 def test_category_cap_shrinks_with_diversity() -> None:
