@@ -199,8 +199,8 @@ def history_of(
     if count == 0:
         return History.empty()
     half_life = None if half_life_days is None else half_life_days * SECONDS_PER_DAY
-    # `_aggregate`'s order: by item, then time, then weight (stable).
-    order = sorted(range(count), key=lambda j: (items[j], times[j], weights[j]))
+    # `_aggregate`'s order: by item, then time, then weight (stable: then position).
+    order = [entry[3] for entry in sorted(zip(items, times, weights, range(count), strict=True))]
     ordered = [items[j] for j in order]
     starts = [0, *(p for p in range(1, count) if ordered[p] != ordered[p - 1])]
     decayed = np.array([weights[j] for j in order], dtype=np.float64) * decay(
@@ -216,7 +216,11 @@ def history_of(
             continue
         indices.append(ordered[start])
         # The heaviest event of each item names it (the latest among equals, then the last).
-        named = max(order[start:end], key=lambda j: (weights[j], times[j], j))
+        named = (
+            order[start]
+            if end - start == 1
+            else max(order[start:end], key=lambda j: (weights[j], times[j], j))
+        )
         verbs.append(VERBS.get(kinds[named], "viewed"))
     return History(
         np.array(indices, dtype=np.int64),

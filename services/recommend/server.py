@@ -219,29 +219,29 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
                 model=request.model,
             )
         )
-        return R.RecommendResponse(
-            items=[
-                R.Recommendation(
-                    item_id=item.item_id,
-                    score=item.score,
-                    model=answer.model,
-                    title=item.title,
-                    category=item.category,
-                    reason=R.Reason(
-                        kind=_REASONS[item.reason.kind],
-                        text=item.reason.text,
-                        contributing_item_ids=list(item.reason.contributing_item_ids),
-                        category=item.reason.category,
-                    ),
-                )
-                for item in answer.items
-            ],
+        response = R.RecommendResponse(
             personalised=answer.personalised,
             experiment_arm=answer.experiment_arm,
             impression_id=answer.impression_id,
             model=answer.model,
             model_version=answer.model_version,
         )
+        # Filled in place: building each message and then copying it into the list costs more.
+        add = response.items.add
+        for item in answer.items:
+            entry = add(
+                item_id=item.item_id,
+                score=item.score,
+                model=answer.model,
+                title=item.title,
+                category=item.category,
+            )
+            given_reason, reason = item.reason, entry.reason
+            reason.kind = _REASONS[given_reason.kind]
+            reason.text = given_reason.text
+            reason.contributing_item_ids.extend(given_reason.contributing_item_ids)
+            reason.category = given_reason.category
+        return response
 
     def RecordFeedback(
         self, request: recommend_pb2.RecordFeedbackRequest, context: grpc.ServicerContext

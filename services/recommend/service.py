@@ -906,7 +906,7 @@ class RecommendService:
         seen: list[int] = []
         if record is not None and len(record):
             for item, weight, moment, kind in zip(
-                catalogue.positions(record.item_ids).tolist(),
+                catalogue.positions(record.item_ids),
                 record.weights.tolist(),
                 record.times.tolist(),
                 record.kinds,
@@ -921,7 +921,7 @@ class RecommendService:
                     times.append(moment)
                     kinds.append(kind)
         if session:
-            viewed = [item for item in catalogue.positions(session).tolist() if item >= 0]
+            viewed = [item for item in catalogue.positions(session) if item >= 0]
             seen.extend(viewed)
             view = self.settings.interactions.weight(EventType.VIEW)
             if view > 0:

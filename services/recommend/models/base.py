@@ -75,10 +75,12 @@ class Catalogue:
         known = [self._index[item_id] for item_id in item_ids if item_id in self._index]
         return np.array(known, dtype=np.int64)
 
-    def positions(self, item_ids: Iterable[str]) -> IntArray:
-        """The index of each id, -1 for ids outside the catalogue (same length as given)."""
+    def positions(self, item_ids: Iterable[str]) -> list[int]:
+        """The index of each id, -1 for ids outside the catalogue (same length as given).
+
+        A list: its caller walks a person's few dozen events in plain Python."""
         index = self._index
-        return np.array([index.get(item_id, -1) for item_id in item_ids], dtype=np.int64)
+        return [index.get(item_id, -1) for item_id in item_ids]
 
     def category_code(self, category: str) -> int | None:
         """The code of a category, or None when no item has it."""
@@ -231,6 +233,17 @@ class Scores:
         scores[self.columns] = self.values
         return scores
 
+    def scaled(self, n_items: int, factor: float) -> FloatArray:
+        """0 + factor · scores, dense: a blend's first term, written rather than added to zeros
+        (+ 0.0 turns -0.0 into 0.0, as the addition would)."""
+        values = self.values * factor
+        values += 0.0
+        if self.columns is None:
+            return values
+        total = np.zeros(n_items, dtype=np.float64)
+        total[self.columns] = values
+        return total
+
     def add_to(self, total: FloatArray, factor: float) -> None:
         """total += factor · scores."""
         if self.columns is None:
@@ -365,7 +378,13 @@ def _top_k_of_all(scores: FloatArray, k: int) -> IntArray:
             floor = np.partition(sample, sample.size - k)[sample.size - k]
             candidates = np.flatnonzero(scores >= floor)
             if candidates.size < size // 4:
-                return top_k(scores, k, candidates)
+                # Every candidate is finite and at least the floor: the k-th best of them is a
+                # threshold, and sorting those at or above it (ties included) settles the order.
+                values = scores[candidates]
+                threshold = np.partition(values, values.size - k)[values.size - k]
+                chosen = candidates[values >= threshold]
+                order = np.lexsort((chosen, -scores[chosen]))[:k]
+                return np.asarray(chosen[order], dtype=np.int64)
     competing = scores > -np.inf
     count = int(np.count_nonzero(competing))
     if k <= 0 or count == 0:

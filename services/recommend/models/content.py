@@ -181,7 +181,10 @@ class _ContentScores(Scores):
             positions, columns, values = self._entries
             if columns.size:
                 products = dense_rows(features, items)[:, columns] * values
-                starts = np.flatnonzero(np.r_[True, positions[1:] != positions[:-1]])
+                first = np.empty(positions.size, dtype=np.bool_)
+                first[0] = True
+                np.not_equal(positions[1:], positions[:-1], out=first[1:])
+                starts = np.flatnonzero(first)
                 block[:, positions[starts]] = np.add.reduceat(products, starts, axis=1)
         else:
             product = features[items] @ self._model.features_t[:, indices]

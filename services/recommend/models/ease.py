@@ -218,5 +218,5 @@ class _EASEScores(Scores):
         inside_columns = np.flatnonzero(columns >= 0)
         if self._inside.size and inside_columns.size:
             block = self._block[:, columns[inside_columns]].astype(np.float64)
-            result[np.ix_(inside_columns, self._inside)] = (block * self._weights[:, None]).T
+            result[inside_columns[:, None], self._inside] = (block * self._weights[:, None]).T
         return {FROM_INTERACTIONS: result}

@@ -139,8 +139,11 @@ class TrainedHybrid:
         return parts
 
     def score(self, history: History) -> FloatArray:
-        total = np.zeros(self.report.items, dtype=np.float64)
-        for factor, scores in self._scaled(history):
+        parts = self._scaled(history)
+        if not parts:
+            return np.zeros(self.report.items, dtype=np.float64)
+        total = parts[0][1].scaled(self.report.items, parts[0][0])
+        for factor, scores in parts[1:]:
             scores.add_to(total, factor)
         return total
 
