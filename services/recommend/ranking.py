@@ -43,7 +43,7 @@ from services.recommend.models.content import content_features
 BoolArray = npt.NDArray[np.bool_]
 
 _CACHED_MASKS = 256
-"""Filter combinations whose masks a ranker keeps."""
+"""Filter combinations whose masks (0 or -inf per item) a ranker keeps."""
 
 
 @dataclass(frozen=True)
@@ -219,7 +219,7 @@ class Ranker:
         self.mmr_weight = mmr_weight
         self.pool = pool
         self.explained_items = explained_items
-        self._masks: dict[tuple[object, ...], BoolArray] = {}
+        self._masks: dict[tuple[object, ...], FloatArray] = {}
 
     def relevance(
         self,
@@ -262,39 +262,37 @@ class Ranker:
             raise ValueError("diversity must be between 0 and 1")
         terms = self.matcher.terms(need) if need else []
         relevance = self.relevance(model, history, need, terms=terms)
-        allowed = self._allowed(filters, purchased, exclude)
-        scores = np.where(allowed, relevance, -np.inf)
-        if diversity <= 0:
-            chosen = top_k(scores, k)
-        else:
-            chosen = self._diversify(scores, allowed, k, diversity)
+        # Relevance is finite, so adding 0 keeps an allowed item's and -inf removes the others.
+        scores = self._barred(filters, purchased, exclude)
+        scores += relevance
+        chosen = top_k(scores, k) if diversity <= 0 else self._diversify(scores, k, diversity)
         return self._explain(model, history, chosen, scores, terms)
 
-    def _allowed(
+    def _barred(
         self, filters: Filters, purchased: IntArray | None, exclude: IntArray | None
-    ) -> BoolArray:
-        """`allowed_items`, with the mask of the catalogue filters (categories, prices,
-        availability) kept per filter combination, as a shop asks the same few again and again."""
+    ) -> FloatArray:
+        """0 for the items `allowed_items` lets through, -inf for the others; the catalogue
+        filters' part (categories, prices, availability) kept per filter combination, as a shop
+        asks the same few again and again."""
         key = (filters.categories, filters.min_price, filters.max_price, filters.available_only)
         base = self._masks.get(key)
         if base is None:
-            base = allowed_items(self.catalogue, Filters(*key[:3], available_only=key[3]))
+            allowed = allowed_items(self.catalogue, Filters(*key[:3], available_only=key[3]))
+            base = np.where(allowed, 0.0, -np.inf)
             if len(self._masks) >= _CACHED_MASKS:
                 self._masks.clear()
             self._masks[key] = base
-        allowed = base.copy()
+        barred = base.copy()
         if filters.exclude_item_ids:
-            allowed[self.catalogue.indices(filters.exclude_item_ids)] = False
+            barred[self.catalogue.indices(filters.exclude_item_ids)] = -np.inf
         if purchased is not None and not filters.include_purchased:
-            allowed[purchased] = False
+            barred[purchased] = -np.inf
         if exclude is not None:
-            allowed[exclude] = False
-        return allowed
+            barred[exclude] = -np.inf
+        return barred
 
-    def _diversify(
-        self, scores: FloatArray, allowed: BoolArray, k: int, diversity: float
-    ) -> IntArray:
-        if not allowed.any():
+    def _diversify(self, scores: FloatArray, k: int, diversity: float) -> IntArray:
+        if not bool((scores > -np.inf).any()):
             return np.zeros(0, dtype=np.int64)
         leading = top_k(scores, max(self.pool, k))
         pool = np.union1d(leading, self._best_per_category(scores)).astype(np.int64)
