@@ -34,6 +34,7 @@ from services.recommend.models import (
     PopularModel,
     build_model,
 )
+from services.recommend.models.base import FROM_INTERACTIONS
 from services.recommend.models.item_knn import weigh_item_person
 
 DAY = 86_400.0
@@ -282,6 +283,12 @@ def test_item_knn_keeps_the_top_m_cosine_neighbours_per_item() -> None:
     history = History(np.array([0, 2]), np.array([1.0, 3.0]))
     np.testing.assert_allclose(trained.score(history), similarity[0] + 3.0 * similarity[2])
     assert trained.similar(0, 1).tolist() == [int(np.argmax(expected[0]))]
+    # Each answer row holds what each history item added to it, repeated items included.
+    items = np.array([4, 1, 3, 1], dtype=np.int64)
+    explained = trained.contributions(history, items)[FROM_INTERACTIONS]
+    np.testing.assert_array_equal(
+        explained, (similarity[[0, 2]] * np.array([1.0, 3.0])[:, None])[:, items].T
+    )
 
 
 def test_item_knn_weighting_is_bm25_or_tfidf_over_persons() -> None:

@@ -130,6 +130,7 @@ class TrainedItemKNN:
         return _KNNScores(
             np.asarray(scores, dtype=np.float64),
             len(history),
+            self.similarity.shape[1],
             positions,
             columns,
             weighted,
@@ -155,31 +156,33 @@ class TrainedItemKNN:
 class _KNNScores(Scores):
     """kNN scores, keeping the neighbour entries of the history's items."""
 
-    __slots__ = ("_columns", "_length", "_positions", "_weighted")
+    __slots__ = ("_columns", "_length", "_n_items", "_positions", "_weighted")
 
     def __init__(
         self,
         scores: FloatArray,
         length: int,
+        n_items: int,
         positions: IntArray,
         columns: IntArray,
         weighted: FloatArray,
     ) -> None:
         super().__init__(scores)
-        self._length, self._positions = length, positions
+        self._length, self._n_items, self._positions = length, n_items, positions
         self._columns, self._weighted = columns, weighted
 
     def contributions(self, items: IntArray) -> dict[str, FloatArray]:
         result = np.zeros((len(items), self._length), dtype=np.float64)
         if not items.size or not self._columns.size:
             return {FROM_INTERACTIONS: result}
-        order = np.argsort(items, kind="stable")
-        ordered = items[order]
-        if ordered.size > 1 and bool((ordered[1:] == ordered[:-1]).any()):
+        # Each item's answer row, looked up for every neighbour entry the history read.
+        row_of = np.full(self._n_items, -1, dtype=np.int64)
+        row_of[items] = np.arange(items.size, dtype=np.int64)
+        if bool((row_of[items] != np.arange(items.size)).any()):
             unique, inverse = np.unique(items, return_inverse=True)
             return {FROM_INTERACTIONS: self.contributions(unique)[FROM_INTERACTIONS][inverse]}
-        slot = np.minimum(np.searchsorted(ordered, self._columns), ordered.size - 1)
-        hit = np.flatnonzero(ordered[slot] == self._columns)
+        rows = row_of[self._columns]
+        hit = np.flatnonzero(rows >= 0)
         # Each (history item, neighbour) pair is stored once in the CSR rows.
-        result[order[slot[hit]], self._positions[hit]] = self._weighted[hit]
+        result[rows[hit], self._positions[hit]] = self._weighted[hit]
         return {FROM_INTERACTIONS: result}
