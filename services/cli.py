@@ -519,8 +519,11 @@ def maintenance_sweep() -> None:
     try:
         upgrade(engine, "consent")
         store = ConsentStore(engine)
-        with store.writing() as connection:
-            removed = CollectionStore(store).sweep(connection, datetime.now(UTC))
+        try:
+            with store.writing() as connection:
+                removed = CollectionStore(store).sweep(connection, datetime.now(UTC))
+        finally:
+            store.close()
     finally:
         engine.dispose()
     total = sum(removed.values())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 from typing import Any, Final
 
 from sqlalchemy import event
@@ -26,6 +27,9 @@ the next commit starts it afresh; past twice as many, one holds the write lock t
 WAL_SIZE_LIMIT_BYTES: Final = 64 * 1024 * 1024
 WRITER_CACHE_KIB: Final = 65_536
 CHECKPOINTER_IDLE_SECONDS: Final = 10.0
+CHECKPOINT_MIN_INTERVAL_SECONDS: Final = 0.25
+"""At most four checkpoints a second: small transactions (a consent decision) commit hundreds of
+times a second, and a checkpoint every few of them would cost more than the commits."""
 
 
 class SqliteWriter:
@@ -58,6 +62,7 @@ class SqliteWriter:
         self._wanted = threading.Event()
         self._checkpointer: threading.Thread | None = None
         self._closed = False
+        self._stopping = threading.Event()
 
     def committed(self) -> None:
         """Count a commit; every :data:`CHECKPOINT_EVERY`, wake (or start) the checkpointer."""
@@ -82,11 +87,16 @@ class SqliteWriter:
                     self._checkpointer = None
                     return
                 self._wanted.clear()
+            began = time.monotonic()
             try:
                 self._checkpoint()
             except sqlite3.Error:
                 # The batches have committed; a failed checkpoint is retried after later commits.
                 _log.warning("SQLite WAL checkpoint failed", exc_info=True)
+            # Commits meanwhile only set the flag again; the next pass copies what they wrote.
+            rest = CHECKPOINT_MIN_INTERVAL_SECONDS - (time.monotonic() - began)
+            if rest > 0:
+                self._stopping.wait(rest)
 
     def _checkpoint(self) -> None:
         database = self.engine.url.database or ""
@@ -113,6 +123,7 @@ class SqliteWriter:
             self._closed = True
             checkpointer = self._checkpointer
             self._wanted.set()
+            self._stopping.set()
         if checkpointer is not None:
             checkpointer.join(timeout=30)
         self.engine.dispose()

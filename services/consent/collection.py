@@ -15,16 +15,13 @@ from typing import Any, Final
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.pool import StaticPool
 from steward.common.v1 import common_pb2
 from steward.consent.v1 import audit_pb2, consent_pb2
 from steward.events.v1 import events_pb2
 
-from services.common.db import for_writes, is_sqlite
 from services.common.errors import NotFound
 from services.common.identifiers import PseudonymisedIdentifier
 from services.common.keyring import Keyring, decrypt_field, encrypt_field
-from services.common.sqlite_writer import SqliteWriter
 from services.common.times import utc
 from services.consent import ledger
 from services.consent.collect import (
@@ -143,38 +140,19 @@ class CollectionService:
         self.consent = consent
         self.store = CollectionStore(consent.store)
         self.keyring = keyring
-        # SQLite has one writer at a time and makes the others poll (sleeping up to 100 ms
-        # between tries): Collect batches of this process queue on one writer connection
-        # instead, whose WAL checkpoints run off the commit.
-        engine = consent.store.engine
-        self._writer = (
-            SqliteWriter(engine)
-            if is_sqlite(engine) and not isinstance(engine.pool, StaticPool)
-            else None
-        )
         self.timelines = ConsentTimelines(self.store)
         self._erased = _ErasedPersons(self.store, self.erased_digests)
         self._purposes: tuple[tuple[PurposeDefinition, ...], int] = ((), 0)
         """The purposes as of the last batch, and their generation (for ConsentTimeline)."""
         self._purposes_lock = threading.Lock()
 
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.dispose()
-
     @contextmanager
     def _writing(self) -> Iterator[Connection]:
-        """Collect's write transaction: on the SQLite writer when there is one."""
-        writer = self._writer
-        if writer is None:
-            with self.consent.store.writing() as connection:
-                self.consent.store.changes_checks_of(connection, ())  # events and outbox only
-                yield connection
-            return
-        with writer.lock, for_writes(writer.engine).begin() as connection:
+        """Collect's write transaction: it changes no consent decision, so CheckConsent's
+        cache keeps everyone."""
+        with self.consent.store.writing() as connection:
+            self.consent.store.changes_checks_of(connection, ())  # events and outbox only
             yield connection
-        writer.committed()
-        self.consent.store.outbox.notify()
 
     def erased_digests(self, person_id: str) -> list[str]:
         """Keyed hashes that mark an erased person (one per HMAC key, for rotation)."""

@@ -841,7 +841,7 @@ def build(context: ServiceContext) -> ServiceParts:
             consumer.stop()
         for channel in channels:
             channel.close()
-        collection.close()
+        store.close()
         engine.dispose()
         keystore_engine.dispose()
 

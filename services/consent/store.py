@@ -11,7 +11,7 @@ deleted at erasure).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final
@@ -33,6 +33,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import registry
+from sqlalchemy.pool import StaticPool
 from sqlmodel import Field, SQLModel
 
 from services.common.bulk import BulkInsert
@@ -43,9 +44,11 @@ from services.common.db import (
     driver_datetime,
     for_writes,
     is_postgres,
+    is_sqlite,
 )
 from services.common.outbox import Outbox, outbox_tables
 from services.common.person_links import PersonLinks, person_links_table
+from services.common.sqlite_writer import SqliteWriter
 from services.common.times import utc
 from services.consent import ledger
 from services.consent.check_cache import ConsentCheckCache
@@ -247,22 +250,46 @@ class ConsentStore:
         """What CheckConsent reads, kept between calls (see services/consent/check_cache.py)."""
         self._check_decisions = DriverQuery(engine, _CHECK_DECISIONS)
         self._erased_digest = DriverQuery(engine, _ERASED_DIGEST)
+        # SQLite has one writer at a time and makes the others poll (sleeping up to 100 ms
+        # between tries): this process's write transactions queue on one writer connection
+        # instead, whose WAL checkpoints run off the commit (an in-memory database has a
+        # single connection anyway).
+        self._writer = (
+            SqliteWriter(engine)
+            if is_sqlite(engine) and not isinstance(engine.pool, StaticPool)
+            else None
+        )
+
+    def close(self) -> None:
+        """Stop the SQLite writer's checkpoints and close its connection (the engine is the
+        caller's)."""
+        if self._writer is not None:
+            self._writer.dispose()
 
     @contextmanager
     def writing(self) -> Iterator[Connection]:
         """A write transaction; event-log followers are woken after it commits.
 
-        Afterwards CheckConsent's cache (:attr:`checks`) forgets what the transaction may have
-        changed: everything, unless it said less with :meth:`changes_checks_of`.
+        On SQLite it runs on the writer connection (never nest two). Afterwards CheckConsent's
+        cache (:attr:`checks`) forgets what the transaction may have changed: everything, unless
+        it said less with :meth:`changes_checks_of`.
         """
         changed: set[str] | None = None
+        writer = self._writer
         try:
-            with for_writes(self.engine).begin() as connection:
+            with (
+                writer.lock if writer is not None else nullcontext(),
+                for_writes(
+                    writer.engine if writer is not None else self.engine
+                ).begin() as connection,
+            ):
                 connection.info.pop(_CHECKS_CHANGED, None)  # left by a failed transaction
                 yield connection
                 changed = connection.info.pop(_CHECKS_CHANGED, None)
         finally:
             self.checks.changed(changed)
+        if writer is not None:
+            writer.committed()
         self.outbox.notify()
 
     @staticmethod
