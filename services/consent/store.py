@@ -287,7 +287,8 @@ class ConsentStore:
                 yield connection
                 changed = connection.info.pop(_CHECKS_CHANGED, None)
         finally:
-            self.checks.changed(changed)
+            if changed is None or changed:  # an empty set: nobody's checks changed
+                self.checks.changed(changed)
         if writer is not None:
             writer.committed()
         self.outbox.notify()
