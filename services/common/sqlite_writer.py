@@ -1,7 +1,8 @@
 """A single writer connection for a SQLite file, with WAL checkpoints off the commit path.
 
-Used by identity's graph writes and consent's Collect, the two write paths that commit many
-pages per transaction; see :class:`SqliteWriter`.
+Used by identity's graph writes and by every consent write transaction (Collect's batches commit
+many pages each, RecordConsent's decisions commit hundreds of times a second); see
+:class:`SqliteWriter`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ times a second, and a checkpoint every few of them would cost more than the comm
 class SqliteWriter:
     """One connection for a service's hot writes on a SQLite file, with checkpoints off the commit.
 
-    Such writes (identity's graph, consent's Collect) are serialised anyway (``BEGIN
+    Such writes (identity's graph, consent's) are serialised anyway (``BEGIN
     IMMEDIATE``). Queueing them on one connection behind a lock wakes the next writer the moment
     the previous one commits, where SQLite's busy handler sleeps up to 100 ms between tries, and
     keeps that connection's page cache warm (a connection drops its cache whenever another one
