@@ -407,6 +407,8 @@ class CollectionService:
                 ],
                 occurred_at=now,
             )
+            # Without consumers to wait for, what named the person leaves the log at once.
+            self.consent.store.outbox.redact_settled(connection, self.consent.consumers)
             # Each consumer's part is done once it acknowledges the SubjectErased envelope.
             services: dict[str, dict[str, Any]] = {
                 consumer: {

@@ -11,8 +11,12 @@ withdrawal and erasure still under way:
 - an erasure waits for each consumer's acknowledgement of its SubjectErased envelope, which is
   that consumer's part done (GetErasure); the last part done completes the erasure on the ledger.
 
+Once every consumer has acknowledged a SubjectErased envelope, the envelopes that named the
+person (behaviour, consent changes, the SubjectErased itself) are redacted from the log.
+
 The registered consumers are those of the services deployed with this consent (see
-``ServiceContext.deployed``): one that is not deployed holds nothing to wait for.
+``ServiceContext.deployed`` and ``LOG_CONSUMERS``): one that is not deployed holds nothing to
+wait for.
 """
 
 from __future__ import annotations
@@ -84,6 +88,8 @@ class Propagation:
             for row in erasures:
                 applied = f"applied SubjectErased (seq {row.services[consumer]['awaits_seq']})"
                 self._collection.finish_parts(connection, row, {consumer: (True, applied)}, now)
+            if erasures:
+                store.outbox.redact_settled(connection, self.consumers)
 
     def _pending(
         self, connection: Connection, consumer: str, seq: int

@@ -19,7 +19,7 @@ from steward.consent.v1 import audit_pb2, audit_pb2_grpc, consent_pb2, consent_p
 from steward.events.v1 import events_pb2
 
 from services.common.callers import caller_of
-from services.common.consumer import Consumer, start_log_consumers
+from services.common.consumer import LOG_CONSUMERS, Consumer, start_log_consumers
 from services.common.context import PeerChannels, ServiceContext, ServiceParts
 from services.common.db import make_engine
 from services.common.errors import (
@@ -800,10 +800,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
 
 
 SWEEP_INTERVAL_SECONDS: Final = 3600.0
-CONSUMING_SERVICES: Final = ("tagging", "recommend")
-"""The services that consume consent's log, each under its own name; a withdrawal or erasure
-has taken effect once each deployed one has acknowledged it."""
-IDENTITY_CONSUMER: Final = "consent-persons"
+IDENTITY_CONSUMER: Final = LOG_CONSUMERS["identity"]["consent"]
 """Consent's consumer of identity's log (person links and the person cache)."""
 
 
@@ -825,8 +822,11 @@ def build(context: ServiceContext) -> ServiceParts:
     keystore_module.migrate(keystore_engine)
     store = ConsentStore(engine)
     keyring = context.keyring
-    # The consumers of consent's log are named after their services.
-    log_consumers = [name for name in CONSUMING_SERVICES if context.deployed(name)]
+    log_consumers = [
+        consumer
+        for service_name, consumer in LOG_CONSUMERS[PRODUCER].items()
+        if context.deployed(service_name)
+    ]
     service = ConsentService(
         store,
         KeyStore(keystore_engine, keyring),
