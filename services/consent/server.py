@@ -835,6 +835,7 @@ def build(context: ServiceContext) -> ServiceParts:
         keyring.public_key_pem(),
         checkpoint_every=settings.checkpoint_every,
         consumers=log_consumers,
+        meter=context.telemetry.meter("steward.consent"),
     )
     service.ensure_default_purposes()
     cache = PersonCache()

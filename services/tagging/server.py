@@ -238,7 +238,7 @@ def build(context: ServiceContext) -> ServiceParts:
     engine = make_engine(context.settings.db_url("tagging"))
     upgrade(engine, "tagging")
     outbox = Outbox(PRODUCER, OUTBOX_TABLES)
-    service = TaggingService(engine, outbox)
+    service = TaggingService(engine, outbox, meter=context.telemetry.meter("steward.tagging"))
     consumers: list[Consumer] = []
     channels: list[PeerChannels] = []
 
