@@ -21,7 +21,7 @@ import yaml
 from check_jsonschema.builtin_schemas import get_builtin_schema
 from jsonschema import Draft202012Validator
 
-from services.common.config import SERVICE_DATABASES, environment_variables
+from services.common.config import SERVICE_DATABASES, Settings, environment_variables
 from services.runtime import SERVICES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -375,6 +375,21 @@ def test_steward_variables_in_compose_and_dockerfile_are_read_by_the_settings() 
     steward = {name for name in given if name.startswith(("STEWARD_", "OTEL_"))}
 
     assert steward - read <= AWAITED_VARIABLES, f"not read by Settings: {steward - read}"
+
+
+def test_each_containers_environment_makes_valid_production_settings() -> None:
+    for name, spec in steward_services().items():
+        variables = {
+            variable: re.sub(r"\$\{[^}]*\}", "set-by-the-operator", value)
+            for variable, value in environment(spec).items()
+        }
+
+        settings = Settings.from_env(variables)
+
+        assert settings.env == "production", name
+        for database in SERVICE_DATABASES:
+            url = variables[f"STEWARD_{database.upper()}_DB_URL"]
+            assert settings.db_url(database) == url, (name, database)
 
 
 def test_servers_run_in_production_mode_with_telemetry() -> None:
