@@ -1,8 +1,9 @@
 """compose.yaml, the Dockerfile and .dockerignore describe a deployment that can actually run.
 
 No Docker engine is needed: compose.yaml is validated against the Compose Specification's JSON
-schema (as vendored by check-jsonschema) and then cross-checked against itself, the Dockerfile,
-the settings the services read, the services that exist and the README.
+schema (compose-spec/compose-spec, Apache-2.0, as vendored by the check-jsonschema package under
+the name ``vendor.compose-spec``) and then cross-checked against itself, the Dockerfile, the
+settings the services read, the services that exist and the README.
 """
 
 from __future__ import annotations
