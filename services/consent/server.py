@@ -19,6 +19,7 @@ from steward.consent.v1 import audit_pb2, audit_pb2_grpc, consent_pb2, consent_p
 from steward.events.v1 import events_pb2
 
 from services.common.callers import caller_of
+from services.common.config import Settings
 from services.common.consumer import LOG_CONSUMERS, Consumer, start_log_consumers
 from services.common.context import PeerChannels, ServiceContext, ServiceParts
 from services.common.db import make_engine
@@ -813,13 +814,19 @@ def _logged_sweep(collection: CollectionService) -> Callable[[], None]:
     return sweep
 
 
+def migrate(settings: Settings) -> None:
+    """Bring consent's database and its key store to the newest schema: ``build`` does so
+    before serving, ``steward migrate`` once for a whole deployment."""
+    upgrade(settings.db_url("consent"), "consent")
+    keystore_module.migrate(settings.db_url("keystore"))
+
+
 def build(context: ServiceContext) -> ServiceParts:
     """The consent service on its database and key store (both migrated first)."""
     settings = context.settings
+    migrate(settings)
     engine = make_engine(settings.db_url("consent"), pool_size=DB_POOL_SIZE)
-    upgrade(engine, "consent")
     keystore_engine = make_engine(settings.db_url("keystore"))
-    keystore_module.migrate(keystore_engine)
     store = ConsentStore(engine)
     keyring = context.keyring
     log_consumers = [

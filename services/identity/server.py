@@ -13,6 +13,7 @@ from steward.common.v1 import common_pb2
 from steward.identity.v1 import identity_pb2, identity_pb2_grpc
 
 from services.common.callers import caller_of
+from services.common.config import Settings
 from services.common.consumer import LOG_CONSUMERS
 from services.common.context import ServiceContext, ServiceParts
 from services.common.db import make_engine
@@ -376,10 +377,16 @@ def _rules_message(rules: MergeRules) -> identity_pb2.MergeRules:
     )
 
 
+def migrate(settings: Settings) -> None:
+    """Bring identity's database to the newest schema: ``build`` does so before serving,
+    ``steward migrate`` once for a whole deployment."""
+    upgrade(settings.db_url("identity"), "identity")
+
+
 def build(context: ServiceContext) -> ServiceParts:
     """The identity service on its database (migrated first), with its event log."""
+    migrate(context.settings)
     engine = make_engine(context.settings.db_url("identity"))
-    upgrade(engine, "identity")
     store = IdentityStore(
         engine,
         consumers=[

@@ -13,6 +13,7 @@ import grpc
 from opentelemetry import metrics
 from steward.recommend.v1 import recommend_pb2, recommend_pb2_grpc
 
+from services.common.config import Settings
 from services.common.consumer import Consumer, start_log_consumers
 from services.common.context import PeerChannels, ServiceContext, ServiceParts
 from services.common.db import make_engine
@@ -386,11 +387,17 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
         )
 
 
+def migrate(settings: Settings) -> None:
+    """Bring recommend's database to the newest schema: ``build`` does so before serving,
+    ``steward migrate`` once for a whole deployment."""
+    upgrade(settings.db_url("recommend"), "recommend")
+
+
 def build(context: ServiceContext) -> ServiceParts:
     """The recommend service on its database (migrated first), consuming consent's and
     identity's logs, and rebuilding models when pending forgets reach their deadline."""
+    migrate(context.settings)
     engine = make_engine(context.settings.db_url("recommend"))
-    upgrade(engine, "recommend")
     service = RecommendService(engine)
     consumers: list[Consumer] = []
     channels: list[PeerChannels] = []
