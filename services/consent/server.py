@@ -801,6 +801,9 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
 
 
 SWEEP_INTERVAL_SECONDS: Final = 3600.0
+RECONCILE_INTERVAL_SECONDS: Final = 5.0
+"""How often withdrawals and erasures are checked against every consumer's stored
+acknowledgement, beside the check each acknowledgement triggers."""
 IDENTITY_CONSUMER: Final = LOG_CONSUMERS["identity"]["consent"]
 """Consent's consumer of identity's log (person links and the person cache)."""
 
@@ -855,6 +858,7 @@ def build(context: ServiceContext) -> ServiceParts:
             "ledger-checkpoints", settings.checkpoint_seconds, service.checkpoint_if_grown
         ),
         PeriodicTask("retention-sweep", SWEEP_INTERVAL_SECONDS, _logged_sweep(collection)),
+        PeriodicTask("propagation", RECONCILE_INTERVAL_SECONDS, propagation.reconcile),
     ]
     consumers: list[Consumer] = []
     channels: list[PeerChannels] = []

@@ -22,6 +22,7 @@ from services.common.eventlog import ProducerLog
 from services.common.identifiers import IdentifierError, pseudonymise_identifier
 from services.common.migrations import upgrade
 from services.common.server import ServiceRegistration
+from services.common.tasks import PeriodicTask, start_all, stop_all
 from services.common.times import timestamp
 from services.identity.graph import IdentifierInput, ItemInput, ItemResult, MergeRecord
 from services.identity.rules import MergeRules, TypeLimit, validate_rules
@@ -377,6 +378,11 @@ def _rules_message(rules: MergeRules) -> identity_pb2.MergeRules:
     )
 
 
+SETTLE_INTERVAL_SECONDS: Final = 5.0
+"""How often forgets are checked against the consumers' stored acknowledgements, beside the
+check each acknowledgement triggers."""
+
+
 def migrate(settings: Settings) -> None:
     """Bring identity's database to the newest schema: ``build`` does so before serving,
     ``steward migrate`` once for a whole deployment."""
@@ -395,6 +401,7 @@ def build(context: ServiceContext) -> ServiceParts:
             if context.deployed(service_name)
         ],
     )
+    tasks = [PeriodicTask("settle-forgotten", SETTLE_INTERVAL_SECONDS, store.reconcile)]
     servicer = IdentityServicer(
         IdentityService(store, context.keyring),
         max_batch=context.settings.max_batch,
@@ -409,5 +416,6 @@ def build(context: ServiceContext) -> ServiceParts:
             )
         ],
         logs={PRODUCER: ProducerLog(store.outbox, engine, on_ack=store.acknowledged)},
-        on_stop=[engine.dispose, store.close],
+        on_start=[lambda _target: start_all(tasks)],
+        on_stop=[lambda: stop_all(tasks), engine.dispose, store.close],
     )
