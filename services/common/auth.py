@@ -1,0 +1,179 @@
+"""Authentication, authorisation and rate limits of the calls a suite's public server answers.
+
+:class:`Authorization` admits a call when its caller is in the callers file (by bearer token
+or by the CN of its verified client certificate) and holds the scope the method declares in the
+protos; :class:`RateLimit` then takes one of the caller's tokens. Both run after the telemetry
+interceptor, so refused calls show in traces with their status, and before the concurrency
+limit, so a refused call never waits for a turn. gRPC's own services (health, reflection) pass
+through: load balancers and ``steward health`` probe them without credentials.
+
+Answers follow gRPC's meaning of the codes: UNAUTHENTICATED when the caller cannot be told
+(no credential, an unknown token or certificate), PERMISSION_DENIED when it can but lacks the
+scope, RESOURCE_EXHAUSTED with a google.rpc.RetryInfo when it is over its rate. No answer and
+no log line carries the token presented.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any, Final
+
+import grpc
+
+from services.common.callers import (
+    Caller,
+    Callers,
+    acting_as,
+    authenticated_caller,
+)
+from services.common.config import Settings
+from services.common.errors import (
+    abort_permission_denied,
+    abort_resource_exhausted,
+    abort_unauthenticated,
+)
+from services.common.interceptors import BehaviourInterceptor, StreamBehaviour, UnaryBehaviour
+from services.common.rate_limit import CallerRateLimits, Clock
+from services.common.scopes import known_scopes, required_scope
+
+logger = logging.getLogger(__name__)
+
+AUTHORIZATION_METADATA_KEY: Final = "authorization"
+
+
+class Authorization(BehaviourInterceptor):
+    """Admits a call only for a known caller holding the method's scope, then runs it as them."""
+
+    def __init__(self, callers: Callers) -> None:
+        super().__init__()
+        self._callers = callers
+
+    def wrap_unary(self, behaviour: UnaryBehaviour, method: str) -> UnaryBehaviour:
+        scope = required_scope(method)
+
+        def authorised(request: Any, context: grpc.ServicerContext) -> Any:
+            caller = self._admit(context, method, scope)
+            with acting_as(caller.name):
+                return behaviour(request, context)
+
+        return authorised
+
+    def wrap_stream(self, behaviour: StreamBehaviour, method: str) -> StreamBehaviour:
+        scope = required_scope(method)
+
+        def authorised(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            caller = self._admit(context, method, scope)
+            with acting_as(caller.name):
+                yield from behaviour(request, context)
+
+        return authorised
+
+    def _admit(self, context: grpc.ServicerContext, method: str, scope: str | None) -> Caller:
+        caller = self._authenticate(context)
+        if scope is None:
+            # Fails closed: a method whose proto names no scope is open to nobody.
+            abort_permission_denied(context, f"{method} declares no scope; nobody may call it")
+        if scope not in caller.scopes:
+            abort_permission_denied(
+                context, f"caller {caller.name!r} lacks the scope {scope!r} that {method} needs"
+            )
+        return caller
+
+    def _authenticate(self, context: grpc.ServicerContext) -> Caller:
+        """The caller by bearer token if one is sent (it wins over the certificate, being the
+        more specific credential), else by certificate."""
+        authorization = _authorization(context)
+        if authorization is not None:
+            scheme, _, token = authorization.partition(" ")
+            token = token.strip()
+            known = scheme.lower() == "bearer" and bool(token)
+            caller = self._callers.by_token(token) if known else None
+            if caller is None:
+                abort_unauthenticated(context, "the bearer token is not a known caller's")
+            return caller
+        subject = _certificate_subject(context)
+        if subject is not None:
+            caller = self._callers.by_certificate_subject(subject)
+            if caller is None:
+                abort_unauthenticated(
+                    context, f"the certificate subject {subject!r} is not a known caller"
+                )
+            return caller
+        abort_unauthenticated(
+            context, "credentials required: `authorization: Bearer <token>` or a client certificate"
+        )
+
+
+class RateLimit(BehaviourInterceptor):
+    """Refuses a caller's call once its token bucket is empty, saying when to retry.
+
+    Runs inside :class:`Authorization`, whose admitted caller it limits; streaming calls count
+    once, when they start.
+    """
+
+    def __init__(self, limits: CallerRateLimits) -> None:
+        super().__init__()
+        self._limits = limits
+
+    def _check(self, context: grpc.ServicerContext) -> None:
+        caller = authenticated_caller()
+        if caller is None:
+            return
+        wait = self._limits.take(caller)
+        if wait > 0:
+            abort_resource_exhausted(
+                context, f"caller {caller!r} is over its rate limit", retry_after=wait
+            )
+
+    def wrap_unary(self, behaviour: UnaryBehaviour, method: str) -> UnaryBehaviour:
+        def limited(request: Any, context: grpc.ServicerContext) -> Any:
+            self._check(context)
+            return behaviour(request, context)
+
+        return limited
+
+    def wrap_stream(self, behaviour: StreamBehaviour, method: str) -> StreamBehaviour:
+        def limited(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            self._check(context)
+            yield from behaviour(request, context)
+
+        return limited
+
+
+def load_callers(settings: Settings) -> Callers | None:
+    """The callers file's callers, or None when none is configured (authentication off)."""
+    if settings.callers_file is None:
+        return None
+    return Callers.load(settings.callers_file, known_scopes())
+
+
+def access_interceptors(
+    callers: Callers | None, *, clock: Clock | None = None
+) -> Sequence[grpc.ServerInterceptor[Any, Any]]:
+    """Authorisation, then rate limits if any caller has one; nothing when ``callers`` is None."""
+    if callers is None:
+        return ()
+    limits = {caller.name: caller.rate_limit for caller in callers if caller.rate_limit}
+    rate_limits = CallerRateLimits(limits) if clock is None else CallerRateLimits(limits, clock)
+    interceptors: list[grpc.ServerInterceptor[Any, Any]] = [Authorization(callers)]
+    if rate_limits:
+        interceptors.append(RateLimit(rate_limits))
+    return interceptors
+
+
+def _authorization(context: grpc.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == AUTHORIZATION_METADATA_KEY and isinstance(value, str):
+            return value
+    return None
+
+
+def _certificate_subject(context: grpc.ServicerContext) -> str | None:
+    """The CN of the client certificate, verified against the CA by the TLS handshake (the
+    server requires one whenever it serves TLS)."""
+    names = context.auth_context().get("x509_common_name")
+    if not names:
+        return None
+    subject = names[0]
+    return subject.decode("utf-8", "replace") if isinstance(subject, bytes) else str(subject)
