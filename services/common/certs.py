@@ -8,7 +8,8 @@
   service's name and the given hosts as subject alternative names so a client can reach it as
   ``consent:50051`` in compose or ``127.0.0.1:50051`` on a laptop;
 - ``<caller>.crt`` / ``<caller>.key`` for each caller: a client certificate, CN the caller's
-  name, which is what a callers file's ``certificate_subject`` names.
+  name, which is what a callers file's ``certificate_subject`` names (and the alternative name
+  ``urn:steward:caller:<name>``).
 
 Private keys are written 0600 and nothing is overwritten unless asked. The CA's private key
 sits beside what it signed, which is fine for a laptop and wrong anywhere else, so the
@@ -124,8 +125,15 @@ def init_certificates(
     issued_callers = []
     for caller in callers:
         key = ec.generate_private_key(ec.SECP256R1())
+        # RFC 5280 wants a subject alternative name beside the subject; a URN names a caller.
         certificate = _leaf_certificate(
-            caller, key, ca_certificate, ca_key, start, [ExtendedKeyUsageOID.CLIENT_AUTH], []
+            caller,
+            key,
+            ca_certificate,
+            ca_key,
+            start,
+            [ExtendedKeyUsageOID.CLIENT_AUTH],
+            [x509.UniformResourceIdentifier(f"urn:steward:caller:{caller}")],
         )
         issued_callers.append(_write(directory, caller, certificate, key))
     (directory / DEV_CERTS_MARKER).write_text(
@@ -235,10 +243,7 @@ def _leaf_certificate(
             critical=False,
         )
     )
-    if alternative_names:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(alternative_names), critical=False
-        )
+    builder = builder.add_extension(x509.SubjectAlternativeName(alternative_names), critical=False)
     return builder.sign(ca_key, hashes.SHA256())
 
 
