@@ -394,6 +394,64 @@ def test_services_in_separate_processes_call_each_other_over_mutual_tls(
             running.stop(0)
 
 
+def test_services_apart_call_each_other_with_their_tokens_when_tls_is_off(
+    tmp_path: Path,
+) -> None:
+    consent_caller, consent_token = with_token(
+        "consent", {"identity:resolve", "identity:read", "events:read"}
+    )
+    tagging_caller, tagging_token = with_token("tagging", {"events:read"})
+    shop, shop_token = with_token("shop", {"consent:read", "consent:write", "audit:read"})
+    callers = write_callers(tmp_path / "callers.yaml", consent_caller, tagging_caller, shop)
+
+    def settings(service: str, token: str | None, **targets: str) -> Settings:
+        environ = {
+            "STEWARD_DATA_DIR": str(tmp_path / service),
+            "STEWARD_CALLERS_FILE": str(callers),
+            "STEWARD_PORT": "0",
+            **{f"STEWARD_{name.upper()}_TARGET": target for name, target in targets.items()},
+        }
+        if token is not None:
+            environ["STEWARD_TOKEN"] = token
+        return Settings.from_env(environ)
+
+    started: list[RunningSuite] = []
+    try:
+        identity = start_suite(settings("identity", None), ["identity"])
+        started.append(identity)
+        consent_process = start_suite(
+            settings("consent", consent_token, identity=identity.target), ["consent"]
+        )
+        started.append(consent_process)
+        tagging_settings = settings(
+            "tagging", tagging_token, consent=consent_process.target, identity=identity.target
+        )
+        started.append(start_suite(tagging_settings, ["tagging"]))
+
+        shop_settings = Settings.from_env({"STEWARD_TOKEN": shop_token})
+        with open_channel(consent_process.target, shop_settings) as channel:
+            grant_marketing(consent_pb2_grpc.ConsentServiceStub(channel), "apart@example.org")
+            assert ledger_actors(channel)[-1] == "shop"
+
+        assert _consumed_seq(tagging_settings, "consent") >= 1
+    finally:
+        for running in reversed(started):
+            running.stop(0)
+
+
+def test_without_a_callers_file_the_suite_warns_that_calls_are_unauthenticated(
+    start_services: StartServices, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="services.runtime")
+
+    start_services("identity")
+
+    warnings = [r.getMessage() for r in caplog.records if r.name == "services.runtime"]
+    assert warnings == [
+        "no callers file (STEWARD_CALLERS_FILE): every call is served unauthenticated"
+    ]
+
+
 def _consumed_seq(settings: Settings, producer: str) -> int:
     """The seq tagging has applied of ``producer``'s log, once it is past 0 (10 s at most)."""
     engine = make_engine(settings.db_url("tagging"))
