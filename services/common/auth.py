@@ -64,8 +64,21 @@ class Authorization(BehaviourInterceptor):
 
         def authorised(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             caller = self._admit(context, method, scope)
-            with acting_as(caller.name):
-                yield from behaviour(request, context)
+            responses = behaviour(request, context)
+            # Set around each step, never across a yield: a stream closed early is finalised
+            # wherever it is collected, and the worker thread serves other calls in between.
+            try:
+                while True:
+                    with acting_as(caller.name):
+                        try:
+                            response = next(responses)
+                        except StopIteration:
+                            return
+                    yield response
+            finally:
+                close = getattr(responses, "close", None)
+                if close is not None:
+                    close()  # as `yield from` would: the handler's own clean-up runs now
 
         return authorised
 
