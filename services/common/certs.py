@@ -1,6 +1,6 @@
 """A development certificate authority and the certificates of a suite, for mutual TLS.
 
-``steward certs init`` writes, into one directory (mode 0700):
+``steward certs init`` writes, into one directory (made with mode 0700 if it is new):
 
 - ``ca.crt`` / ``ca.key``: a self-signed CA (CA:true, may sign only end-entity certificates);
 - ``<service>.crt`` / ``<service>.key`` for each service: one certificate it serves with and
@@ -102,8 +102,9 @@ def init_certificates(
             f"refusing to overwrite {', '.join(existing)} (use --force to replace them)"
         )
 
-    directory.mkdir(parents=True, exist_ok=True)
-    directory.chmod(0o700)
+    # A directory made here is private; one given that exists keeps its mode (it may be `.`).
+    if not directory.exists():
+        directory.mkdir(parents=True, mode=0o700)
     start = (now or datetime.datetime.now(datetime.UTC)) - datetime.timedelta(minutes=5)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_certificate = _ca_certificate(ca_key, start)
