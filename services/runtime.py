@@ -167,7 +167,7 @@ def build_suite(
     telemetry = setup_telemetry(
         settings, name, span_exporter=span_exporter, metric_reader=metric_reader
     )
-    context = ServiceContext(settings, ensure_keyring(settings), telemetry)
+    context = ServiceContext(settings, ensure_keyring(settings), telemetry, chosen)
     parts = [_server_module(service).build(context) for service in chosen]
     registrations: list[ServiceRegistration[Any]] = [r for p in parts for r in p.registrations]
     logs = {producer: log for p in parts for producer, log in p.logs.items()}

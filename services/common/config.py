@@ -96,6 +96,11 @@ class Settings:
     consent_target: str | None = None
     """Address of the consent service (whose event log tagging and recommend read); unset
     means this process."""
+    tagging_target: str | None = None
+    """Address of the tagging service (asked for a person's tags in a data-subject export);
+    unset means this process, if it hosts tagging, else no tagging is deployed."""
+    recommend_target: str | None = None
+    """Address of the recommend service, as ``tagging_target``."""
     keyring_json: str | None = field(default=None, repr=False)
     """Keyring contents from ``STEWARD_KEYRING_JSON``; when set it wins over ``keys_dir``."""
 
@@ -169,6 +174,8 @@ class Settings:
             token=values.get("STEWARD_TOKEN"),
             identity_target=values.get("STEWARD_IDENTITY_TARGET"),
             consent_target=values.get("STEWARD_CONSENT_TARGET"),
+            tagging_target=values.get("STEWARD_TAGGING_TARGET"),
+            recommend_target=values.get("STEWARD_RECOMMEND_TARGET"),
             checkpoint_every=read("checkpoint_every", "STEWARD_CHECKPOINT_EVERY", _positive),
             checkpoint_seconds=read(
                 "checkpoint_seconds", "STEWARD_CHECKPOINT_SECONDS", _non_negative_float
@@ -180,10 +187,19 @@ class Settings:
         return settings
 
     def target_of(self, service: str, own_target: str) -> str:
-        """Where this process reaches ``service``: its configured address (``consent`` and
-        ``identity`` can be set apart), else ``own_target``, this process's own."""
-        configured = {"consent": self.consent_target, "identity": self.identity_target}
-        return configured.get(service) or own_target
+        """Where this process reaches ``service``: its configured address, else ``own_target``,
+        this process's own."""
+        return self.configured_target(service) or own_target
+
+    def configured_target(self, service: str) -> str | None:
+        """The address configured for ``service`` (``STEWARD_<SERVICE>_TARGET``), if any."""
+        configured = {
+            "consent": self.consent_target,
+            "identity": self.identity_target,
+            "tagging": self.tagging_target,
+            "recommend": self.recommend_target,
+        }
+        return configured.get(service)
 
     def db_url(self, service: str) -> str:
         """The database URL of ``service`` (one of ``SERVICE_DATABASES``)."""

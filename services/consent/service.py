@@ -32,7 +32,13 @@ from services.consent.decisions import (
 from services.consent.keystore import KeyStore
 from services.consent.purposes import DEFAULT_PURPOSES, PurposeDefinition, validate_purpose
 from services.consent.signals import gpc_conflict_violation, requires_gpc_acknowledgement
-from services.consent.store import PERSON_LINKS, AppendedEntry, ConsentStore, person_group
+from services.consent.store import (
+    PERSON_LINKS,
+    AppendedEntry,
+    ConsentStore,
+    WithdrawalStore,
+    person_group,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +116,12 @@ class ConsentService:
         *,
         clock: Clock = utc_now,
         checkpoint_every: int = 1000,
+        consumers: Sequence[str] = (),
     ) -> None:
         self.store = store
+        self.consumers = tuple(consumers)
+        """The consumers of consent's log that a withdrawal or erasure must reach (see
+        services/consent/propagation.py)."""
         self.keystore = keystore
         self._sign = signer
         self.signing_key_id = signing_key_id
@@ -270,11 +280,30 @@ class ConsentService:
             root = group[0]
             self.store.changes_checks_of(connection, group)
             changes = []
+            withdrawn = []
             for purpose_id in dict.fromkeys(d.purpose for d in decisions):
                 after = self._state(purposes[purpose_id], after_all, now)
                 if _changed(before[purpose_id], after):
                     changes.append(_consent_changed(root, after))
-            self.store.outbox.append(connection, changes, occurred_at=now)
+                    withdrawn.append(before[purpose_id].allowed and not after.allowed)
+            envelopes = self.store.outbox.append(connection, changes, occurred_at=now)
+            if self.consumers:
+                WithdrawalStore.save(
+                    connection,
+                    [
+                        {
+                            "ledger_seq": envelope.consent_changed.ledger_seq,
+                            "envelope_seq": envelope.seq,
+                            "person_id": person_id,
+                            "purpose": envelope.consent_changed.purpose,
+                            "subject": subject,
+                            "withdrawn_at": now,
+                            "acknowledgements": {},
+                        }
+                        for envelope, stops in zip(envelopes, withdrawn, strict=True)
+                        if stops
+                    ],
+                )
             self._after_append(connection)
         return [Receipt(e.record.seq, e.leaf_hash, e.record.purpose) for e in appended]
 

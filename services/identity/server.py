@@ -13,6 +13,7 @@ from steward.common.v1 import common_pb2
 from steward.identity.v1 import identity_pb2, identity_pb2_grpc
 
 from services.common.callers import caller_of
+from services.common.consumer import LOG_CONSUMERS
 from services.common.context import ServiceContext, ServiceParts
 from services.common.db import make_engine
 from services.common.errors import FieldViolations, InvalidArgument
@@ -379,7 +380,14 @@ def build(context: ServiceContext) -> ServiceParts:
     """The identity service on its database (migrated first), with its event log."""
     engine = make_engine(context.settings.db_url("identity"))
     upgrade(engine, "identity")
-    store = IdentityStore(engine)
+    store = IdentityStore(
+        engine,
+        consumers=[
+            consumer
+            for service_name, consumer in LOG_CONSUMERS[PRODUCER].items()
+            if context.deployed(service_name)
+        ],
+    )
     servicer = IdentityServicer(
         IdentityService(store, context.keyring),
         max_batch=context.settings.max_batch,
@@ -393,6 +401,6 @@ def build(context: ServiceContext) -> ServiceParts:
                 servicer,
             )
         ],
-        logs={PRODUCER: ProducerLog(store.outbox, engine)},
+        logs={PRODUCER: ProducerLog(store.outbox, engine, on_ack=store.acknowledged)},
         on_stop=[engine.dispose, store.close],
     )

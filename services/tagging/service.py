@@ -218,6 +218,8 @@ class TaggingService:
         persons |= afresh
         lock_persons(connection)
         self.reevaluate(connection, persons, afresh=afresh)
+        # Nobody in the suite reads tagging's log: what named an erased person goes at once.
+        self.outbox.redact(connection, ingest.erased(envelopes))
 
     def apply_consent_envelope(self, connection: Connection, envelope: events_pb2.Envelope) -> None:
         """One envelope of consent's log, applied and its persons re-evaluated."""
