@@ -9,6 +9,7 @@ request (INVALID_ARGUMENT, NOT_FOUND, …) shows the call got through.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -345,28 +346,41 @@ def test_steward_health_reaches_a_tls_suite_with_the_environments_certificate(
 def test_services_in_separate_processes_call_each_other_over_mutual_tls(
     pki: DevelopmentPki, tmp_path: Path
 ) -> None:
-    """Consent resolves identifiers at identity and tagging reads consent's and identity's logs,
-    each presenting its own certificate; the callers file says what each service may do."""
+    """Each service in a suite of its own, presenting its own certificate: consent resolves at
+    identity and gathers an export from tagging and recommend, which read consent's and
+    identity's logs; the callers file says what each service may do."""
     callers = write_callers(
         tmp_path / "callers.yaml",
         Caller(
             "consent",
-            frozenset({"identity:resolve", "identity:read", "subject:erase", "events:read"}),
+            frozenset(
+                {
+                    "identity:resolve",
+                    "identity:read",
+                    "subject:erase",
+                    "events:read",
+                    "tags:read",
+                    "subject:export",
+                }
+            ),
             certificate_subject="consent",
         ),
         Caller("tagging", frozenset({"events:read"}), certificate_subject="tagging"),
+        Caller("recommend", frozenset({"events:read"}), certificate_subject="recommend"),
         Caller(
             "alice",
-            frozenset({"consent:read", "consent:write", "audit:read"}),
+            frozenset({"consent:read", "consent:write", "audit:read", "subject:export"}),
             certificate_subject="alice",
         ),
     )
+    # Consent must know where tagging and recommend are, and they where consent is.
+    consent_target = f"127.0.0.1:{_free_port()}"
 
-    def settings(service: str, **targets: str) -> Settings:
+    def settings(service: str, port: str = "0", **targets: str) -> Settings:
         environ = {
             "STEWARD_DATA_DIR": str(tmp_path / service),
             "STEWARD_CALLERS_FILE": str(callers),
-            "STEWARD_PORT": "0",
+            "STEWARD_PORT": port,
             **tls_environ(pki, service),
             **{f"STEWARD_{name.upper()}_TARGET": target for name, target in targets.items()},
         }
@@ -376,22 +390,43 @@ def test_services_in_separate_processes_call_each_other_over_mutual_tls(
     try:
         identity = start_suite(settings("identity"), ["identity"])
         started.append(identity)
-        consent_process = start_suite(settings("consent", identity=identity.target), ["consent"])
-        started.append(consent_process)
-        tagging_settings = settings(
-            "tagging", consent=consent_process.target, identity=identity.target
+        peers = {"consent": consent_target, "identity": identity.target}
+        tagging_settings = settings("tagging", **peers)
+        tagging = start_suite(tagging_settings, ["tagging"])
+        started.append(tagging)
+        recommend = start_suite(settings("recommend", **peers), ["recommend"])
+        started.append(recommend)
+        consent_settings = settings(
+            "consent",
+            port=consent_target.rsplit(":", 1)[1],
+            identity=identity.target,
+            tagging=tagging.target,
+            recommend=recommend.target,
         )
-        started.append(start_suite(tagging_settings, ["tagging"]))
+        started.append(start_suite(consent_settings, ["consent"]))
 
         credentials = client_credentials(pki, with_certificate=True)
-        with grpc.secure_channel(consent_process.target, credentials) as channel:
-            grant_marketing(consent_pb2_grpc.ConsentServiceStub(channel), "split@example.org")
+        with grpc.secure_channel(consent_target, credentials) as channel:
+            consent = consent_pb2_grpc.ConsentServiceStub(channel)
+            grant_marketing(consent, "split@example.org")
             assert ledger_actors(channel)[-1] == "alice"
+            export = consent.ExportSubjectData(
+                consent_pb2.ExportSubjectDataRequest(subject=by_email("split@example.org")),
+                timeout=10,
+            )
 
+        assert export.bundle.HasField("tags") and export.bundle.HasField("recommendations")
         assert _consumed_seq(tagging_settings, "consent") >= 1
     finally:
         for running in reversed(started):
             running.stop(0)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 def test_services_apart_call_each_other_with_their_tokens_when_tls_is_off(
