@@ -4,8 +4,8 @@ Nothing here runs at import time: a service calls ``Settings.from_env()`` in its
 hands the result to whatever needs it, so tests build settings from a plain dict and never leak
 state between each other. Every setting has a default that is safe on a developer's machine;
 ``STEWARD_ENV=production`` additionally refuses to run without authentication or on development
-keys and certificates (see ``Settings.validate_for_production``). An empty variable counts as unset, because orchestrators
-often pass ``NAME=`` for "not configured".
+keys and certificates (see ``Settings.validate_for_production``). An empty variable counts as
+unset, because orchestrators often pass ``NAME=`` for "not configured".
 """
 
 from __future__ import annotations
