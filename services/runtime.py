@@ -133,6 +133,19 @@ def select_services(services: Sequence[str]) -> tuple[str, ...]:
     return tuple(service for service in SERVICES if service in services) or SERVICES
 
 
+def migrate(settings: Settings, services: Sequence[str] = SERVICES) -> tuple[str, ...]:
+    """Apply the migrations of ``services`` (all by default) and return their names.
+
+    The services also migrate when they start, so this is for a deployment that wants its
+    schema changed once, before any replica starts (compose's ``migrate`` job), rather than by
+    whichever replica comes first while the others wait on the migration lock.
+    """
+    chosen = select_services(services)
+    for service in chosen:
+        _server_module(service).migrate(settings)
+    return chosen
+
+
 def call_interceptors(
     settings: Settings, telemetry: Telemetry, callers: Callers | None = None
 ) -> list[grpc.ServerInterceptor[Any, Any]]:

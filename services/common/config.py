@@ -105,14 +105,17 @@ class Settings:
     """Keyring contents from ``STEWARD_KEYRING_JSON``; when set it wins over ``keys_dir``."""
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, asked: set[str] | None = None
+    ) -> Settings:
         """Read settings from ``environ`` (default: the process environment).
 
         Raises ConfigError naming the offending variable, and runs the production checks when
-        ``STEWARD_ENV=production``.
+        ``STEWARD_ENV=production``. ``asked``, if given, collects the name of every variable
+        looked up (see ``environment_variables``).
         """
         source = os.environ if environ is None else environ
-        values = {name: value for name, value in source.items() if value != ""}
+        values = _Variables(source, set() if asked is None else asked)
         defaults = {f.name: f.default for f in dataclasses.fields(cls)}
 
         def read(name: str, variable: str, parse: Callable[[str, str], _T]) -> _T:
@@ -126,7 +129,7 @@ class Settings:
             specific = values.get(f"STEWARD_{service.upper()}_DB_URL")
             return specific or shared_db_url or f"sqlite:///{data_dir.as_posix()}/{service}.db"
 
-        retired = sorted(set(values) & set(_RETIRED_VARIABLES))
+        retired = sorted(name for name in _RETIRED_VARIABLES if source.get(name))
         if retired:
             raise ConfigError(
                 "; ".join(
@@ -238,6 +241,31 @@ class Settings:
             )
         if problems:
             raise ConfigError("refusing to start in production: " + "; ".join(problems))
+
+
+def environment_variables() -> frozenset[str]:
+    """The name of every variable ``Settings.from_env`` reads.
+
+    Deployment files (compose.yaml) are checked against it, so a misspelt or retired variable
+    there fails a test instead of being silently ignored by the running service.
+    """
+    asked: set[str] = set()
+    Settings.from_env({}, asked=asked)
+    return frozenset(asked)
+
+
+class _Variables:
+    """The non-empty variables of an environment, noting each name looked up."""
+
+    __slots__ = ("_asked", "_values")
+
+    def __init__(self, source: Mapping[str, str], asked: set[str]) -> None:
+        self._values = {name: value for name, value in source.items() if value != ""}
+        self._asked = asked
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        self._asked.add(name)
+        return self._values.get(name, default)
 
 
 def _parse_text(variable: str, raw: str) -> str:

@@ -91,6 +91,17 @@ class Propagation:
             if erasures:
                 store.outbox.redact_settled(connection, self.consumers)
 
+    def reconcile(self) -> None:
+        """Apply every consumer's stored acknowledgement again: what an acknowledgement left
+        undone (its callback failed, or another replica of consent took it) is done here, on a
+        timer, instead of waiting for the consumer's next one."""
+        store = self._consent.store
+        with store.reading() as connection:
+            acknowledged = store.outbox.acknowledgements(connection)
+        for consumer in self.consumers:
+            if consumer in acknowledged:
+                self.acknowledged(PRODUCER, consumer, acknowledged[consumer].seq)
+
     def _pending(
         self, connection: Connection, consumer: str, seq: int
     ) -> tuple[list[Any], list[Any]]:

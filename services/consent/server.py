@@ -19,6 +19,7 @@ from steward.consent.v1 import audit_pb2, audit_pb2_grpc, consent_pb2, consent_p
 from steward.events.v1 import events_pb2
 
 from services.common.callers import caller_of
+from services.common.config import Settings
 from services.common.consumer import LOG_CONSUMERS, Consumer, start_log_consumers
 from services.common.context import PeerChannels, ServiceContext, ServiceParts
 from services.common.db import make_engine
@@ -800,6 +801,9 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
 
 
 SWEEP_INTERVAL_SECONDS: Final = 3600.0
+RECONCILE_INTERVAL_SECONDS: Final = 5.0
+"""How often withdrawals and erasures are checked against every consumer's stored
+acknowledgement, beside the check each acknowledgement triggers."""
 IDENTITY_CONSUMER: Final = LOG_CONSUMERS["identity"]["consent"]
 """Consent's consumer of identity's log (person links and the person cache)."""
 
@@ -813,13 +817,19 @@ def _logged_sweep(collection: CollectionService) -> Callable[[], None]:
     return sweep
 
 
+def migrate(settings: Settings) -> None:
+    """Bring consent's database and its key store to the newest schema: ``build`` does so
+    before serving, ``steward migrate`` once for a whole deployment."""
+    upgrade(settings.db_url("consent"), "consent")
+    keystore_module.migrate(settings.db_url("keystore"))
+
+
 def build(context: ServiceContext) -> ServiceParts:
     """The consent service on its database and key store (both migrated first)."""
     settings = context.settings
+    migrate(settings)
     engine = make_engine(settings.db_url("consent"), pool_size=DB_POOL_SIZE)
-    upgrade(engine, "consent")
     keystore_engine = make_engine(settings.db_url("keystore"))
-    keystore_module.migrate(keystore_engine)
     store = ConsentStore(engine)
     keyring = context.keyring
     log_consumers = [
@@ -835,6 +845,7 @@ def build(context: ServiceContext) -> ServiceParts:
         keyring.public_key_pem(),
         checkpoint_every=settings.checkpoint_every,
         consumers=log_consumers,
+        meter=context.telemetry.meter("steward.consent"),
     )
     service.ensure_default_purposes()
     cache = PersonCache()
@@ -847,6 +858,7 @@ def build(context: ServiceContext) -> ServiceParts:
             "ledger-checkpoints", settings.checkpoint_seconds, service.checkpoint_if_grown
         ),
         PeriodicTask("retention-sweep", SWEEP_INTERVAL_SECONDS, _logged_sweep(collection)),
+        PeriodicTask("propagation", RECONCILE_INTERVAL_SECONDS, propagation.reconcile),
     ]
     consumers: list[Consumer] = []
     channels: list[PeerChannels] = []

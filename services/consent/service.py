@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeAlias
 
+from opentelemetry import metrics
 from sqlalchemy.engine import Connection
 from steward.common.v1 import common_pb2
 from steward.consent.v1 import audit_pb2, consent_pb2
@@ -117,8 +118,18 @@ class ConsentService:
         clock: Clock = utc_now,
         checkpoint_every: int = 1000,
         consumers: Sequence[str] = (),
+        meter: metrics.Meter | None = None,
     ) -> None:
         self.store = store
+        self._decisions = (
+            None
+            if meter is None
+            else meter.create_counter(
+                "steward.consent.decisions",
+                unit="{decision}",
+                description="Consent decisions recorded, by purpose, decision, source and kind",
+            )
+        )
         self.consumers = tuple(consumers)
         """The consumers of consent's log that a withdrawal or erasure must reach (see
         services/consent/propagation.py)."""
@@ -305,6 +316,17 @@ class ConsentService:
                     ],
                 )
             self._after_append(connection)
+        if self._decisions is not None:
+            for entry in appended:
+                self._decisions.add(
+                    1,
+                    {
+                        "purpose": entry.record.purpose,
+                        "decision": common_pb2.Decision.Name(entry.record.decision),
+                        "source": consent_pb2.ConsentSource.Name(entry.record.source),
+                        "kind": audit_pb2.EntryKind.Name(entry.record.kind),
+                    },
+                )
         return [Receipt(e.record.seq, e.leaf_hash, e.record.purpose) for e in appended]
 
     def _check_decisions(

@@ -473,6 +473,17 @@ class IdentityStore:
                 return
         self.settle_forgotten()
 
+    def reconcile(self) -> None:
+        """Settle from the stored acknowledgements, on a timer: what an acknowledgement's
+        callback left undone (or another replica received) is not left waiting."""
+        with self.engine.connect() as connection:
+            acknowledged = self.outbox.acknowledgements(connection)
+        floor = min(
+            (acknowledged[c].seq if c in acknowledged else 0 for c in self.consumers), default=0
+        )
+        if self.consumers and floor > 0:
+            self.acknowledged(PRODUCER, self.consumers[0], floor)
+
     def settle_forgotten(self) -> int:
         """Redact what forgotten persons left on the log, where every consumer has applied the
         forget (at once when none is deployed); returns how many envelopes were redacted."""

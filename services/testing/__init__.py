@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import grpc
+from opentelemetry.sdk.metrics.export import MetricReader
+from opentelemetry.sdk.trace.export import SpanExporter
 from steward.consent.v1 import audit_pb2_grpc, consent_pb2_grpc
 from steward.events.v1 import events_pb2_grpc
 from steward.identity.v1 import identity_pb2_grpc
@@ -86,6 +88,8 @@ def steward_suite(
     data_dir: Path | str | None = None,
     services: Sequence[str] = SERVICES,
     environ: Mapping[str, str] | None = None,
+    span_exporter: SpanExporter | None = None,
+    metric_reader: MetricReader | None = None,
 ) -> Iterator[StewardSuite]:
     """Start the suite (or the ``services`` named) in-process on a free port; stop it on exit.
 
@@ -94,6 +98,8 @@ def steward_suite(
     SQLite file under ``data_dir``. ``data_dir`` (default: a temporary directory, removed
     afterwards) also holds the development keys. ``environ`` adds settings as ``steward serve``
     reads them from the environment (``STEWARD_MAX_BATCH``, ``STEWARD_TRANSPORT``, …).
+    ``span_exporter`` and ``metric_reader`` (e.g. OpenTelemetry's in-memory ones) receive the
+    suite's spans and metrics.
     """
     temporary = None
     if data_dir is None:
@@ -104,7 +110,9 @@ def steward_suite(
         variables["STEWARD_DATABASE_URL"] = database_url
     settings = dataclasses.replace(Settings.from_env(variables), host="127.0.0.1", port=0)
     try:
-        running = start_suite(settings, services)
+        running = start_suite(
+            settings, services, span_exporter=span_exporter, metric_reader=metric_reader
+        )
         try:
             with grpc.insecure_channel(running.target) as channel:
                 yield StewardSuite(

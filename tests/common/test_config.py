@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from services.common.certs import DEV_CERTS_MARKER, init_certificates
-from services.common.config import ConfigError, Settings
+from services.common.config import ConfigError, Settings, environment_variables
 from services.common.keyring import DEV_MARKER, init_keys
 
 
@@ -197,3 +197,29 @@ def test_development_tolerates_development_keys_and_no_callers_file(tmp_path: Pa
     init_keys(tmp_path / "keys", development=True)
 
     assert Settings.from_env({"STEWARD_DATA_DIR": str(tmp_path)}).callers_file is None
+
+
+def test_environment_variables_names_every_variable_read_including_per_service_urls() -> None:
+    names = environment_variables()
+
+    assert {
+        "STEWARD_ENV",
+        "STEWARD_DATABASE_URL",
+        "STEWARD_CONSENT_DB_URL",
+        "STEWARD_KEYSTORE_DB_URL",
+        "STEWARD_KEYRING_JSON",
+        "STEWARD_IDENTITY_TARGET",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    } <= names
+    assert "STEWARD_NO_SUCH_SETTING" not in names
+
+
+def test_every_variable_named_as_read_changes_the_settings_or_is_refused() -> None:
+    defaults = Settings.from_env({})
+    for variable in sorted(environment_variables()):
+        try:
+            settings = Settings.from_env({variable: "7"})
+        except ConfigError as error:
+            assert variable in str(error)
+            continue
+        assert settings != defaults, f"{variable} is listed as read but changes nothing"
