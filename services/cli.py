@@ -709,16 +709,25 @@ def certs_init(
         ),
     ] = ",".join(DEFAULT_HOSTS),
     force: Annotated[bool, typer.Option(help="Replace certificates that exist.")] = False,
+    dev: Annotated[
+        bool | None,
+        typer.Option(
+            "--dev/--production",
+            help="Mark them as development certificates, which production refuses (default "
+            "unless STEWARD_ENV=production).",
+        ),
+    ] = None,
 ) -> None:
-    """Create a development CA and certificates for the services and callers (mutual TLS).
+    """Create a CA and certificates for the services and callers (mutual TLS).
 
-    Development material only: production refuses to start with it.
+    The CA's private key is written beside them: move it somewhere safe in production.
     """
     from rich.markup import escape
 
     from services.common.certs import CertificateError, init_certificates
 
-    target = directory or _settings().data_dir / "certs"
+    settings = _settings()
+    target = directory or settings.data_dir / "certs"
     try:
         made = init_certificates(
             target,
@@ -726,11 +735,13 @@ def certs_init(
             callers=caller or [],
             hosts=[host for host in hosts.split(",") if host.strip()],
             force=force,
+            development=settings.env != "production" if dev is None else dev,
         )
     except CertificateError as error:
         errors.print(f"[red]{escape(str(error))}[/red]")
         raise typer.Exit(1) from error
-    console.print(f"development CA: {escape(str(made.ca.certificate))}", soft_wrap=True)
+    kind = "development CA" if made.development else "CA"
+    console.print(f"{kind}: {escape(str(made.ca.certificate))}", soft_wrap=True)
     for issued in (*made.services, *made.callers):
         console.print(
             f"  {issued.name}: {escape(str(issued.certificate))}, "

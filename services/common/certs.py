@@ -1,20 +1,24 @@
-"""A development certificate authority and the certificates of a suite, for mutual TLS.
+"""A certificate authority and the certificates of a suite, for mutual TLS.
 
-``steward certs init`` writes, into one directory (made with mode 0700 if it is new):
+``steward certs init`` writes, into one directory (made with mode 0700 if it is new), the names
+compose.yaml mounts:
 
-- ``ca.crt`` / ``ca.key``: a self-signed CA (CA:true, may sign only end-entity certificates);
-- ``<service>.crt`` / ``<service>.key`` for each service: one certificate it serves with and
+- ``ca.pem`` / ``ca-key.pem``: a self-signed CA (CA:true, may sign only end-entity
+  certificates);
+- ``<service>.pem`` / ``<service>-key.pem`` for each service: one certificate it serves with and
   presents when it calls its peers (server and client auth), CN the service's name, the
   service's name and the given hosts as subject alternative names so a client can reach it as
   ``consent:50051`` in compose or ``127.0.0.1:50051`` on a laptop;
-- ``<caller>.crt`` / ``<caller>.key`` for each caller: a client certificate, CN the caller's
+- ``<caller>.pem`` / ``<caller>-key.pem`` for each caller: a client certificate, CN the caller's
   name, which is what a callers file's ``certificate_subject`` names (and the alternative name
   ``urn:steward:caller:<name>``).
 
-Private keys are written 0600 and nothing is overwritten unless asked. The CA's private key
-sits beside what it signed, which is fine for a laptop and wrong anywhere else, so the
-directory also gets :data:`DEV_CERTS_MARKER` and production start-up refuses certificates
-next to it (``Settings.validate_for_production``), as it refuses development keys.
+Private keys are written 0600 and nothing is overwritten unless asked. Like keys
+(``services.common.keyring``), certificates are made for development unless asked otherwise:
+development material has its CA named :data:`DEVELOPMENT_ORGANISATION` and the marker file
+:data:`DEV_CERTS_MARKER` beside it, and production start-up refuses a certificate that has
+either (``Settings.validate_for_production``). The issuer's name is what catches a development
+certificate mounted on its own, as a container secret, away from its marker.
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 DEV_CERTS_MARKER: Final = ".development-certificates"
 """Written beside development certificates; production refuses to serve with them."""
 
+DEVELOPMENT_ORGANISATION: Final = "Steward development"
+"""The organisation of a development CA and what it signs; production refuses such a
+certificate wherever it is found."""
+
 CA_NAME: Final = "ca"
 DEFAULT_HOSTS: Final = ("localhost", "127.0.0.1")
 CA_VALID_DAYS: Final = 3650
@@ -43,7 +51,7 @@ LEAF_VALID_DAYS: Final = 825
 """The longest validity browsers and most TLS stacks still accept for a leaf certificate."""
 
 _FILE_NAME: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_ORGANISATION: Final = "Steward development"
+_PRODUCTION_ORGANISATION: Final = "Steward"
 
 
 class CertificateError(Exception):
@@ -60,12 +68,13 @@ class IssuedFiles:
 
 
 @dataclass(frozen=True, slots=True)
-class DevelopmentPki:
+class IssuedPki:
     """What ``init_certificates`` wrote."""
 
     ca: IssuedFiles
     services: tuple[IssuedFiles, ...]
     callers: tuple[IssuedFiles, ...]
+    development: bool
 
 
 def init_certificates(
@@ -75,9 +84,13 @@ def init_certificates(
     callers: Sequence[str] = (),
     hosts: Sequence[str] = DEFAULT_HOSTS,
     force: bool = False,
+    development: bool = True,
     now: datetime.datetime | None = None,
-) -> DevelopmentPki:
-    """Make a development CA and sign a certificate for every service and caller.
+) -> IssuedPki:
+    """Make a CA and sign a certificate for every service and caller.
+
+    ``development=False`` is for a small deployment that runs its own CA (compose on one host):
+    the CA's key is still written beside the certificates, to be moved somewhere safe.
 
     Refuses (before writing anything) names that are not plain file names, a name used twice,
     and files that exist already unless ``force``: replacing a CA silently would strand every
@@ -85,17 +98,16 @@ def init_certificates(
     """
     names = [*services, *callers]
     for name in names:
-        if not _FILE_NAME.fullmatch(name) or name == CA_NAME:
+        if not _FILE_NAME.fullmatch(name) or name == CA_NAME or name.endswith("-key"):
             raise CertificateError(
-                f"{name!r} cannot name a certificate: use 1-64 of A-Z a-z 0-9 _ . - (not 'ca')"
+                f"{name!r} cannot name a certificate: use 1-64 of A-Z a-z 0-9 _ . - "
+                "(not 'ca', not ending in '-key')"
             )
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise CertificateError(f"named twice: {', '.join(repeated)}")
     host_names = [_subject_alternative_name(host) for host in hosts]
-    targets = [
-        directory / f"{name}.{suffix}" for name in [CA_NAME, *names] for suffix in ("crt", "key")
-    ]
+    targets = [path for name in [CA_NAME, *names] for path in _paths(directory, name)]
     existing = [str(path) for path in targets if path.exists()]
     if existing and not force:
         raise CertificateError(
@@ -107,7 +119,8 @@ def init_certificates(
         directory.mkdir(parents=True, mode=0o700)
     start = (now or datetime.datetime.now(datetime.UTC)) - datetime.timedelta(minutes=5)
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_certificate = _ca_certificate(ca_key, start)
+    organisation = DEVELOPMENT_ORGANISATION if development else _PRODUCTION_ORGANISATION
+    ca_certificate = _ca_certificate(ca_key, start, organisation)
     ca_files = _write(directory, CA_NAME, ca_certificate, ca_key)
     issued_services = []
     for service in services:
@@ -137,11 +150,16 @@ def init_certificates(
             [x509.UniformResourceIdentifier(f"urn:steward:caller:{caller}")],
         )
         issued_callers.append(_write(directory, caller, certificate, key))
-    (directory / DEV_CERTS_MARKER).write_text(
-        "Made by `steward certs init`: development certificates, refused in production.\n",
-        encoding="utf-8",
-    )
-    return DevelopmentPki(ca_files, tuple(issued_services), tuple(issued_callers))
+    marker = directory / DEV_CERTS_MARKER
+    if development:
+        marker.write_text(
+            "Made by `steward certs init --dev`: development certificates, refused in "
+            "production.\n",
+            encoding="utf-8",
+        )
+    else:
+        marker.unlink(missing_ok=True)
+    return IssuedPki(ca_files, tuple(issued_services), tuple(issued_callers), development)
 
 
 def _subject_alternative_name(host: str) -> x509.GeneralName:
@@ -163,17 +181,34 @@ def _unique(names: Sequence[x509.GeneralName]) -> list[x509.GeneralName]:
     return unique
 
 
-def _name(common_name: str) -> x509.Name:
+def is_development_certificate(pem: bytes) -> bool:
+    """Whether a PEM certificate was signed by (or is) a development CA of ``certs init``."""
+    certificate = x509.load_pem_x509_certificate(pem)
+    return any(
+        attribute.value == DEVELOPMENT_ORGANISATION
+        for name in (certificate.issuer, certificate.subject)
+        for attribute in name.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    )
+
+
+def _paths(directory: Path, name: str) -> tuple[Path, Path]:
+    """Where the certificate and the private key called ``name`` go."""
+    return directory / f"{name}.pem", directory / f"{name}-key.pem"
+
+
+def _name(common_name: str, organisation: str) -> x509.Name:
     return x509.Name(
         [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, _ORGANISATION),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, organisation),
             x509.NameAttribute(NameOID.COMMON_NAME, common_name),
         ]
     )
 
 
-def _ca_certificate(key: ec.EllipticCurvePrivateKey, start: datetime.datetime) -> x509.Certificate:
-    name = _name("Steward development CA")
+def _ca_certificate(
+    key: ec.EllipticCurvePrivateKey, start: datetime.datetime, organisation: str
+) -> x509.Certificate:
+    name = _name(f"{organisation} CA", organisation)
     public_key = key.public_key()
     return (
         x509.CertificateBuilder()
@@ -214,9 +249,10 @@ def _leaf_certificate(
 ) -> x509.Certificate:
     public_key = key.public_key()
     ca_key_id = ca_certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+    organisation = ca_certificate.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)[0]
     builder = (
         x509.CertificateBuilder()
-        .subject_name(_name(common_name))
+        .subject_name(_name(common_name, str(organisation.value)))
         .issuer_name(ca_certificate.subject)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
@@ -254,8 +290,7 @@ def _write(
     certificate: x509.Certificate,
     key: ec.EllipticCurvePrivateKey,
 ) -> IssuedFiles:
-    certificate_path = directory / f"{name}.crt"
-    key_path = directory / f"{name}.key"
+    certificate_path, key_path = _paths(directory, name)
     certificate_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     key_bytes = key.private_bytes(
         serialization.Encoding.PEM,

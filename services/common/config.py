@@ -17,7 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar, cast, get_args
 
-from services.common.certs import DEV_CERTS_MARKER
+from services.common.certs import (
+    DEV_CERTS_MARKER,
+    DEVELOPMENT_ORGANISATION,
+    is_development_certificate,
+)
 from services.common.keyring import DEV_MARKER
 
 Environment = Literal["development", "production"]
@@ -229,10 +233,11 @@ class Settings:
                 "STEWARD_CALLERS_FILE is not set, so every call would be unauthenticated; "
                 "list the callers (`steward callers add`)"
             )
-        if self.tls_cert is not None and (self.tls_cert.parent / DEV_CERTS_MARKER).exists():
+        if self.tls_cert is not None and _development_certificate(self.tls_cert):
             problems.append(
-                f"STEWARD_TLS_CERT ({self.tls_cert}) is a development certificate (found "
-                f"{DEV_CERTS_MARKER} beside it); use certificates from your own CA"
+                f"STEWARD_TLS_CERT ({self.tls_cert}) is a development certificate (issued by "
+                f"{DEVELOPMENT_ORGANISATION!r} or beside {DEV_CERTS_MARKER}); use "
+                "`steward certs init --production` or your own CA"
             )
         if (self.keys_dir / DEV_MARKER).exists():
             problems.append(
@@ -266,6 +271,17 @@ class _Variables:
     def get(self, name: str, default: str | None = None) -> str | None:
         self._asked.add(name)
         return self._values.get(name, default)
+
+
+def _development_certificate(path: Path) -> bool:
+    """Whether ``path`` holds a development certificate. One that cannot be read is left to
+    the server's start, which names the file it cannot use."""
+    if (path.parent / DEV_CERTS_MARKER).exists():
+        return True
+    try:
+        return is_development_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return False
 
 
 def _parse_text(variable: str, raw: str) -> str:

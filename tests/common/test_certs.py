@@ -13,7 +13,12 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 from typer.testing import CliRunner
 
 from services.cli import app
-from services.common.certs import DEV_CERTS_MARKER, CertificateError, init_certificates
+from services.common.certs import (
+    DEV_CERTS_MARKER,
+    CertificateError,
+    init_certificates,
+    is_development_certificate,
+)
 
 runner = CliRunner()
 
@@ -88,6 +93,25 @@ def test_private_keys_are_private_and_the_material_is_marked_as_development(
         assert issued.private_key.stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "certs").stat().st_mode & 0o777 == 0o700
     assert (tmp_path / "certs" / DEV_CERTS_MARKER).exists()
+    assert is_development_certificate(pki.services[0].certificate.read_bytes())
+    assert [path.name for path in (pki.ca.certificate, pki.ca.private_key)] == [
+        "ca.pem",
+        "ca-key.pem",
+    ]
+    assert pki.services[0].private_key.name == "consent-key.pem"
+
+
+def test_production_certificates_carry_no_development_mark(tmp_path: Path) -> None:
+    init_certificates(tmp_path, services=["consent"], callers=["alice"])
+
+    pki = init_certificates(tmp_path, services=["consent"], force=True, development=False)
+
+    assert not (tmp_path / DEV_CERTS_MARKER).exists()
+    assert not is_development_certificate(pki.services[0].certificate.read_bytes())
+    assert not is_development_certificate(pki.ca.certificate.read_bytes())
+    store = Store([read(pki.ca.certificate)])
+    verifier = PolicyBuilder().store(store).build_server_verifier(x509.DNSName("consent"))
+    verifier.verify(read(pki.services[0].certificate), [])
 
 
 def test_existing_certificates_are_kept_unless_forced(tmp_path: Path) -> None:
@@ -105,6 +129,8 @@ def test_existing_certificates_are_kept_unless_forced(tmp_path: Path) -> None:
 def test_names_that_are_not_plain_file_names_or_hosts_are_refused(tmp_path: Path) -> None:
     with pytest.raises(CertificateError, match="cannot name a certificate"):
         init_certificates(tmp_path, services=["../etc"])
+    with pytest.raises(CertificateError, match="cannot name a certificate"):
+        init_certificates(tmp_path, services=["consent"], callers=["consent-key"])
     with pytest.raises(CertificateError, match="named twice"):
         init_certificates(tmp_path, services=["consent"], callers=["consent"])
     with pytest.raises(CertificateError, match="neither an IP address nor a DNS name"):
@@ -130,7 +156,7 @@ def test_certs_init_command_writes_the_hosts_given(tmp_path: Path) -> None:
     )
 
     assert result.exit_code == 0, result.output
-    names = read(tmp_path / "identity.crt").extensions.get_extension_for_class(
+    names = read(tmp_path / "identity.pem").extensions.get_extension_for_class(
         x509.SubjectAlternativeName
     )
     assert names.value.get_values_for_type(x509.DNSName) == ["identity", "identity.internal"]

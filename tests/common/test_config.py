@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from services.common.certs import DEV_CERTS_MARKER, init_certificates
+from services.common.certs import init_certificates
 from services.common.config import ConfigError, Settings, environment_variables
 from services.common.keyring import DEV_MARKER, init_keys
 
@@ -142,18 +142,42 @@ def test_production_refuses_development_certificates(tmp_path: Path) -> None:
     init_keys(tmp_path / "keys", development=False)
     pki = init_certificates(tmp_path / "certs", services=["consent"])
     (consent,) = pki.services
+    # A container gets the certificate alone, as a secret, without the marker beside it.
+    mounted = tmp_path / "secrets"
+    mounted.mkdir()
+    (mounted / "tls.pem").write_bytes(consent.certificate.read_bytes())
 
-    with pytest.raises(ConfigError, match=DEV_CERTS_MARKER):
-        Settings.from_env(
-            {
-                "STEWARD_ENV": "production",
-                "STEWARD_DATA_DIR": str(tmp_path),
-                "STEWARD_CALLERS_FILE": str(tmp_path / "callers.yaml"),
-                "STEWARD_TLS_CERT": str(consent.certificate),
-                "STEWARD_TLS_KEY": str(consent.private_key),
-                "STEWARD_TLS_CA": str(pki.ca.certificate),
-            }
-        )
+    for certificate in (consent.certificate, mounted / "tls.pem"):
+        with pytest.raises(ConfigError, match="is a development certificate"):
+            Settings.from_env(
+                {
+                    "STEWARD_ENV": "production",
+                    "STEWARD_DATA_DIR": str(tmp_path),
+                    "STEWARD_CALLERS_FILE": str(tmp_path / "callers.yaml"),
+                    "STEWARD_TLS_CERT": str(certificate),
+                    "STEWARD_TLS_KEY": str(consent.private_key),
+                    "STEWARD_TLS_CA": str(pki.ca.certificate),
+                }
+            )
+
+
+def test_production_starts_with_production_certificates(tmp_path: Path) -> None:
+    init_keys(tmp_path / "keys", development=False)
+    pki = init_certificates(tmp_path / "certs", services=["consent"], development=False)
+    (consent,) = pki.services
+
+    settings = Settings.from_env(
+        {
+            "STEWARD_ENV": "production",
+            "STEWARD_DATA_DIR": str(tmp_path),
+            "STEWARD_CALLERS_FILE": str(tmp_path / "callers.yaml"),
+            "STEWARD_TLS_CERT": str(consent.certificate),
+            "STEWARD_TLS_KEY": str(consent.private_key),
+            "STEWARD_TLS_CA": str(pki.ca.certificate),
+        }
+    )
+
+    assert settings.tls_enabled and settings.env == "production"
 
 
 def test_tls_files_are_configured_all_together_or_not_at_all() -> None:

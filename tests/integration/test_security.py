@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 
 from services.cli import app
 from services.common.callers import Caller, Callers, RateLimitSpec, hash_token, new_token
-from services.common.certs import DevelopmentPki, init_certificates
+from services.common.certs import IssuedPki, init_certificates
 from services.common.channels import open_channel
 from services.common.config import Settings
 from services.common.db import make_engine
@@ -262,11 +262,11 @@ def test_a_callers_file_naming_an_unknown_scope_stops_the_start(
 
 
 @pytest.fixture
-def pki(tmp_path: Path) -> DevelopmentPki:
+def pki(tmp_path: Path) -> IssuedPki:
     return init_certificates(tmp_path / "certs", services=list(SERVICES), callers=["alice"])
 
 
-def tls_environ(pki: DevelopmentPki, service: str) -> dict[str, str]:
+def tls_environ(pki: IssuedPki, service: str) -> dict[str, str]:
     issued = next(files for files in pki.services if files.name == service)
     return {
         "STEWARD_TLS_CERT": str(issued.certificate),
@@ -275,7 +275,7 @@ def tls_environ(pki: DevelopmentPki, service: str) -> dict[str, str]:
     }
 
 
-def client_credentials(pki: DevelopmentPki, with_certificate: bool) -> grpc.ChannelCredentials:
+def client_credentials(pki: IssuedPki, with_certificate: bool) -> grpc.ChannelCredentials:
     alice = pki.callers[0]
     if not with_certificate:
         return grpc.ssl_channel_credentials(root_certificates=pki.ca.certificate.read_bytes())
@@ -287,7 +287,7 @@ def client_credentials(pki: DevelopmentPki, with_certificate: bool) -> grpc.Chan
 
 
 def test_a_tls_suite_admits_only_clients_with_a_certificate(
-    start_services: StartServices, pki: DevelopmentPki, tmp_path: Path
+    start_services: StartServices, pki: IssuedPki, tmp_path: Path
 ) -> None:
     callers = write_callers(
         tmp_path / "callers.yaml",
@@ -321,7 +321,7 @@ def test_a_tls_suite_admits_only_clients_with_a_certificate(
 
 
 def test_steward_health_reaches_a_tls_suite_with_the_environments_certificate(
-    start_services: StartServices, pki: DevelopmentPki
+    start_services: StartServices, pki: IssuedPki
 ) -> None:
     suite = start_services("identity", environ=tls_environ(pki, "identity"))
     alice = pki.callers[0]
@@ -344,7 +344,7 @@ def test_steward_health_reaches_a_tls_suite_with_the_environments_certificate(
 
 
 def test_services_in_separate_processes_call_each_other_over_mutual_tls(
-    pki: DevelopmentPki, tmp_path: Path
+    pki: IssuedPki, tmp_path: Path
 ) -> None:
     """Each service in a suite of its own, presenting its own certificate: consent resolves at
     identity and gathers an export from tagging and recommend, which read consent's and
