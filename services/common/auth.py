@@ -15,7 +15,6 @@ no log line carries the token presented.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Sequence
 from typing import Any, Final
 
@@ -36,8 +35,6 @@ from services.common.errors import (
 from services.common.interceptors import BehaviourInterceptor, StreamBehaviour, UnaryBehaviour
 from services.common.rate_limit import CallerRateLimits, Clock
 from services.common.scopes import known_scopes, required_scope
-
-logger = logging.getLogger(__name__)
 
 AUTHORIZATION_METADATA_KEY: Final = "authorization"
 
