@@ -67,11 +67,6 @@ def caller_of(context: grpc.ServicerContext) -> str:
     return ANONYMOUS
 
 
-def authenticated_caller() -> str | None:
-    """The name the authorisation interceptor admitted the current call under, if any."""
-    return _authenticated.get()
-
-
 @contextmanager
 def acting_as(name: str) -> Iterator[None]:
     """Run the enclosed part of a call as the authenticated caller ``name``.

@@ -14,7 +14,7 @@ from services.common.callers import (
     Callers,
     CallersFileError,
     acting_as,
-    authenticated_caller,
+    caller_of,
     hash_token,
     new_token,
 )
@@ -158,8 +158,20 @@ def test_callers_add_with_all_scopes_writes_each_scope_out(tmp_path: Path) -> No
     assert yaml.safe_load(path.read_text())["callers"][0]["scopes"] == sorted(known_scopes())
 
 
-def test_the_authenticated_caller_holds_only_inside_acting_as() -> None:
-    assert authenticated_caller() is None
+class _Call:
+    """A call's context as far as ``caller_of`` looks: the metadata the caller sent."""
+
+    def __init__(self, *metadata: tuple[str, str]) -> None:
+        self._metadata = metadata
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+
+def test_the_authenticated_caller_wins_over_the_claimed_one_only_inside_acting_as() -> None:
+    claimed = _Call(("x-steward-caller", "mallory"))
+
     with acting_as("shop"):
-        assert authenticated_caller() == "shop"
-    assert authenticated_caller() is None
+        assert caller_of(claimed) == "shop"  # type: ignore[arg-type]
+    assert caller_of(claimed) == "mallory"  # type: ignore[arg-type]
+    assert caller_of(_Call(("x-steward-caller", "not a name!"))) == "anonymous"  # type: ignore[arg-type]
