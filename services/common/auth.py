@@ -60,7 +60,8 @@ class Authorization(BehaviourInterceptor):
 
         def authorised(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             caller = self._admit(context, method, scope)
-            responses = behaviour(request, context)
+            with acting_as(caller.name):
+                responses = behaviour(request, context)
             # Set around each step, never across a yield: a stream closed early is finalised
             # wherever it is collected, and the worker thread serves other calls in between.
             try:
