@@ -22,6 +22,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from sqlalchemy import select
 from steward.common.v1 import common_pb2
 from steward.consent.v1 import audit_pb2, audit_pb2_grpc, consent_pb2, consent_pb2_grpc
+from steward.identity.v1 import identity_pb2
 from typer.testing import CliRunner
 
 from services.cli import app
@@ -34,6 +35,7 @@ from services.common.errors import read_error_details
 from services.common.scopes import RpcMethod, known_scopes, rpc_methods
 from services.runtime import SERVICES, RunningSuite, start_suite
 from services.tagging.store import CONSUMER_TABLES
+from services.testing import steward_suite
 
 StartServices = Callable[..., RunningSuite]
 AUTH_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
@@ -244,6 +246,19 @@ def test_a_caller_over_its_rate_is_told_when_to_retry(
     details = read_error_details(refused.value)
     assert details.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert details.retry_delay is not None and 0 < details.retry_delay <= 20
+
+
+def test_the_test_harness_calls_with_the_token_its_environment_gives(tmp_path: Path) -> None:
+    harness, token = with_token("harness", {"consent:read"})
+    callers = write_callers(tmp_path / "callers.yaml", harness)
+    environ = {"STEWARD_CALLERS_FILE": str(callers), "STEWARD_TOKEN": token}
+
+    with steward_suite(services=["consent", "identity"], environ=environ) as suite:
+        assert suite.consent.ListPurposes(consent_pb2.ListPurposesRequest(), timeout=10).purposes
+        with pytest.raises(grpc.RpcError) as denied:
+            suite.identity.GetRules(identity_pb2.GetRulesRequest(), timeout=10)
+
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 def test_a_callers_file_naming_an_unknown_scope_stops_the_start(
