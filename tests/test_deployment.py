@@ -34,9 +34,7 @@ SECRETS_DIR = "deploy/secrets/"
 SECRETS_MOUNT = "/run/secrets/"
 STEWARD_IMAGE_USER = "10001"
 
-AWAITED_VARIABLES = frozenset(
-    {"STEWARD_TLS_CA", "STEWARD_TLS_CERT", "STEWARD_TLS_KEY", "STEWARD_JETSTREAM_PREFIX"}
-)
+AWAITED_VARIABLES = frozenset({"STEWARD_JETSTREAM_PREFIX"})
 """Variables compose.yaml already passes that the mTLS and JetStream work (issue #8) adds to
 ``Settings.from_env``; drop each from here once the settings read it."""
 
