@@ -101,14 +101,16 @@ def steward_server(
     *,
     health_service: str = "",
     start_timeout: float = 120.0,
+    port: int | None = None,
 ) -> Iterator[Server]:
-    """``steward serve --service ...`` on a free port with ``STEWARD_DATA_DIR=data_dir``.
+    """``steward serve --service ...`` on ``port`` (a free one by default) with
+    ``STEWARD_DATA_DIR=data_dir``.
 
     ``env`` is added to the caller's environment (less :data:`SERVER_ENV_DROPPED` and its
     database URLs); the server
     logs to ``data_dir/server.log``, shown if it dies. Yields once ``health_service`` serves.
     """
-    port = free_port()
+    port = port or free_port()
     command = [str(Path(sys.executable).with_name("steward")), "serve", "--port", str(port)]
     for service in services:
         command += ["--service", service]

@@ -12,7 +12,6 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
-from sqlalchemy import LargeBinary, MetaData, select
 from steward.common.v1 import common_pb2
 from steward.consent.v1 import audit_pb2, consent_pb2
 from steward.identity.v1 import identity_pb2
@@ -20,8 +19,8 @@ from steward.recommend.v1 import recommend_pb2
 from steward.tagging.v1 import tagging_pb2
 
 from services.common.config import SERVICE_DATABASES
-from services.common.db import make_engine
-from services.testing import StewardSuite, steward_suite
+from services.testing import StewardSuite, leaks, steward_suite
+from services.testing.leaks import Needles
 
 T = common_pb2
 C = consent_pb2
@@ -229,30 +228,8 @@ def test_the_export_bundles_what_all_four_services_hold(steward: StewardSuite) -
 
 def rows_naming(suite: StewardSuite, needles: list[str]) -> list[tuple[str, str]]:
     """(database, table) of every row in any service's database that contains a needle."""
-    found = []
-    for database in SERVICE_DATABASES:
-        engine = make_engine(suite.settings.db_url(database))
-        try:
-            metadata = MetaData()
-            metadata.reflect(engine)
-            with engine.connect() as connection:
-                for table in metadata.sorted_tables:
-                    for row in connection.execute(select(table)):
-                        for value, column in zip(row, table.columns, strict=True):
-                            text = _as_text(value, isinstance(column.type, LargeBinary))
-                            if any(needle in text for needle in needles):
-                                found.append((database, table.name))
-        finally:
-            engine.dispose()
-    return sorted(set(found))
-
-
-def _as_text(value: object, binary: bool) -> str:
-    if isinstance(value, bytes | memoryview):
-        return bytes(value).decode("latin-1")
-    if isinstance(value, dict | list):
-        return json.dumps(value)
-    return "" if value is None else str(value)
+    databases = {name: suite.settings.db_url(name) for name in SERVICE_DATABASES}
+    return sorted(leaks.rows_naming(databases, Needles.of(needles)))
 
 
 def test_an_erasure_leaves_no_row_about_the_person_in_any_service(
