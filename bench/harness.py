@@ -101,21 +101,22 @@ def steward_server(
     *,
     health_service: str = "",
     start_timeout: float = 120.0,
-    port: int | None = None,
 ) -> Iterator[Server]:
-    """``steward serve --service ...`` on ``port`` (a free one by default) with
-    ``STEWARD_DATA_DIR=data_dir``.
+    """``steward serve --service ...`` on a free port with ``STEWARD_DATA_DIR=data_dir``.
 
     ``env`` is added to the caller's environment (less :data:`SERVER_ENV_DROPPED` and its
     database URLs); the server
     logs to ``data_dir/server.log``, shown if it dies. Yields once ``health_service`` serves.
     """
-    port = port or free_port()
-    command = [str(Path(sys.executable).with_name("steward")), "serve", "--port", str(port)]
-    for service in services:
-        command += ["--service", service]
+    port = free_port()
     with _server_process(
-        command, port, data_dir / "server.log", data_dir, env, health_service, start_timeout
+        _serve_command(services, port),
+        port,
+        data_dir / "server.log",
+        data_dir,
+        env,
+        health_service,
+        start_timeout,
     ) as server:
         yield server
 
@@ -146,6 +147,49 @@ def floor_server(
         yield server
 
 
+@dataclass(frozen=True)
+class ServerSpec:
+    """One ``steward serve`` process of :func:`steward_servers`."""
+
+    services: Sequence[str]
+    data_dir: Path
+    env: Mapping[str, str] | None = None
+    health_service: str = ""
+    port: int | None = None
+
+
+@contextmanager
+def steward_servers(
+    specs: Sequence[ServerSpec], start_timeout: float = 120.0
+) -> Iterator[list[Server]]:
+    """Several ``steward serve`` processes (a deployment's services, each in its own) started
+    at once and waited for until each serves, as :func:`steward_server` starts one."""
+    servers: list[Server] = []
+    try:
+        for spec in specs:
+            port = spec.port or free_port()
+            command = _serve_command(spec.services, port)
+            servers.append(
+                _launch(command, port, spec.data_dir / "server.log", spec.data_dir, spec.env)
+            )
+        for server, spec in zip(servers, specs, strict=True):
+            wait_serving(server, spec.health_service, start_timeout)
+        yield servers
+    except BaseException:
+        for server in servers:
+            _show_exit(server)
+        raise
+    finally:
+        _stop(servers)
+
+
+def _serve_command(services: Sequence[str], port: int) -> list[str]:
+    command = [str(Path(sys.executable).with_name("steward")), "serve", "--port", str(port)]
+    for service in services:
+        command += ["--service", service]
+    return command
+
+
 @contextmanager
 def _server_process(
     command: Sequence[str],
@@ -156,6 +200,20 @@ def _server_process(
     health_service: str,
     start_timeout: float,
 ) -> Iterator[Server]:
+    server = _launch(command, port, log, data_dir, env)
+    try:
+        wait_serving(server, health_service, start_timeout)
+        yield server
+    except BaseException:
+        _show_exit(server)
+        raise
+    finally:
+        _stop([server])
+
+
+def _launch(
+    command: Sequence[str], port: int, log: Path, data_dir: Path, env: Mapping[str, str] | None
+) -> Server:
     server_env = {
         name: value
         for name, value in os.environ.items()
@@ -167,22 +225,26 @@ def _server_process(
         process = subprocess.Popen(
             list(command), env=server_env, stdout=output, stderr=subprocess.STDOUT
         )
-    server = Server(process, f"127.0.0.1:{port}", log)
-    try:
-        wait_serving(server, health_service, start_timeout)
-        yield server
-    except BaseException:
-        if process.poll() is not None:
-            print(f"the server exited with {process.returncode}:", file=sys.stderr)
-            print(log.read_text()[-5000:], file=sys.stderr)
-        raise
-    finally:
-        process.send_signal(signal.SIGTERM)
+    return Server(process, f"127.0.0.1:{port}", log)
+
+
+def _show_exit(server: Server) -> None:
+    if server.process.poll() is not None:
+        print(f"the server exited with {server.process.returncode}:", file=sys.stderr)
+        print(server.log.read_text()[-5000:], file=sys.stderr)
+
+
+def _stop(servers: Sequence[Server]) -> None:
+    """SIGTERM to every server at once, then wait for each (killed after 30 s)."""
+    for server in servers:
+        if server.process.poll() is None:
+            server.process.send_signal(signal.SIGTERM)
+    for server in servers:
         try:
-            process.wait(timeout=30)
+            server.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            server.process.kill()
+            server.process.wait()
 
 
 def _names_a_database(variable: str) -> bool:

@@ -76,7 +76,14 @@ from typing import Any, Final
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-from harness import Server, percentile, postgres_database, steward_server
+from harness import (
+    Server,
+    ServerSpec,
+    free_port,
+    percentile,
+    postgres_database,
+    steward_servers,
+)
 from sqlalchemy import select
 from steward.common.v1 import common_pb2
 from steward.consent.v1 import audit_pb2, audit_pb2_grpc, consent_pb2, consent_pb2_grpc
@@ -881,8 +888,6 @@ def deployment(
     work_dir: Path, database_url: str | None, otlp_endpoint: str
 ) -> Iterator[Deployment]:
     """The four services, a process each, on ports chosen up front so each knows the others."""
-    from harness import free_port
-
     ports = {service: free_port() for service in SERVICES}
     keys = work_dir / "keys"
     init_keys(keys, development=True)
@@ -895,23 +900,15 @@ def deployment(
     }
     if database_url:
         common["STEWARD_DATABASE_URL"] = database_url
-    servers: dict[str, Server] = {}
+    specs = []
     settings: dict[str, Settings] = {}
-    with ExitStack() as stack:
-        for service in SERVICES:
-            data_dir = work_dir / service
-            data_dir.mkdir(parents=True, exist_ok=True)
-            settings[service] = Settings.from_env({**common, "STEWARD_DATA_DIR": str(data_dir)})
-            servers[service] = stack.enter_context(
-                steward_server(
-                    [service],
-                    data_dir,
-                    common,
-                    health_service=HEALTH[service],
-                    port=ports[service],
-                )
-            )
-        yield Deployment(servers, settings)
+    for service in SERVICES:
+        data_dir = work_dir / service
+        data_dir.mkdir(parents=True, exist_ok=True)
+        settings[service] = Settings.from_env({**common, "STEWARD_DATA_DIR": str(data_dir)})
+        specs.append(ServerSpec([service], data_dir, common, HEALTH[service], ports[service]))
+    with steward_servers(specs) as servers:
+        yield Deployment(dict(zip(SERVICES, servers, strict=True)), settings)
 
 
 def stubs_for(stack: ExitStack, servers: dict[str, Server]) -> Stubs:
@@ -997,8 +994,11 @@ def run_soak(options: Options, say: Callable[[str], None] = print) -> Report:
             )
             databases = suite.databases()
             logs = {name: server.log for name, server in suite.servers.items()}
+            stopping = time.monotonic()
         # The services have stopped: every span has been exported, every log line written.
         collector.stop()
+        say(f"services stopped in {time.monotonic() - stopping:.1f} s; scanning")
+        scanning = time.monotonic()
         report.leaks.update({f"spans ({kind})": found for kind, found in span_hits.items()})
         erased_ids = Needles.of(shopper.person_id for _, shopper in workload.erasure_ids)
         for (database, table), found in rows_naming(databases, needles).items():
@@ -1012,6 +1012,7 @@ def run_soak(options: Options, say: Callable[[str], None] = print) -> Report:
             found = needles.found_in(text)
             if found:
                 report.leaks[f"log of {name}"] = found
+        say(f"scanned in {time.monotonic() - scanning:.1f} s")
         report.scanned = {
             "databases": len(databases),
             "log lines": lines,
