@@ -458,6 +458,7 @@ class Workload:
         # The figures are the traffic's: setting up's calls are left out.
         self.calls = self.report.calls = Calls()
         failures: list[BaseException] = []
+        halt = threading.Event()
 
         def client(number: int) -> None:
             try:
@@ -471,7 +472,7 @@ class Workload:
             due = time.monotonic() + rng.random() * interval
             while True:
                 now = time.monotonic()
-                if now >= stop_at:
+                if now >= stop_at or halt.is_set():
                     return
                 if due > now:
                     time.sleep(min(due - now, stop_at - now))
@@ -486,8 +487,13 @@ class Workload:
         threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
         for thread in threads:
             thread.start()
-        for thread in threads:
-            thread.join()
+        try:
+            for thread in threads:
+                thread.join()
+        finally:
+            halt.set()  # on Ctrl-C too: the clients stop after their current call
+            for thread in threads:
+                thread.join()
         if failures:
             raise RuntimeError("a client thread failed") from failures[0]
 

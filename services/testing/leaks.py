@@ -28,13 +28,12 @@ from services.common.db import make_engine
 from services.common.identifiers import IdentifierError, IdentifierType, normalise
 
 _EMAIL: Final = re.compile(r"[a-z0-9._%+-]+@[a-z0-9.-]*[a-z0-9]")
-_UUID: Final = re.compile(
-    r"(?<![0-9a-z])[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}(?![0-9a-z])"
-)
-_PERSON_ID: Final = re.compile(r"(?<![0-9a-z])p_[0-9a-f]{32}(?![0-9a-z])")
-_DIGITS: Final = re.compile(r"(?<![0-9a-z])\+?\d[\d\s().-]*\d(?![0-9a-z])")
-"""A run of digits and the separators people write numbers with, not inside a longer word
-(a hex digest's digits are never a phone number)."""
+_UUID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_PERSON_ID: Final = re.compile(r"p_[0-9a-f]{32}")
+_DIGITS: Final = re.compile(r"(?<![0-9a-z])\+?\d[\d\s().-]*\d")
+"""A run of digits and the separators people write numbers with that does not continue a word
+(the digits inside a hex digest are not a phone number). Nothing is required after it: in an
+exported span a protobuf tag byte, often a letter or digit, follows the value."""
 
 _SHAPES: Final = (_UUID, _PERSON_ID)
 _CHUNK_CHARACTERS: Final = 1 << 20
@@ -74,19 +73,17 @@ class Needles:
         self._literals.add(lowered)
 
     def add_identifier(self, identifier_type: int, value: str) -> None:
-        """A raw identifier in the form sent, normalised and, for phones, in any spelling."""
+        """A raw identifier in the form sent, normalised and, for a phone, in any spelling of
+        its digits."""
+        if identifier_type == common_pb2.IDENTIFIER_TYPE_PHONE:
+            with suppress(phonenumbers.NumberParseException):
+                parsed = phonenumbers.parse(value, self.phone_region)
+                self._phone_digits[str(parsed.national_number)] = value
+                return
         self.add(value)
         with suppress(IdentifierError):
             kind = cast(IdentifierType, identifier_type)
             self.add(normalise(kind, value, phone_region=self.phone_region))
-        if identifier_type == common_pb2.IDENTIFIER_TYPE_PHONE:
-            try:
-                parsed = phonenumbers.parse(value, self.phone_region)
-            except phonenumbers.NumberParseException:
-                return
-            self._phone_digits[str(parsed.national_number)] = value
-            # The spellings themselves are found through their digits.
-            self._literals.discard(value.strip().lower())
 
     def __len__(self) -> int:
         return (
@@ -96,20 +93,25 @@ class Needles:
             + len(self._literals)
         )
 
+    def _emails_within(self, candidate: str) -> set[str]:
+        """The needles inside an e-mail-shaped run: "x.shopper7@example.org" holds
+        shopper7@example.org, and so does "shopper7@example.orgb" (a protobuf tag byte after
+        the value)."""
+        at = candidate.index("@")
+        return {
+            candidate[start:end]
+            for start in range(at)
+            for end in range(at + 2, len(candidate) + 1)
+            if candidate[start:end] in self._emails
+        }
+
     def found_in(self, text: str) -> set[str]:
         """The needles ``text`` contains (lower-cased; a phone as it was sent)."""
         lowered = text.lower()
         found: set[str] = set()
         if self._emails and "@" in lowered:
             for match in _EMAIL.finditer(lowered):
-                candidate = match.group()
-                local_length = candidate.index("@")
-                # "x.shopper7@example.org" holds shopper7@example.org too.
-                found.update(
-                    candidate[start:]
-                    for start in range(local_length)
-                    if candidate[start:] in self._emails
-                )
+                found.update(self._emails_within(match.group()))
         for shape, values in self._shaped.items():
             found.update(m.group() for m in shape.finditer(lowered) if m.group() in values)
         if self._phone_digits:
