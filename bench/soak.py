@@ -377,6 +377,8 @@ class Workload:
         self._next_index = 0
         self._next_event = 0
         self.run_tag = uuid.uuid4().hex[:8]
+        self.halt = threading.Event()
+        """Set to stop the traffic before its time (a service exited, Ctrl-C)."""
 
     # setting up -------------------------------------------------------------------------------
 
@@ -458,7 +460,7 @@ class Workload:
         # The figures are the traffic's: setting up's calls are left out.
         self.calls = self.report.calls = Calls()
         failures: list[BaseException] = []
-        halt = threading.Event()
+        halt = self.halt
 
         def client(number: int) -> None:
             try:
@@ -973,7 +975,7 @@ def run_soak(options: Options, say: Callable[[str], None] = print) -> Report:
                 f"{options.persons} shoppers with consent; RSS (MiB) "
                 + ", ".join(f"{k} {v / 1024:.0f}" for k, v in suite.rss_kb().items())
             )
-            sampler = RssSampler(suite, report, options.sample_seconds, say)
+            sampler = RssSampler(suite, report, options.sample_seconds, say, workload.halt.set)
             sampler.start()
             traffic_started = time.monotonic()
             workload.run(options.seconds, options.clients, options.rate)
@@ -986,12 +988,12 @@ def run_soak(options: Options, say: Callable[[str], None] = print) -> Report:
             consent_db = suite.settings["consent"].db_url("consent")
             checked = time.monotonic()
             deadline = checked + options.settle_seconds
-            while True:
+            while not sampler.exited:
                 problems = check_consistency(workload, consent_db, options.check_sample)
                 if not problems or time.monotonic() >= deadline:
+                    report.consistency += problems
                     break
                 time.sleep(2)
-            report.consistency += problems
             report.consistency_seconds = time.monotonic() - checked
             report.checked_persons = (
                 len([s for s in workload.shoppers if not s.erased])
@@ -1034,9 +1036,16 @@ class RssSampler:
     """VmRSS of every service every ``every`` seconds while the traffic runs."""
 
     def __init__(
-        self, suite: Deployment, report: Report, every: float, say: Callable[[str], None]
+        self,
+        suite: Deployment,
+        report: Report,
+        every: float,
+        say: Callable[[str], None],
+        on_exit: Callable[[], None],
     ) -> None:
         self.suite, self.report, self.every, self.say = suite, report, every, say
+        self.on_exit = on_exit
+        self.exited: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._started = 0.0
@@ -1057,6 +1066,15 @@ class RssSampler:
 
     def _sample(self) -> None:
         elapsed = time.monotonic() - self._started
+        for name, server in self.suite.servers.items():
+            code = server.process.poll()
+            if code is not None and name not in self.exited:
+                # A stopped service is a failed run, whoever stopped it: no figure after it means
+                # anything, so the traffic stops and the run ends with the problem named.
+                self.exited.add(name)
+                self.report.consistency.append(f"{name} exited with {code} after {elapsed:.0f} s")
+                self.say(f"  {name} exited with {code}: stopping the traffic")
+                self.on_exit()
         rss = self.suite.rss_kb()
         self.report.rss_kb.append((elapsed, load_average(), rss))
         calls = sum(len(v) for v in self.report.calls.latencies.values())
