@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 
 from services.common.config import Settings
+from services.common.consumer import GrpcEnvelopeSource, SourceFactory
 from services.common.eventlog import ProducerLog
 from services.common.keyring import Keyring
 from services.common.server import ServiceRegistration
@@ -28,6 +29,9 @@ class ServiceContext:
     settings: Settings
     keyring: Keyring
     telemetry: Telemetry
+    envelope_sources: SourceFactory = GrpcEnvelopeSource
+    """How this process's consumers read the logs: the producers' Subscribe streams, or
+    JetStream when ``STEWARD_TRANSPORT=jetstream`` (pass it to ``start_log_consumers``)."""
 
 
 @dataclass(slots=True)
