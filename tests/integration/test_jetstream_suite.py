@@ -1,0 +1,250 @@
+"""The whole suite with STEWARD_TRANSPORT=jetstream: events and withdrawals reach tagging and
+recommend through NATS JetStream, and the consumers' acknowledgements still reach consent."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+
+import grpc
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+from nats.js import JetStreamContext
+from steward.common.v1 import common_pb2
+from steward.consent.v1 import consent_pb2, consent_pb2_grpc
+from steward.events.v1 import events_pb2, events_pb2_grpc
+from steward.recommend.v1 import recommend_pb2, recommend_pb2_grpc
+from steward.tagging.v1 import tagging_pb2, tagging_pb2_grpc
+
+from services.common.db import make_engine
+from services.common.jetstream import JetStreamConnection, delete_streams
+from services.common.outbox import Outbox
+from services.consent.store import OUTBOX_TABLES
+from services.runtime import RunningSuite
+
+T = common_pb2
+C = consent_pb2
+G = tagging_pb2
+R = recommend_pb2
+NOW = datetime.now(UTC)
+
+RULES = """
+tag_budget: 5
+k_floor: 10
+tags:
+  - id: outdoor_fan
+    category: affinity
+    description: Mostly browses outdoor gear
+    condition: p.category_affinity["outdoor"] > 0.5
+    ttl: 30d
+    priority: 5
+  - id: offer_reminder
+    category: engagement
+    description: Reminded of offers in the categories browsed
+    purpose: marketing
+    condition: p.events_30d >= 1
+    ttl: 14d
+    priority: 1
+"""
+
+PRODUCERS = ("consent", "identity", "tagging")
+
+
+@pytest.fixture
+def prefix(nats_url: str) -> Iterator[str]:
+    """This test's own streams, deleted once the suite (set up after this) has stopped."""
+    name = f"suite{uuid.uuid4().hex[:10]}"
+    yield name
+    delete_streams(nats_url, name, PRODUCERS)
+
+
+@pytest.fixture
+def suite(prefix: str, nats_url: str, start_services: Callable[..., RunningSuite]) -> RunningSuite:
+    return start_services(
+        environ={
+            "STEWARD_TRANSPORT": "jetstream",
+            "STEWARD_NATS_URL": nats_url,
+            "STEWARD_JETSTREAM_PREFIX": prefix,
+        }
+    )
+
+
+@pytest.fixture
+def channel(suite: RunningSuite) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(suite.target) as channel:
+        tagging_pb2_grpc.TaggingServiceStub(channel).PutRuleSet(
+            G.PutRuleSetRequest(yaml=RULES), timeout=10
+        )
+        recommend_pb2_grpc.RecommendServiceStub(channel).PutItems(
+            R.PutItemsRequest(
+                items=[
+                    R.Item(item_id=f"tent-{n}", title=f"Tent {n}", category="outdoor", price=90.0)
+                    for n in range(3)
+                ]
+            ),
+            timeout=10,
+        )
+        yield channel
+
+
+def stamp(moment: datetime) -> Timestamp:
+    value = Timestamp()
+    value.FromDatetime(moment)
+    return value
+
+
+def eventually(check: Callable[[], bool], seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    assert check()
+
+
+def decide(channel: grpc.Channel, subject: T.PersonRef, decision: int, *purposes: str) -> str:
+    return (
+        consent_pb2_grpc.ConsentServiceStub(channel)
+        .RecordConsent(
+            C.RecordConsentRequest(
+                subject=subject,
+                decisions=[
+                    C.DecisionInput(purpose=purpose, decision=decision, policy_version="2026-01")
+                    for purpose in purposes
+                ],
+                source=C.CONSENT_SOURCE_WEB_BANNER,
+                # Grants date from before the events collected under them; withdrawals are now.
+                occurred_at=stamp(
+                    NOW - timedelta(days=10) if decision == T.DECISION_GRANTED else NOW
+                ),
+            ),
+            timeout=10,
+        )
+        .person_id
+    )
+
+
+def shopper(channel: grpc.Channel, name: str) -> str:
+    """A person who granted profiling, marketing and personalisation, then viewed two tents."""
+    email = T.Identifier(type=T.IDENTIFIER_TYPE_EMAIL, value=f"{name}@example.org")
+    person = decide(
+        channel,
+        T.PersonRef(identifiers=[email]),
+        T.DECISION_GRANTED,
+        "profiling",
+        "marketing",
+        "personalisation",
+    )
+    events = [
+        T.BehaviourEvent(
+            event_id=f"{name}-{n}",
+            person_id=person,
+            type=T.EVENT_TYPE_VIEW,
+            item_id=f"tent-{n}",
+            category="outdoor",
+            channel="web",
+            occurred_at=stamp(NOW - timedelta(hours=2, minutes=n)),
+        )
+        for n in range(2)
+    ]
+    accepted = consent_pb2_grpc.ConsentServiceStub(channel).Collect(
+        C.CollectRequest(events=events), timeout=10
+    )
+    assert accepted.accepted == 2
+    return person
+
+
+def tag_ids(channel: grpc.Channel, person: str) -> list[str]:
+    tags = tagging_pb2_grpc.TaggingServiceStub(channel).GetTags(
+        G.GetTagsRequest(person_id=person), timeout=10
+    )
+    return sorted(tag.tag_id for tag in tags.tags)
+
+
+def held_items(channel: grpc.Channel, person: str) -> list[str]:
+    export = recommend_pb2_grpc.RecommendServiceStub(channel).ExportPerson(
+        R.ExportPersonRequest(person_id=person), timeout=10
+    )
+    return sorted(interaction.item_id for interaction in export.interactions)
+
+
+Acknowledgements = Callable[[], tuple[int, dict[str, int]]]
+
+
+@pytest.fixture
+def acknowledgements(suite: RunningSuite, db_url: str) -> Iterator[Acknowledgements]:
+    """Reads consent's last seq and each consumer's acknowledged seq as consent recorded it."""
+    engine = make_engine(db_url)  # the suite's services share this test's database
+    outbox = Outbox("consent", OUTBOX_TABLES)
+
+    def read() -> tuple[int, dict[str, int]]:
+        with engine.connect() as connection:
+            acks = outbox.acknowledgements(connection)
+            return outbox.last_seq(connection), {name: ack.seq for name, ack in acks.items()}
+
+    yield read
+    engine.dispose()
+
+
+def stream_subjects(nats_url: str, prefix: str, producer: str) -> set[str]:
+    connection = JetStreamConnection(nats_url, name="test")
+
+    async def subjects(jetstream: JetStreamContext) -> set[str]:
+        stream = f"{prefix}_{producer}".upper()
+        info = await jetstream.stream_info(stream)
+        found = set()
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            found.add((await jetstream.get_msg(stream, seq=seq)).subject or "")
+        return found
+
+    try:
+        return connection.call(subjects, timeout=30)
+    finally:
+        connection.close()
+
+
+def test_a_collected_event_reaches_tagging_and_recommend_through_jetstream(
+    channel: grpc.Channel, acknowledgements: Acknowledgements, nats_url: str, prefix: str
+) -> None:
+    person = shopper(channel, "ann")
+
+    eventually(lambda: tag_ids(channel, person) == ["offer_reminder", "outdoor_fan"])
+    eventually(lambda: held_items(channel, person) == ["tent-0", "tent-1"])
+
+    assert {
+        f"{prefix}.consent.consent_changed",
+        f"{prefix}.consent.behaviour_recorded",
+    } <= stream_subjects(nats_url, prefix, "consent")
+
+    def acknowledged_everywhere() -> bool:
+        last, acks = acknowledgements()
+        return acks.get("tagging") == last and acks.get("recommend") == last
+
+    eventually(acknowledged_everywhere)
+
+
+def test_a_withdrawal_reaches_tagging_through_jetstream_and_is_acknowledged(
+    channel: grpc.Channel, acknowledgements: Acknowledgements
+) -> None:
+    person = shopper(channel, "eve")
+    eventually(lambda: tag_ids(channel, person) == ["offer_reminder", "outdoor_fan"])
+
+    decide(channel, T.PersonRef(person_id=person), T.DECISION_WITHDRAWN, "marketing")
+    withdrawn_at, _ = acknowledgements()
+
+    eventually(lambda: tag_ids(channel, person) == ["outdoor_fan"])
+    eventually(lambda: acknowledgements()[1].get("tagging", 0) >= withdrawn_at)
+    # Tagging's own log (TagChanged) is relayed too, and still served by Subscribe.
+    log = events_pb2_grpc.EventLogServiceStub(channel).Subscribe(
+        events_pb2.SubscribeRequest(producer="tagging", consumer="test", stop_at_end=True),
+        timeout=10,
+    )
+    removed = [
+        (reply.envelope.tag_changed.tag_id, reply.envelope.tag_changed.reason)
+        for reply in log
+        if reply.envelope.tag_changed.person_id == person
+        and reply.envelope.tag_changed.change == events_pb2.TAG_CHANGE_REMOVED
+    ]
+    assert removed == [("offer_reminder", "withdrawal:marketing")]
