@@ -162,7 +162,12 @@ def build_suite(
     )
     jetstream = None
     if settings.transport == "jetstream":
-        jetstream = JetStreamTransport(settings.nats_url, settings.jetstream_prefix, name=name)
+        jetstream = JetStreamTransport(
+            settings.nats_url,
+            settings.jetstream_prefix,
+            name=name,
+            meter=telemetry.meter("steward.eventlog"),
+        )
     context = ServiceContext(
         settings,
         ensure_keyring(settings),

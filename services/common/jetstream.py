@@ -42,7 +42,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -64,6 +64,7 @@ from nats.js.api import (
     StreamConfig,
     StreamInfo,
 )
+from opentelemetry import metrics
 from steward.events.v1 import events_pb2
 
 from services.common.consumer import GrpcEnvelopeSource, SourceUnavailable
@@ -284,14 +285,20 @@ class Relay:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_lag_log = 0.0
+        self.lag = 0
+        """Envelopes in the outbox not yet in the stream, as of the relay's last look."""
 
     @property
     def published_seq(self) -> int:
         """The seq of the last envelope the stream is known to hold (0 before the first)."""
         return 0 if self._position is None else self._position.seq
 
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def start(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
+        if self.running:
             return
         self._stopping.clear()
         self._thread = threading.Thread(
@@ -391,7 +398,7 @@ class Relay:
         await asyncio.wait_for(asyncio.gather(*acks), REQUEST_SECONDS)
 
     def _report_lag(self, last_seq: int) -> None:
-        lag = last_seq - self.published_seq
+        lag = self.lag = max(last_seq - self.published_seq, 0)
         now = time.monotonic()
         if lag > 0 and now >= self._next_lag_log:
             self._next_lag_log = now + LAG_LOG_SECONDS
@@ -646,10 +653,23 @@ class JetStreamTransport:
     either; the channel it is given carries the acknowledgements to the producer.
     """
 
-    def __init__(self, url: str, prefix: str, *, name: str = "steward") -> None:
+    def __init__(
+        self, url: str, prefix: str, *, name: str = "steward", meter: metrics.Meter | None = None
+    ) -> None:
         self.prefix = _checked(prefix)
         self.connection = JetStreamConnection(url, name=name)
         self.relays: list[Relay] = []
+        if meter is not None:
+            meter.create_observable_gauge(
+                "steward.eventlog.relay_lag",
+                callbacks=[self._observe_lag],
+                unit="{envelope}",
+                description="Envelopes in a producer's outbox not yet published to JetStream",
+            )
+
+    def _observe_lag(self, _options: metrics.CallbackOptions) -> Iterator[metrics.Observation]:
+        for relay in self.relays:
+            yield metrics.Observation(relay.lag, {"steward.producer": relay.producer})
 
     def source(
         self, channel: grpc.Channel, producer: str, consumer: str

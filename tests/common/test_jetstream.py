@@ -18,6 +18,8 @@ import grpc
 import pytest
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from sqlalchemy import BigInteger, Column, MetaData, String, Table, insert, select, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError
@@ -31,6 +33,7 @@ from services.common.jetstream import (
     SEQ_HEADER,
     JetStreamConnection,
     JetStreamEnvelopeSource,
+    JetStreamTransport,
     Relay,
     delete_streams,
     stream_name,
@@ -229,8 +232,35 @@ def test_a_following_relay_publishes_what_is_committed_and_stops_promptly(
         wait_until(lambda: relay.published_seq == 7)
     finally:
         relay.stop()
-    assert relay._thread is not None and not relay._thread.is_alive()
+    assert not relay.running
     assert len(stored(connection, f"{prefix.upper()}_CONSENT")) == 7
+
+
+def test_the_transport_relays_its_logs_and_reports_each_relays_lag(
+    producer: Producer, nats_url: str, prefix: str
+) -> None:
+    reader = InMemoryMetricReader()
+    meter = MeterProvider(metric_readers=[reader]).get_meter("test")
+    transport = JetStreamTransport(nats_url, prefix, meter=meter)
+    producer.append(5)
+    transport.start_relays({"consent": producer.log})
+    try:
+        wait_until(lambda: transport.relays[0].published_seq == 5)
+        data = reader.get_metrics_data()
+    finally:
+        transport.close()
+
+    assert data is not None
+    points = [
+        (dict(point.attributes or {}), point.value)
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == "steward.eventlog.relay_lag"
+        for point in metric.data.data_points  # type: ignore[union-attr]
+    ]
+    assert points == [({"steward.producer": "consent"}, 0)]
+    assert transport.relays == []
 
 
 # The consumer ------------------------------------------------------------------------------------
