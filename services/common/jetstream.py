@@ -208,6 +208,8 @@ class JetStreamConnection:
                     reconnect_time_wait=0.5,
                 )
                 # One context for the connection: each subscribes an inbox for async publishes.
+                # Relays publish a page at a time and wait for its acks, so up to four relays'
+                # pages are in flight before a publish waits for a slot.
                 self._jetstream_context = self._client.jetstream(
                     timeout=REQUEST_SECONDS, publish_async_max_pending=4 * PAGE_SIZE
                 )
@@ -389,7 +391,6 @@ class Relay:
                 await jetstream.publish_async(
                     subject(self._prefix, self.producer, kind),
                     envelope.SerializeToString(),
-                    wait_stall=REQUEST_SECONDS,
                     stream=self.stream,
                     headers=headers,
                 )
