@@ -49,10 +49,15 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Lets `-m "not nats"` deselect every test that needs NATS, whichever fixture brings it in.
+    # Lets `-m "not nats"` deselect every test that needs NATS, whichever fixture brings it in;
+    # `-m suite` selects every test whose services come from start_services, the ones
+    # STEWARD_TEST_TRANSPORT=jetstream moves onto JetStream.
     for item in items:
-        if "nats_url" in getattr(item, "fixturenames", ()):
+        fixtures = getattr(item, "fixturenames", ())
+        if "nats_url" in fixtures:
             item.add_marker(pytest.mark.nats)
+        if "start_services" in fixtures:
+            item.add_marker(pytest.mark.suite)
 
 
 @pytest.fixture(scope="session")
