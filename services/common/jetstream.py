@@ -99,6 +99,10 @@ FETCH_SECONDS: Final = 1.0
 REQUEST_SECONDS: Final = 5.0
 """Bound on every other round trip to NATS (stream and consumer management, publish acks)."""
 
+RECONNECT_ATTEMPTS: Final = 4
+"""Attempts, half a second apart, to reach NATS before a call fails (and the connection closes,
+to be made again by the next call)."""
+
 POLL_INTERVAL_SECONDS: Final = 0.5
 """How long the relay waits for a notification before re-reading the outbox anyway."""
 
@@ -199,13 +203,18 @@ class JetStreamConnection:
             self._connecting = asyncio.Lock()
         async with self._connecting:
             if self._client is None or self._client.is_closed or self._jetstream_context is None:
+                # A few attempts, then the client closes: the next call connects afresh, and a
+                # call never waits long on a NATS that is away (the caller backs off and retries).
                 self._client = await nats.connect(
                     self.url,
                     name=self._name,
                     connect_timeout=2,
                     allow_reconnect=True,
-                    max_reconnect_attempts=-1,
+                    max_reconnect_attempts=RECONNECT_ATTEMPTS,
                     reconnect_time_wait=0.5,
+                    error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
                 )
                 # One context for the connection: each subscribes an inbox for async publishes.
                 # Relays publish a page at a time and wait for its acks, so up to four relays'
@@ -214,6 +223,16 @@ class JetStreamConnection:
                     timeout=REQUEST_SECONDS, publish_async_max_pending=4 * PAGE_SIZE
                 )
             return self._jetstream_context
+
+    async def _on_error(self, error: Exception) -> None:
+        # nats-py's default logs a traceback per failed attempt; one line says as much.
+        logger.warning("NATS at %s: %r", self.url, error)
+
+    async def _on_disconnected(self) -> None:
+        logger.info("disconnected from NATS at %s", self.url)
+
+    async def _on_reconnected(self) -> None:
+        logger.info("reconnected to NATS at %s", self.url)
 
     def close(self, timeout: float = 2.0) -> None:
         """Close the connection and end the loop thread; later calls raise."""

@@ -5,6 +5,7 @@ its progress still reaches the producer's acknowledgements."""
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -34,6 +35,7 @@ from services.common.jetstream import (
     JetStreamConnection,
     JetStreamEnvelopeSource,
     JetStreamTransport,
+    JetStreamUnavailable,
     Relay,
     delete_streams,
     stream_name,
@@ -71,6 +73,39 @@ def test_the_prefix_comes_from_the_environment_and_must_be_one_subject_token() -
     assert Settings.from_env({}).jetstream_prefix == "steward"
     with pytest.raises(ConfigError, match="STEWARD_JETSTREAM_PREFIX"):
         Settings.from_env({"STEWARD_JETSTREAM_PREFIX": "a.>"})
+
+
+def unused_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_while_nats_is_away_calls_fail_soon_and_relays_and_consumers_still_stop(
+    engine: Engine, tmp_path: Path
+) -> None:
+    connection = JetStreamConnection(f"nats://127.0.0.1:{unused_port()}")
+    metadata = MetaData()
+    outbox = Outbox("consent", outbox_tables(metadata))
+    cursors = consumer_tables(metadata)
+    metadata.create_all(engine)
+    source = JetStreamEnvelopeSource(connection, "consent", "tagging", prefix="away")
+    try:
+        with pytest.raises(JetStreamUnavailable, match="NoServersError"):
+            list(source.envelopes(1, stop_at_end=True))
+        relay = Relay(connection, ProducerLog(outbox, engine), prefix="away")
+        consumer = Consumer(
+            "tagging", "consent", source, engine, lambda _c, _e: None, tables=cursors
+        )
+        relay.start()
+        consumer.start()
+        time.sleep(0.5)
+        relay.stop()
+        consumer.stop()
+        assert not relay.running and not consumer.running
+        assert relay.published_seq == 0 and consumer.cursor() == 0
+    finally:
+        connection.close()
 
 
 # The producer and NATS -------------------------------------------------------------------------
