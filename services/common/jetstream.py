@@ -36,6 +36,7 @@ event loop on a daemon thread and everything else submits coroutines to it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import logging
@@ -401,21 +402,26 @@ class Relay:
     ) -> None:
         """Publish ``page`` pipelined (at most a page in flight) and wait for every ack."""
         acks: list[asyncio.Future[Any]] = []
-        for envelope in page:
-            headers = {"Nats-Msg-Id": envelope.id, SEQ_HEADER: str(envelope.seq)}
-            if previous_id is not None:
-                headers["Nats-Expected-Last-Msg-Id"] = previous_id
-            kind = envelope.WhichOneof("body") or "unknown"
-            acks.append(
-                await jetstream.publish_async(
-                    subject(self._prefix, self.producer, kind),
-                    envelope.SerializeToString(),
-                    stream=self.stream,
-                    headers=headers,
+        try:
+            for envelope in page:
+                headers = {"Nats-Msg-Id": envelope.id, SEQ_HEADER: str(envelope.seq)}
+                if previous_id is not None:
+                    headers["Nats-Expected-Last-Msg-Id"] = previous_id
+                kind = envelope.WhichOneof("body") or "unknown"
+                acks.append(
+                    await jetstream.publish_async(
+                        subject(self._prefix, self.producer, kind),
+                        envelope.SerializeToString(),
+                        stream=self.stream,
+                        headers=headers,
+                    )
                 )
-            )
-            previous_id = envelope.id
-        await asyncio.wait_for(asyncio.gather(*acks), REQUEST_SECONDS)
+                previous_id = envelope.id
+            await asyncio.wait_for(asyncio.gather(*acks), REQUEST_SECONDS)
+        finally:
+            # An ack never awaited would hold its slot among the pending publishes for good.
+            for ack in acks:
+                ack.cancel()
 
     def _report_lag(self, last_seq: int) -> None:
         lag = self.lag = max(last_seq - self.published_seq, 0)
@@ -568,7 +574,7 @@ class _JetStreamEnvelopeStream:
         self._pending: concurrent.futures.Future[Any] | None = None
         self._subscription: JetStreamContext.PullSubscription | None = None
         self._remaining: int | None = None
-        self._buffer: list[tuple[Envelope, Msg]] = []
+        self._buffer: collections.deque[tuple[Envelope, Msg]] = collections.deque()
 
     def __iter__(self) -> _JetStreamEnvelopeStream:
         return self
@@ -576,7 +582,7 @@ class _JetStreamEnvelopeStream:
     def __next__(self) -> Envelope:
         while True:
             while self._buffer:
-                envelope, message = self._buffer.pop(0)
+                envelope, message = self._buffer.popleft()
                 if envelope.seq < self._next_seq:
                     continue  # redelivered after ack_wait: yielded already
                 if envelope.seq > self._next_seq:

@@ -3,26 +3,31 @@ recommend through NATS JetStream, and the consumers' acknowledgements still reac
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from nats.js import JetStreamContext
+from sqlalchemy import select
 from steward.common.v1 import common_pb2
 from steward.consent.v1 import consent_pb2, consent_pb2_grpc
 from steward.events.v1 import events_pb2, events_pb2_grpc
 from steward.recommend.v1 import recommend_pb2, recommend_pb2_grpc
 from steward.tagging.v1 import tagging_pb2, tagging_pb2_grpc
 
+from services.common.config import Settings
 from services.common.db import make_engine
 from services.common.jetstream import JetStreamConnection, delete_streams
 from services.common.outbox import Outbox
 from services.consent.store import OUTBOX_TABLES
-from services.runtime import RunningSuite
+from services.runtime import RunningSuite, start_suite
+from services.tagging.store import CONSUMER_TABLES
 
 T = common_pb2
 C = consent_pb2
@@ -248,3 +253,61 @@ def test_a_withdrawal_reaches_tagging_through_jetstream_and_is_acknowledged(
         and reply.envelope.tag_changed.change == events_pb2.TAG_CHANGE_REMOVED
     ]
     assert removed == [("offer_reminder", "withdrawal:marketing")]
+
+
+def test_services_apart_read_each_others_logs_through_jetstream_and_ack_where_they_run(
+    tmp_path: Path, nats_url: str, prefix: str
+) -> None:
+    def settings(name: str, **targets: str) -> Settings:
+        base = Settings.from_env(
+            {
+                "STEWARD_DATA_DIR": str(tmp_path / name),
+                "STEWARD_TRANSPORT": "jetstream",
+                "STEWARD_NATS_URL": nats_url,
+                "STEWARD_JETSTREAM_PREFIX": prefix,
+            }
+        )
+        return dataclasses.replace(base, port=0, **targets)  # type: ignore[arg-type]
+
+    identity = start_suite(settings("identity"), ["identity"])
+    consent = start_suite(settings("consent", identity_target=identity.target), ["consent"])
+    tagging_settings = settings(
+        "tagging", consent_target=consent.target, identity_target=identity.target
+    )
+    tagging = start_suite(tagging_settings, ["tagging"])
+    consent_db = make_engine(settings("consent").db_url("consent"))
+    tagging_db = make_engine(tagging_settings.db_url("tagging"))
+    try:
+        with grpc.insecure_channel(consent.target) as channel:
+            person = decide(
+                channel,
+                T.PersonRef(
+                    identifiers=[T.Identifier(type=T.IDENTIFIER_TYPE_EMAIL, value="apart@x.org")]
+                ),
+                T.DECISION_GRANTED,
+                "profiling",
+            )
+        assert person
+
+        def tagging_cursor() -> int:
+            cursors = CONSUMER_TABLES.cursors
+            query = select(cursors.c.seq).where(
+                cursors.c.consumer == "tagging", cursors.c.producer == "consent"
+            )
+            with tagging_db.connect() as connection:
+                return int(connection.execute(query).scalar_one_or_none() or 0)
+
+        def acknowledged_by_tagging() -> int:
+            with consent_db.connect() as connection:
+                acks = Outbox("consent", OUTBOX_TABLES).acknowledgements(connection)
+            return acks["tagging"].seq if "tagging" in acks else 0
+
+        eventually(lambda: tagging_cursor() >= 1)
+        # Tagging's process read consent's log from NATS and told consent's process so.
+        eventually(lambda: acknowledged_by_tagging() == tagging_cursor() >= 1)
+    finally:
+        tagging.stop(0)
+        consent.stop(0)
+        identity.stop(0)
+        consent_db.dispose()
+        tagging_db.dispose()
