@@ -19,8 +19,17 @@ import threading
 from collections.abc import Sequence
 
 import grpc
-from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, insert, update
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.engine import Connection
 from steward.events.v1 import events_pb2
 
@@ -58,9 +67,9 @@ def main(
     )
     metadata.create_all(engine)
     with for_writes(engine).begin() as connection:
-        connection.execute(
-            sqlite_insert(counter).values(id=1, applies=0, ended=0).on_conflict_do_nothing()
-        )
+        # Any backend (the JetStream crash test runs this on PostgreSQL too); one child at a time.
+        if connection.execute(select(counter.c.id)).first() is None:
+            connection.execute(insert(counter).values(id=1, applies=0, ended=0))
 
     def apply(connection: Connection, envelope: events_pb2.Envelope) -> None:
         connection.execute(insert(applied).values(envelope_id=envelope.id, seq=envelope.seq))

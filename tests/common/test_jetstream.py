@@ -23,7 +23,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from sqlalchemy import BigInteger, Column, MetaData, String, Table, insert, select, text
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, ProgrammingError
 from steward.events.v1 import events_pb2
 
 from services.common.config import ConfigError, Settings
@@ -420,10 +420,14 @@ def test_a_consumer_killed_mid_stream_applies_every_envelope_exactly_once(
     connection: JetStreamConnection,
     prefix: str,
     nats_url: str,
+    db_url: str,
     tmp_path: Path,
 ) -> None:
-    consumer_db = tmp_path / "crash-consumer.db"
-    reader = make_engine(f"sqlite:///{consumer_db}")
+    # The consumer's database on the backend under test: its own file on SQLite (the producer
+    # writes to the other), the test's schema on PostgreSQL (no table names in common).
+    sqlite = db_url.startswith("sqlite")
+    consumer_db_url = f"sqlite:///{tmp_path / 'crash-consumer.db'}" if sqlite else db_url
+    reader = make_engine(consumer_db_url)
     relay = Relay(connection, producer.log, prefix=prefix)
     stop_writing = threading.Event()
     write_errors: list[BaseException] = []
@@ -440,7 +444,7 @@ def test_a_consumer_killed_mid_stream_applies_every_envelope_exactly_once(
         try:
             with reader.connect() as connection:
                 return int(connection.execute(text("SELECT count(*) FROM applied")).scalar_one())
-        except OperationalError:  # the child has not created its tables yet
+        except (OperationalError, ProgrammingError):  # the child has not created its tables yet
             return 0
 
     def spawn(log: Path) -> subprocess.Popen[bytes]:
@@ -449,7 +453,7 @@ def test_a_consumer_killed_mid_stream_applies_every_envelope_exactly_once(
                 sys.executable,
                 str(CHILD),
                 f"127.0.0.1:{producer.port}",
-                f"sqlite:///{consumer_db}",
+                consumer_db_url,
                 "5",
                 nats_url,
                 prefix,
