@@ -3,7 +3,7 @@
 With ``STEWARD_TRANSPORT=jetstream`` each producer process runs a :class:`Relay` per hosted log:
 it reads the outbox in seq order and publishes every envelope to the stream
 ``<PREFIX>_<PRODUCER>`` on the subject ``<prefix>.<producer>.<body field>`` (for example
-``steward.consent.behaviour_event``). Consumers read through :class:`JetStreamEnvelopeSource`, a
+``steward.consent.behaviour_recorded``). Consumers read through :class:`JetStreamEnvelopeSource`, a
 durable pull consumer named after the consumer, and still report their progress to the
 producer's ``EventLogService.Ack``, so the producer's acknowledgements table (what consent reads
 to tell that a withdrawal has reached everyone) fills in whichever transport carries the events.
@@ -586,9 +586,10 @@ class _JetStreamEnvelopeStream:
                 if envelope.seq < self._next_seq:
                     continue  # redelivered after ack_wait: yielded already
                 if envelope.seq > self._next_seq:
-                    # Left for the Consumer to notice: it keeps what came before and repositions.
+                    # Handed on all the same: the Consumer keeps what came before, raises
+                    # EnvelopeGap, and its next session positions the durable consumer afresh.
                     logger.info(
-                        "%s stream skipped from seq %d to %d; repositioning",
+                        "%s stream skipped from seq %d to %d",
                         self._source.producer,
                         self._next_seq,
                         envelope.seq,
