@@ -187,14 +187,7 @@ class JetStreamConnection:
     ) -> _T:
         """Run ``work(jetstream)`` and wait for its result; NATS failures become
         :class:`JetStreamUnavailable`."""
-        future = self.submit(work)
-        try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise JetStreamUnavailable(f"NATS at {self.url} did not answer in time") from None
-        except (nats.errors.Error, OSError) as exc:
-            raise JetStreamUnavailable(f"NATS at {self.url}: {exc!r}") from exc
+        return _result(self.submit(work), timeout, f"NATS at {self.url}")
 
     async def _run(self, work: Callable[[JetStreamContext], Awaitable[_T]]) -> _T:
         return await work(await self._jetstream())
@@ -253,6 +246,20 @@ class JetStreamConnection:
         self._thread.join(timeout)
         if not self._thread.is_alive():
             self._loop.close()
+
+
+def _result(future: concurrent.futures.Future[_T], timeout: float, what: str) -> _T:
+    """The future's result; a NATS failure, or no answer within ``timeout``, raises
+    :class:`JetStreamUnavailable` naming ``what``. Cancellation passes through."""
+    try:
+        return future.result(timeout)
+    except TimeoutError as exc:  # concurrent.futures' and asyncio's both are this one
+        if not future.done():
+            future.cancel()
+            raise JetStreamUnavailable(f"{what}: NATS did not answer in time") from None
+        raise JetStreamUnavailable(f"{what}: {exc!r}") from exc
+    except (nats.errors.Error, OSError) as exc:
+        raise JetStreamUnavailable(f"{what}: {exc!r}") from exc
 
 
 async def ensure_stream(jetstream: JetStreamContext, prefix: str, producer: str) -> StreamInfo:
@@ -633,20 +640,15 @@ class _JetStreamEnvelopeStream:
                         return await subscription.fetch(
                             source._fetch_batch, timeout=source._fetch_seconds
                         )
-                    except nats.errors.TimeoutError:
+                    except TimeoutError:  # nothing new (nats-py raises its own and asyncio's)
                         return []
 
                 self._pending = source._connection.submit(fetch)
             pending = self._pending
         try:
-            result = pending.result(source._fetch_seconds + REQUEST_SECONDS)
+            result = _result(pending, source._fetch_seconds + REQUEST_SECONDS, source.stream)
         except concurrent.futures.CancelledError:
             return None
-        except concurrent.futures.TimeoutError:
-            pending.cancel()
-            raise JetStreamUnavailable(f"{source.stream}: NATS did not answer in time") from None
-        except (nats.errors.Error, OSError) as exc:
-            raise JetStreamUnavailable(f"{source.stream}: {exc!r}") from exc
         with self._lock:
             if self._cancelled:
                 return None

@@ -4,6 +4,7 @@ its progress still reaches the producer's acknowledgements."""
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 import subprocess
@@ -31,6 +32,7 @@ from services.common.consumer import Consumer, ConsumerTables, GrpcEnvelopeSourc
 from services.common.db import make_engine
 from services.common.eventlog import ProducerLog, registration
 from services.common.jetstream import (
+    FETCH_SECONDS,
     SEQ_HEADER,
     JetStreamConnection,
     JetStreamEnvelopeSource,
@@ -413,6 +415,31 @@ def test_a_following_consumer_stops_promptly_while_waiting_for_messages(
         relay.stop()
     assert not consumer.running
     assert store.applied_seqs() == list(range(1, 7))
+
+
+def test_an_idle_following_consumer_keeps_its_session_and_stays_quiet(
+    producer: Producer,
+    connection: JetStreamConnection,
+    prefix: str,
+    store: ConsumerStore,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    relay = Relay(connection, producer.log, prefix=prefix)
+    producer.append(2)
+    relay.run_once()
+    consumer = jetstream_consumer(store, connection, producer, prefix)
+    with caplog.at_level(logging.INFO, logger="services.common"):
+        consumer.start()
+        try:
+            wait_until(lambda: consumer.cursor() == 2)
+            time.sleep(3 * FETCH_SECONDS)  # pull requests expire with nothing new to deliver
+            producer.append(1)
+            relay.run_once()
+            wait_until(lambda: consumer.cursor() == 3)
+        finally:
+            consumer.stop()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO] == []
+    assert store.applied_seqs() == [1, 2, 3]
 
 
 def test_a_consumer_killed_mid_stream_applies_every_envelope_exactly_once(
