@@ -28,7 +28,7 @@ from services.common.errors import read_error_details
 from services.common.keyring import Keyring, KeyringError, init_keys, rotate_hmac_key
 from services.common.logging import configure_logging
 from services.common.server import serve as serve_until_stopped
-from services.runtime import SERVICES, build_suite
+from services.runtime import SERVICES, build_suite, migrate
 
 # Tracebacks never show local variables: they could hold keys or raw identifiers.
 GC_THRESHOLDS: Final = (10_000, 50, 100)
@@ -128,6 +128,28 @@ def serve(
     finally:
         suite.closed()
     logger.info("stopped")
+
+
+@app.command("migrate")
+def migrate_databases(
+    service: Annotated[
+        list[str] | None,
+        typer.Option(help=f"Service to migrate (repeatable): {', '.join(SERVICES)}. Default: all."),
+    ] = None,
+) -> None:
+    """Bring the services' databases to the newest schema, then exit.
+
+    Run once per deployment before the services start; each service also migrates on start,
+    which is then a no-op.
+    """
+    settings = _settings()
+    configure_logging(settings)
+    try:
+        migrated = migrate(settings, service or SERVICES)
+    except ValueError as error:
+        errors.print(f"[red]cannot migrate:[/red] {error}")
+        raise typer.Exit(2) from error
+    console.print(f"migrated {', '.join(migrated)}")
 
 
 @app.command()

@@ -138,6 +138,19 @@ def select_services(services: Sequence[str]) -> tuple[str, ...]:
     return tuple(service for service in SERVICES if service in services) or SERVICES
 
 
+def migrate(settings: Settings, services: Sequence[str] = SERVICES) -> tuple[str, ...]:
+    """Apply the migrations of ``services`` (all by default) and return their names.
+
+    The services also migrate when they start, so this is for a deployment that wants its
+    schema changed once, before any replica starts (compose's ``migrate`` job), rather than by
+    whichever replica comes first while the others wait on the migration lock.
+    """
+    chosen = select_services(services)
+    for service in chosen:
+        _server_module(service).migrate(settings)
+    return chosen
+
+
 def call_interceptors(
     settings: Settings, telemetry: Telemetry
 ) -> list[grpc.ServerInterceptor[Any, Any]]:
@@ -172,6 +185,7 @@ def build_suite(
         settings,
         ensure_keyring(settings),
         telemetry,
+        chosen,
         envelope_sources=GrpcEnvelopeSource if jetstream is None else jetstream.source,
     )
     parts = [_server_module(service).build(context) for service in chosen]

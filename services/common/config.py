@@ -88,18 +88,26 @@ class Settings:
     consent_target: str | None = None
     """Address of the consent service (whose event log tagging and recommend read); unset
     means this process."""
+    tagging_target: str | None = None
+    """Address of the tagging service (asked for a person's tags in a data-subject export);
+    unset means this process, if it hosts tagging, else no tagging is deployed."""
+    recommend_target: str | None = None
+    """Address of the recommend service, as ``tagging_target``."""
     keyring_json: str | None = field(default=None, repr=False)
     """Keyring contents from ``STEWARD_KEYRING_JSON``; when set it wins over ``keys_dir``."""
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, asked: set[str] | None = None
+    ) -> Settings:
         """Read settings from ``environ`` (default: the process environment).
 
         Raises ConfigError naming the offending variable, and runs the production checks when
-        ``STEWARD_ENV=production``.
+        ``STEWARD_ENV=production``. ``asked``, if given, collects the name of every variable
+        looked up (see ``environment_variables``).
         """
         source = os.environ if environ is None else environ
-        values = {name: value for name, value in source.items() if value != ""}
+        values = _Variables(source, set() if asked is None else asked)
         defaults = {f.name: f.default for f in dataclasses.fields(cls)}
 
         def read(name: str, variable: str, parse: Callable[[str, str], _T]) -> _T:
@@ -147,6 +155,8 @@ class Settings:
             callers_file=None if callers_file is None else Path(callers_file),
             identity_target=values.get("STEWARD_IDENTITY_TARGET"),
             consent_target=values.get("STEWARD_CONSENT_TARGET"),
+            tagging_target=values.get("STEWARD_TAGGING_TARGET"),
+            recommend_target=values.get("STEWARD_RECOMMEND_TARGET"),
             checkpoint_every=read("checkpoint_every", "STEWARD_CHECKPOINT_EVERY", _positive),
             checkpoint_seconds=read(
                 "checkpoint_seconds", "STEWARD_CHECKPOINT_SECONDS", _non_negative_float
@@ -158,10 +168,19 @@ class Settings:
         return settings
 
     def target_of(self, service: str, own_target: str) -> str:
-        """Where this process reaches ``service``: its configured address (``consent`` and
-        ``identity`` can be set apart), else ``own_target``, this process's own."""
-        configured = {"consent": self.consent_target, "identity": self.identity_target}
-        return configured.get(service) or own_target
+        """Where this process reaches ``service``: its configured address, else ``own_target``,
+        this process's own."""
+        return self.configured_target(service) or own_target
+
+    def configured_target(self, service: str) -> str | None:
+        """The address configured for ``service`` (``STEWARD_<SERVICE>_TARGET``), if any."""
+        configured = {
+            "consent": self.consent_target,
+            "identity": self.identity_target,
+            "tagging": self.tagging_target,
+            "recommend": self.recommend_target,
+        }
+        return configured.get(service)
 
     def db_url(self, service: str) -> str:
         """The database URL of ``service`` (one of ``SERVICE_DATABASES``)."""
@@ -189,6 +208,31 @@ class Settings:
             )
         if problems:
             raise ConfigError("refusing to start in production: " + "; ".join(problems))
+
+
+def environment_variables() -> frozenset[str]:
+    """The name of every variable ``Settings.from_env`` reads.
+
+    Deployment files (compose.yaml) are checked against it, so a misspelt or retired variable
+    there fails a test instead of being silently ignored by the running service.
+    """
+    asked: set[str] = set()
+    Settings.from_env({}, asked=asked)
+    return frozenset(asked)
+
+
+class _Variables:
+    """The non-empty variables of an environment, noting each name looked up."""
+
+    __slots__ = ("_asked", "_values")
+
+    def __init__(self, source: Mapping[str, str], asked: set[str]) -> None:
+        self._values = {name: value for name, value in source.items() if value != ""}
+        self._asked = asked
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        self._asked.add(name)
+        return self._values.get(name, default)
 
 
 def _parse_text(variable: str, raw: str) -> str:

@@ -31,7 +31,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final, Protocol
@@ -98,6 +98,15 @@ _PROPAGATOR: Final = TraceContextTextMapPropagator()
 
 
 # Tables --------------------------------------------------------------------------------------
+
+
+LOG_CONSUMERS: Final[Mapping[str, Mapping[str, str]]] = {
+    "consent": {"tagging": "tagging", "recommend": "recommend"},
+    "identity": {"consent": "consent-persons", "tagging": "tagging", "recommend": "recommend"},
+}
+"""Per producer, the services that consume its log and the consumer name each reads it under.
+A producer waits for the acknowledgements of those deployed before an erasure or a withdrawal
+counts as done everywhere (and before it redacts what named an erased person)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,9 +29,17 @@ class ServiceContext:
     settings: Settings
     keyring: Keyring
     telemetry: Telemetry
+    hosted: tuple[str, ...] = ()
+    """The services this process hosts."""
     envelope_sources: SourceFactory = GrpcEnvelopeSource
     """How this process's consumers read the logs: the producers' Subscribe streams, or
     JetStream when ``STEWARD_TRANSPORT=jetstream`` (pass it to ``start_log_consumers``)."""
+
+    def deployed(self, service: str) -> bool:
+        """Whether ``service`` runs anywhere this process knows of: here, or at a configured
+        address. A service that is neither is not part of this deployment (a test starting
+        consent and identity alone, say), so nobody waits for it."""
+        return service in self.hosted or self.settings.configured_target(service) is not None
 
 
 @dataclass(slots=True)

@@ -61,6 +61,9 @@ class ProducerLog:
 
     outbox: Outbox
     engine: Engine
+    on_ack: AckCallback | None = None
+    """Told of every acknowledgement once it is committed (consent follows its withdrawals and
+    erasures to every consumer this way)."""
 
 
 class EventLogServicer(events_pb2_grpc.EventLogServiceServicer):
@@ -70,7 +73,6 @@ class EventLogServicer(events_pb2_grpc.EventLogServiceServicer):
         self,
         logs: Mapping[str, ProducerLog],
         *,
-        on_ack: AckCallback | None = None,
         page_size: int = PAGE_SIZE,
         poll_interval: float = POLL_INTERVAL_SECONDS,
     ) -> None:
@@ -82,7 +84,6 @@ class EventLogServicer(events_pb2_grpc.EventLogServiceServicer):
         if page_size < 1 or poll_interval <= 0:
             raise ValueError("page_size and poll_interval must be positive")
         self.logs = dict(logs)
-        self._on_ack = on_ack
         self._page_size = page_size
         self._poll_interval = poll_interval
         self._closing = threading.Event()
@@ -157,9 +158,9 @@ class EventLogServicer(events_pb2_grpc.EventLogServiceServicer):
                 [("SEQ", f"events/{request.producer}", f"the log ends at seq {last_seq}")],
                 f"seq {request.seq} is beyond the end of the {request.producer} log",
             )
-        if self._on_ack is not None:
+        if log.on_ack is not None:
             try:
-                self._on_ack(request.producer, request.consumer, acknowledged)
+                log.on_ack(request.producer, request.consumer, acknowledged)
             except Exception:
                 # The acknowledgement is committed; the caller must not retry because of us.
                 logger.exception(
@@ -175,12 +176,10 @@ class EventLogServicer(events_pb2_grpc.EventLogServiceServicer):
         return log
 
 
-def registration(
-    logs: Mapping[str, ProducerLog], *, on_ack: AckCallback | None = None
-) -> ServiceRegistration[EventLogServicer]:
+def registration(logs: Mapping[str, ProducerLog]) -> ServiceRegistration[EventLogServicer]:
     """The event-log servicer for ``logs`` (producer name to log), ready for ``build_server``."""
     return ServiceRegistration(
         SERVICE_NAME,
         events_pb2_grpc.add_EventLogServiceServicer_to_server,
-        EventLogServicer(logs, on_ack=on_ack),
+        EventLogServicer(logs),
     )

@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -40,17 +40,22 @@ from sqlalchemy import (
     BigInteger,
     Column,
     DateTime,
+    Index,
     LargeBinary,
     MetaData,
     PrimaryKeyConstraint,
     String,
     Table,
     case,
+    func,
+    literal,
+    or_,
     select,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.sql.elements import ColumnElement
 from steward.events.v1 import events_pb2
 
 from services.common.bulk import BulkInsert
@@ -63,6 +68,10 @@ BODY_FIELDS: Final[Mapping[str, str]] = {
 }
 """Full proto name of each body message to the Envelope oneof field that carries it."""
 
+REDACTED: Final = "redacted"
+"""The ``kind`` of an envelope redacted after an erasure (see :meth:`Outbox.redact`)."""
+ERASING_BODIES: Final = ("subject_erased", "person_forgotten")
+"""Bodies that erase or forget a person: once applied everywhere, what named them goes."""
 _PROPAGATOR: Final = TraceContextTextMapPropagator()
 
 
@@ -94,6 +103,7 @@ def outbox_tables(metadata: MetaData, *, prefix: str = "") -> OutboxTables:
         Column("occurred_at", DateTime(timezone=True), nullable=False),
         Column("recorded_at", DateTime(timezone=True), nullable=False),
         Column("envelope", LargeBinary, nullable=False),
+        Index(f"ix_{prefix}outbox_kind", "kind"),
     )
     head = Table(
         f"{prefix}outbox_head",
@@ -236,6 +246,76 @@ class Outbox:
         query = select(head.c.last_seq).where(head.c.producer == self.producer)
         return int(connection.execute(query).scalar_one_or_none() or 0)
 
+    # Redaction -----------------------------------------------------------------------------------
+
+    def redact(self, connection: Connection, person_ids: Sequence[str]) -> int:
+        """Replace every envelope that names one of ``person_ids`` with a redacted one (same seq,
+        id and time; no body, no trace context); returns how many were redacted.
+
+        Person ids are random tokens, so an envelope names a person exactly when its bytes
+        contain the id; the database finds them (a scan of the log: erasures are rare).
+        """
+        outbox = self.tables.outbox
+        wanted = [p for p in dict.fromkeys(person_ids) if p]
+        if not wanted:
+            return 0
+        contains = _contains_bytes(connection)
+        query = select(outbox.c.seq, outbox.c.envelope).where(
+            outbox.c.kind != REDACTED,
+            or_(*(contains(outbox.c.envelope, p.encode()) for p in wanted)),
+        )
+        redacted = 0
+        for seq, data in connection.execute(query).all():
+            original = events_pb2.Envelope.FromString(data)
+            replacement = events_pb2.Envelope(
+                id=original.id,
+                seq=original.seq,
+                producer=original.producer,
+                occurred_at=original.occurred_at,
+                redacted=events_pb2.EnvelopeRedacted(reason="erasure"),
+            )
+            connection.execute(
+                update(outbox)
+                .where(outbox.c.seq == seq)
+                .values(kind=REDACTED, envelope=replacement.SerializeToString())
+            )
+            redacted += 1
+        return redacted
+
+    def erasing_up_to(self, connection: Connection, seq: int) -> bool:
+        """Whether an envelope erasing or forgetting a person, not yet settled by
+        :meth:`redact_settled`, lies at or before ``seq`` (an indexed look, for every ack)."""
+        outbox = self.tables.outbox
+        query = (
+            select(outbox.c.seq)
+            .where(outbox.c.kind.in_(ERASING_BODIES), outbox.c.seq <= seq)
+            .limit(1)
+        )
+        return connection.execute(query).first() is not None
+
+    def redact_settled(self, connection: Connection, consumers: Sequence[str]) -> int:
+        """Redact what erased persons left on the log, once it is safe: for every envelope that
+        erases or forgets a person (SubjectErased, PersonForgotten) that all ``consumers`` have
+        acknowledged, every envelope naming that person, itself included. With no consumers
+        registered, nobody is waiting for them. Returns how many envelopes were redacted."""
+        acknowledged = self.acknowledgements(connection)
+        last = self.last_seq(connection)
+        floor = min(
+            (acknowledged[c].seq if c in acknowledged else 0 for c in consumers), default=last
+        )
+        if floor < 1:
+            return 0
+        outbox = self.tables.outbox
+        query = select(outbox.c.envelope).where(
+            outbox.c.kind.in_(ERASING_BODIES), outbox.c.seq <= floor
+        )
+        persons: list[str] = []
+        for data in connection.execute(query).scalars():
+            envelope = events_pb2.Envelope.FromString(data)
+            body = getattr(envelope, envelope.WhichOneof("body") or "")
+            persons.extend([body.person_id, *body.alias_person_ids])
+        return self.redact(connection, persons)
+
     # Acknowledgements ----------------------------------------------------------------------------
 
     def record_ack(self, connection: Connection, consumer: str, seq: int) -> int:
@@ -334,6 +414,14 @@ def _body_field(body: Message) -> str:
             f"{body.DESCRIPTOR.full_name} is not an Envelope body; "
             f"expected one of {', '.join(sorted(BODY_FIELDS))}"
         ) from None
+
+
+def _contains_bytes(connection: Connection) -> Callable[[Any, bytes], ColumnElement[bool]]:
+    """``contains(column, needle)``: whether a binary column holds ``needle``, in the dialect's
+    words (SQLite's instr and PostgreSQL's position both work on bytes)."""
+    if connection.dialect.name == "sqlite":
+        return lambda column, needle: func.instr(column, needle) > 0
+    return lambda column, needle: func.position(literal(needle, LargeBinary).op("IN")(column)) > 0
 
 
 def _insert(connection: Connection, table: Table) -> postgresql.Insert | sqlite.Insert:

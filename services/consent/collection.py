@@ -396,7 +396,7 @@ class CollectionService:
                     )
                 ],
             )
-            self.consent.store.outbox.append(
+            [erased] = self.consent.store.outbox.append(
                 connection,
                 [
                     events_pb2.SubjectErased(
@@ -407,7 +407,19 @@ class CollectionService:
                 ],
                 occurred_at=now,
             )
-            services = {
+            # Without consumers to wait for, what named the person leaves the log at once.
+            self.consent.store.outbox.redact_settled(connection, self.consent.consumers)
+            # Each consumer's part is done once it acknowledges the SubjectErased envelope.
+            services: dict[str, dict[str, Any]] = {
+                consumer: {
+                    "state": C.ERASURE_STATE_PENDING,
+                    "completed_at": None,
+                    "detail": "",
+                    "awaits_seq": erased.seq,
+                }
+                for consumer in self.consent.consumers
+            }
+            services |= {
                 "consent": {
                     "state": C.ERASURE_STATE_DONE,
                     "completed_at": now.isoformat(),
@@ -442,32 +454,46 @@ class CollectionService:
             row = self.store.erasure(connection, erasure_id)
             if row is None:
                 raise NotFound("erasure", erasure_id)
-            services = dict(row.services)
+            self.finish_parts(connection, row, {service: (ok, detail)}, now)
+        return self.erasure(erasure_id)
+
+    def finish_parts(
+        self,
+        connection: Connection,
+        row: Any,
+        parts: dict[str, tuple[bool, str]],
+        now: datetime,
+    ) -> None:
+        """Record services' parts (service to (ok, detail)) of the erasure ``row`` in the
+        caller's transaction; the last part done appends the completion entry to the ledger."""
+        services = dict(row.services)
+        for service, (ok, detail) in parts.items():
             services[service] = {
                 "state": C.ERASURE_STATE_DONE if ok else C.ERASURE_STATE_FAILED,
                 "completed_at": now.isoformat() if ok else None,
                 "detail": detail,
             }
-            values: dict[str, Any] = {"services": services}
-            if all(part["state"] == C.ERASURE_STATE_DONE for part in services.values()):
-                self.consent.store.append_ledger(
-                    connection,
-                    [
-                        ledger.LedgerRecord(
-                            seq=0,
-                            recorded_at=now,
-                            kind=A.ENTRY_KIND_ERASURE_COMPLETED,
-                            actor="system",
-                            occurred_at=now,
-                            details={"erasure_id": erasure_id},
-                        )
-                    ],
-                )
-                values.update(state=C.ERASURE_STATE_DONE, completed_at=now, person_id=None)
-            elif not ok:
-                values.update(state=C.ERASURE_STATE_FAILED)
-            self.store.update_erasure(connection, erasure_id, values)
-        return self.erasure(erasure_id)
+        values: dict[str, Any] = {"services": services}
+        if all(part["state"] == C.ERASURE_STATE_DONE for part in services.values()):
+            self.consent.store.append_ledger(
+                connection,
+                [
+                    ledger.LedgerRecord(
+                        seq=0,
+                        recorded_at=now,
+                        kind=A.ENTRY_KIND_ERASURE_COMPLETED,
+                        actor="system",
+                        occurred_at=now,
+                        details={"erasure_id": row.erasure_id},
+                    )
+                ],
+            )
+            values.update(state=C.ERASURE_STATE_DONE, completed_at=now, person_id=None)
+        elif any(part["state"] == C.ERASURE_STATE_FAILED for part in services.values()):
+            values.update(state=C.ERASURE_STATE_FAILED)
+        else:
+            values.update(state=C.ERASURE_STATE_IN_PROGRESS)
+        self.store.update_erasure(connection, row.erasure_id, values)
 
     def erasure(self, erasure_id: str) -> ErasureView:
         with self.consent.store.reading() as connection:

@@ -41,9 +41,9 @@ person_keys = Table(
 )
 
 
-def migrate(engine: Engine) -> None:
+def migrate(engine_or_url: Engine | str) -> None:
     """Bring the key store's database to the newest schema."""
-    upgrade(engine, SERVICE, versions_dir=VERSIONS_DIR)
+    upgrade(engine_or_url, SERVICE, versions_dir=VERSIONS_DIR)
 
 
 class KeyStore:

@@ -19,7 +19,8 @@ from steward.consent.v1 import audit_pb2, audit_pb2_grpc, consent_pb2, consent_p
 from steward.events.v1 import events_pb2
 
 from services.common.callers import caller_of
-from services.common.consumer import Consumer, start_log_consumers
+from services.common.config import Settings
+from services.common.consumer import LOG_CONSUMERS, Consumer, start_log_consumers
 from services.common.context import PeerChannels, ServiceContext, ServiceParts
 from services.common.db import make_engine
 from services.common.errors import (
@@ -42,6 +43,7 @@ from services.common.telemetry import instrument_channel
 from services.common.times import timestamp
 from services.consent import keystore as keystore_module
 from services.consent import ledger, signals, tcf
+from services.consent.access import PeerExports
 from services.consent.collect import EventFields
 from services.consent.collection import (
     CollectInput,
@@ -53,6 +55,7 @@ from services.consent.decisions import ConsentState
 from services.consent.identity_client import IdentityClient
 from services.consent.keystore import KeyStore
 from services.consent.person_cache import PersonCache, cache_key
+from services.consent.propagation import Propagation, WithdrawalPropagation
 from services.consent.purposes import PurposeDefinition
 from services.consent.service import ConsentService, DecisionInput, Receipt, entry_message
 from services.consent.store import CONSUMER_TABLES, PRODUCER, ConsentStore
@@ -223,7 +226,9 @@ def _purpose_message(purpose: PurposeDefinition) -> common_pb2.Purpose:
     return message
 
 
-def _state_message(state: ConsentState, legal_basis: int) -> consent_pb2.PurposeState:
+def _state_message(
+    state: ConsentState, legal_basis: int, propagation: WithdrawalPropagation | None = None
+) -> consent_pb2.PurposeState:
     deciding = state.deciding
     return C.PurposeState(
         purpose=state.purpose,
@@ -236,6 +241,18 @@ def _state_message(state: ConsentState, legal_basis: int) -> consent_pb2.Purpose
         occurred_at=timestamp(deciding.occurred_at if deciding else None),
         expires_at=timestamp(state.expires_at),
         policy_version=deciding.policy_version if deciding else "",
+        propagation=None if propagation is None else _propagation_message(propagation),
+    )
+
+
+def _propagation_message(propagation: WithdrawalPropagation) -> consent_pb2.WithdrawalPropagation:
+    return C.WithdrawalPropagation(
+        complete=propagation.complete,
+        acknowledgements=[
+            C.ConsumerAcknowledgement(consumer=consumer, acknowledged_at=timestamp(at))
+            for consumer, at in propagation.acknowledgements.items()
+        ],
+        propagated_ledger_seq=propagation.propagated_seq,
     )
 
 
@@ -298,8 +315,12 @@ class ConsentServicer(consent_pb2_grpc.ConsentServiceServicer):
         cache: PersonCache,
         max_batch: int,
         metrics: CollectMetrics,
+        propagation: Propagation,
+        peers: PeerExports,
     ) -> None:
         self._service = service
+        self._propagation = propagation
+        self._peers = peers
         self._collection = collection
         self._subjects = subjects
         self._mapping = mapping
@@ -490,9 +511,19 @@ class ConsentServicer(consent_pb2_grpc.ConsentServiceServicer):
             raise NotFound("person", "(identifiers)", "no person has these identifiers")
         purposes = self._service.purposes()
         states = self._service.states(person, _at(request.at))
+        propagations = self._propagation.of_entries(
+            [s.deciding.seq for s in states if s.deciding is not None]
+        )
         return C.GetConsentResponse(
             person_id=person,
-            states=[_state_message(s, purposes[s.purpose].legal_basis) for s in states],
+            states=[
+                _state_message(
+                    s,
+                    purposes[s.purpose].legal_basis,
+                    propagations.get(s.deciding.seq) if s.deciding is not None else None,
+                )
+                for s in states
+            ],
         )
 
     def CheckConsent(
@@ -678,6 +709,8 @@ class ConsentServicer(consent_pb2_grpc.ConsentServiceServicer):
         root = known.person_id if known is not None else person
         aliases = list(known.alias_person_ids) if known is not None else []
         data = self._collection.subject_data(root, aliases)
+        tags = self._peers.tags(root, deadline_remaining(context))
+        recommendations = self._peers.recommendations(root, deadline_remaining(context))
         bundle = C.SubjectDataBundle(
             person_id=root,
             generated_at=timestamp(datetime.now(UTC)),
@@ -711,6 +744,8 @@ class ConsentServicer(consent_pb2_grpc.ConsentServiceServicer):
                 for e in data.events
             ],
             identity=known,
+            tags=tags,
+            recommendations=recommendations,
         )
         return C.ExportSubjectDataResponse(
             bundle=bundle,
@@ -766,7 +801,10 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
 
 
 SWEEP_INTERVAL_SECONDS: Final = 3600.0
-IDENTITY_CONSUMER: Final = "consent-persons"
+RECONCILE_INTERVAL_SECONDS: Final = 5.0
+"""How often withdrawals and erasures are checked against every consumer's stored
+acknowledgement, beside the check each acknowledgement triggers."""
+IDENTITY_CONSUMER: Final = LOG_CONSUMERS["identity"]["consent"]
 """Consent's consumer of identity's log (person links and the person cache)."""
 
 
@@ -779,15 +817,26 @@ def _logged_sweep(collection: CollectionService) -> Callable[[], None]:
     return sweep
 
 
+def migrate(settings: Settings) -> None:
+    """Bring consent's database and its key store to the newest schema: ``build`` does so
+    before serving, ``steward migrate`` once for a whole deployment."""
+    upgrade(settings.db_url("consent"), "consent")
+    keystore_module.migrate(settings.db_url("keystore"))
+
+
 def build(context: ServiceContext) -> ServiceParts:
     """The consent service on its database and key store (both migrated first)."""
     settings = context.settings
+    migrate(settings)
     engine = make_engine(settings.db_url("consent"), pool_size=DB_POOL_SIZE)
-    upgrade(engine, "consent")
     keystore_engine = make_engine(settings.db_url("keystore"))
-    keystore_module.migrate(keystore_engine)
     store = ConsentStore(engine)
     keyring = context.keyring
+    log_consumers = [
+        consumer
+        for service_name, consumer in LOG_CONSUMERS[PRODUCER].items()
+        if context.deployed(service_name)
+    ]
     service = ConsentService(
         store,
         KeyStore(keystore_engine, keyring),
@@ -795,16 +844,21 @@ def build(context: ServiceContext) -> ServiceParts:
         keyring.signing_key_id,
         keyring.public_key_pem(),
         checkpoint_every=settings.checkpoint_every,
+        consumers=log_consumers,
+        meter=context.telemetry.meter("steward.consent"),
     )
     service.ensure_default_purposes()
     cache = PersonCache()
     subjects = SubjectResolver(context, cache)
     collection = CollectionService(service, keyring)
+    propagation = Propagation(service, collection)
+    exports = PeerExports()
     tasks = [
         PeriodicTask(
             "ledger-checkpoints", settings.checkpoint_seconds, service.checkpoint_if_grown
         ),
         PeriodicTask("retention-sweep", SWEEP_INTERVAL_SECONDS, _logged_sweep(collection)),
+        PeriodicTask("propagation", RECONCILE_INTERVAL_SECONDS, propagation.reconcile),
     ]
     consumers: list[Consumer] = []
     channels: list[PeerChannels] = []
@@ -819,6 +873,13 @@ def build(context: ServiceContext) -> ServiceParts:
         channels.append(peers)
         subjects.connect(
             IdentityClient(instrument_channel(peers.to("identity"), context.telemetry))
+        )
+        exports.connect(
+            **{
+                name: instrument_channel(peers.to(name), context.telemetry)
+                for name in ("tagging", "recommend")
+                if context.deployed(name)
+            }
         )
         # The log is read on the plain channel: its envelopes carry their own trace context.
         consumers.extend(
@@ -858,6 +919,8 @@ def build(context: ServiceContext) -> ServiceParts:
                 cache=cache,
                 max_batch=settings.max_batch,
                 metrics=CollectMetrics(context.telemetry.meter("steward.consent")),
+                propagation=propagation,
+                peers=exports,
             ),
         ),
         ServiceRegistration(
@@ -868,7 +931,7 @@ def build(context: ServiceContext) -> ServiceParts:
     ]
     return ServiceParts(
         registrations,
-        logs={PRODUCER: ProducerLog(store.outbox, engine)},
+        logs={PRODUCER: ProducerLog(store.outbox, engine, on_ack=propagation.acknowledged)},
         on_start=[connect_identity, lambda _target: start_all(tasks)],
         on_stop=[close],
     )

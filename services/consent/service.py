@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeAlias
 
+from opentelemetry import metrics
 from sqlalchemy.engine import Connection
 from steward.common.v1 import common_pb2
 from steward.consent.v1 import audit_pb2, consent_pb2
@@ -32,7 +33,13 @@ from services.consent.decisions import (
 from services.consent.keystore import KeyStore
 from services.consent.purposes import DEFAULT_PURPOSES, PurposeDefinition, validate_purpose
 from services.consent.signals import gpc_conflict_violation, requires_gpc_acknowledgement
-from services.consent.store import PERSON_LINKS, AppendedEntry, ConsentStore, person_group
+from services.consent.store import (
+    PERSON_LINKS,
+    AppendedEntry,
+    ConsentStore,
+    WithdrawalStore,
+    person_group,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +117,22 @@ class ConsentService:
         *,
         clock: Clock = utc_now,
         checkpoint_every: int = 1000,
+        consumers: Sequence[str] = (),
+        meter: metrics.Meter | None = None,
     ) -> None:
         self.store = store
+        self._decisions = (
+            None
+            if meter is None
+            else meter.create_counter(
+                "steward.consent.decisions",
+                unit="{decision}",
+                description="Consent decisions recorded, by purpose, decision, source and kind",
+            )
+        )
+        self.consumers = tuple(consumers)
+        """The consumers of consent's log that a withdrawal or erasure must reach (see
+        services/consent/propagation.py)."""
         self.keystore = keystore
         self._sign = signer
         self.signing_key_id = signing_key_id
@@ -270,12 +291,42 @@ class ConsentService:
             root = group[0]
             self.store.changes_checks_of(connection, group)
             changes = []
+            withdrawn = []
             for purpose_id in dict.fromkeys(d.purpose for d in decisions):
                 after = self._state(purposes[purpose_id], after_all, now)
                 if _changed(before[purpose_id], after):
                     changes.append(_consent_changed(root, after))
-            self.store.outbox.append(connection, changes, occurred_at=now)
+                    withdrawn.append(before[purpose_id].allowed and not after.allowed)
+            envelopes = self.store.outbox.append(connection, changes, occurred_at=now)
+            if self.consumers:
+                WithdrawalStore.save(
+                    connection,
+                    [
+                        {
+                            "ledger_seq": envelope.consent_changed.ledger_seq,
+                            "envelope_seq": envelope.seq,
+                            "person_id": person_id,
+                            "purpose": envelope.consent_changed.purpose,
+                            "subject": subject,
+                            "withdrawn_at": now,
+                            "acknowledgements": {},
+                        }
+                        for envelope, stops in zip(envelopes, withdrawn, strict=True)
+                        if stops
+                    ],
+                )
             self._after_append(connection)
+        if self._decisions is not None:
+            for entry in appended:
+                self._decisions.add(
+                    1,
+                    {
+                        "purpose": entry.record.purpose,
+                        "decision": common_pb2.Decision.Name(entry.record.decision),
+                        "source": consent_pb2.ConsentSource.Name(entry.record.source),
+                        "kind": audit_pb2.EntryKind.Name(entry.record.kind),
+                    },
+                )
         return [Receipt(e.record.seq, e.leaf_hash, e.record.purpose) for e in appended]
 
     def _check_decisions(

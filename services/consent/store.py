@@ -184,6 +184,29 @@ class ErasureRow(ConsentTable, table=True):
     tombstone_seq: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
 
 
+class WithdrawalRow(ConsentTable, table=True):
+    """A withdrawal followed to the consumers of consent's log until each has applied it.
+
+    Kept by person id only until the person is erased; the ledger keeps the lasting record
+    (the withdrawal and, once every consumer has acknowledged, its "propagated" entry).
+    """
+
+    __tablename__ = "consent_withdrawals"
+    ledger_seq: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    """The ledger entry of the decision (or signal) that withdrew the purpose."""
+    envelope_seq: int = Field(sa_column=Column(BigInteger, nullable=False, index=True))
+    """The ConsentChanged envelope on consent's log; a consumer that acknowledged it applied it."""
+    person_id: str = Field(max_length=40, index=True)
+    purpose: str = Field(max_length=64)
+    subject: str = Field(max_length=128)
+    """The withdrawal's ledger subject, which the "propagated" entry repeats."""
+    withdrawn_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    acknowledgements: dict[str, str] = Field(sa_column=Column(JSON, nullable=False))
+    """Consumer name to when it acknowledged the envelope (ISO 8601, UTC)."""
+    propagated_seq: int | None = Field(default=None, sa_column=Column(BigInteger, index=True))
+    """The ledger entry that says every consumer has applied it; unset until then."""
+
+
 target_metadata = ConsentTable.metadata
 OUTBOX_TABLES: Final = outbox_tables(target_metadata, prefix="consent_")
 CONSUMER_TABLES: Final = consumer_tables(target_metadata, prefix="consent_")
@@ -196,6 +219,7 @@ decisions_table = DecisionRow.__table__  # type: ignore[attr-defined]
 events_table = EventRow.__table__  # type: ignore[attr-defined]
 erased_table = ErasedRow.__table__  # type: ignore[attr-defined]
 erasures_table = ErasureRow.__table__  # type: ignore[attr-defined]
+withdrawals_table = WithdrawalRow.__table__  # type: ignore[attr-defined]
 _CHECKS_CHANGED: Final = "steward.consent.checks_changed"
 """``Connection.info`` key: the persons a :meth:`ConsentStore.writing` transaction changes."""
 PERSON_LINKS: Final = PersonLinks(person_links_table(target_metadata, prefix="consent_"))
@@ -708,9 +732,13 @@ class CollectionStore:
     def delete_person_data(
         self, connection: Connection, person_ids: Sequence[str]
     ) -> tuple[int, int]:
-        """Delete the persons' events and decisions; returns (events, decisions) deleted."""
+        """Delete the persons' events, decisions and followed withdrawals; returns (events,
+        decisions) deleted. Their merge links go when identity's PersonForgotten arrives."""
         events = decisions = 0
         for chunk in self._in_chunks(list(person_ids)):
+            connection.execute(
+                delete(withdrawals_table).where(withdrawals_table.c.person_id.in_(chunk))
+            )
             events += (
                 connection.execute(
                     delete(events_table).where(events_table.c.person_id.in_(chunk))
@@ -760,12 +788,61 @@ class CollectionStore:
             select(erasures_table).where(erasures_table.c.erasure_id == erasure_id)
         ).first()
 
+    def open_erasures(self, connection: Connection) -> list[Any]:
+        """Erasures not yet complete (few: each completes once every service has done its part)."""
+        return list(
+            connection.execute(
+                select(erasures_table).where(erasures_table.c.completed_at.is_(None))
+            )
+        )
+
     def open_erasure_of(self, connection: Connection, person_id: str) -> Any:
         return connection.execute(
             select(erasures_table).where(
                 erasures_table.c.person_id == person_id, erasures_table.c.completed_at.is_(None)
             )
         ).first()
+
+
+class WithdrawalStore:
+    """Queries on the withdrawals followed to consent's consumers."""
+
+    @staticmethod
+    def save(connection: Connection, rows: Sequence[dict[str, Any]]) -> None:
+        if rows:
+            connection.execute(insert(withdrawals_table), list(rows))
+
+    @staticmethod
+    def unpropagated_up_to(connection: Connection, envelope_seq: int) -> list[Any]:
+        """Withdrawals not yet propagated whose envelope is at or before ``envelope_seq``."""
+        return list(
+            connection.execute(
+                select(withdrawals_table)
+                .where(
+                    withdrawals_table.c.propagated_seq.is_(None),
+                    withdrawals_table.c.envelope_seq <= envelope_seq,
+                )
+                .order_by(withdrawals_table.c.envelope_seq)
+            )
+        )
+
+    @staticmethod
+    def update(connection: Connection, ledger_seq: int, values: dict[str, Any]) -> None:
+        connection.execute(
+            update(withdrawals_table)
+            .where(withdrawals_table.c.ledger_seq == ledger_seq)
+            .values(**values)
+        )
+
+    @staticmethod
+    def of_entries(connection: Connection, ledger_seqs: Sequence[int]) -> dict[int, Any]:
+        """The withdrawals recorded by these ledger entries, by ledger seq."""
+        if not ledger_seqs:
+            return {}
+        rows = connection.execute(
+            select(withdrawals_table).where(withdrawals_table.c.ledger_seq.in_(list(ledger_seqs)))
+        )
+        return {row.ledger_seq: row for row in rows}
 
 
 def _decision(row: Any) -> DecisionRecord:

@@ -13,6 +13,8 @@ from steward.common.v1 import common_pb2
 from steward.identity.v1 import identity_pb2, identity_pb2_grpc
 
 from services.common.callers import caller_of
+from services.common.config import Settings
+from services.common.consumer import LOG_CONSUMERS
 from services.common.context import ServiceContext, ServiceParts
 from services.common.db import make_engine
 from services.common.errors import FieldViolations, InvalidArgument
@@ -20,6 +22,7 @@ from services.common.eventlog import ProducerLog
 from services.common.identifiers import IdentifierError, pseudonymise_identifier
 from services.common.migrations import upgrade
 from services.common.server import ServiceRegistration
+from services.common.tasks import PeriodicTask, start_all, stop_all
 from services.common.times import timestamp
 from services.identity.graph import IdentifierInput, ItemInput, ItemResult, MergeRecord
 from services.identity.rules import MergeRules, TypeLimit, validate_rules
@@ -375,11 +378,30 @@ def _rules_message(rules: MergeRules) -> identity_pb2.MergeRules:
     )
 
 
+SETTLE_INTERVAL_SECONDS: Final = 5.0
+"""How often forgets are checked against the consumers' stored acknowledgements, beside the
+check each acknowledgement triggers."""
+
+
+def migrate(settings: Settings) -> None:
+    """Bring identity's database to the newest schema: ``build`` does so before serving,
+    ``steward migrate`` once for a whole deployment."""
+    upgrade(settings.db_url("identity"), "identity")
+
+
 def build(context: ServiceContext) -> ServiceParts:
     """The identity service on its database (migrated first), with its event log."""
+    migrate(context.settings)
     engine = make_engine(context.settings.db_url("identity"))
-    upgrade(engine, "identity")
-    store = IdentityStore(engine)
+    store = IdentityStore(
+        engine,
+        consumers=[
+            consumer
+            for service_name, consumer in LOG_CONSUMERS[PRODUCER].items()
+            if context.deployed(service_name)
+        ],
+    )
+    tasks = [PeriodicTask("settle-forgotten", SETTLE_INTERVAL_SECONDS, store.reconcile)]
     servicer = IdentityServicer(
         IdentityService(store, context.keyring),
         max_batch=context.settings.max_batch,
@@ -393,6 +415,7 @@ def build(context: ServiceContext) -> ServiceParts:
                 servicer,
             )
         ],
-        logs={PRODUCER: ProducerLog(store.outbox, engine)},
-        on_stop=[engine.dispose, store.close],
+        logs={PRODUCER: ProducerLog(store.outbox, engine, on_ack=store.acknowledged)},
+        on_start=[lambda _target: start_all(tasks)],
+        on_stop=[lambda: stop_all(tasks), engine.dispose, store.close],
     )

@@ -194,5 +194,6 @@ class IdentityService:
             forgotten = transaction.forget(person_id, reason)
         if forgotten is None:
             raise NotFound("person", person_id)
+        self.store.settle_forgotten()
         root, aliases, count = forgotten
         return ForgetResult(root, aliases, count)

@@ -426,9 +426,13 @@ _DRIVER_SQL: Final = {"sqlite": _DriverSql(postgres=False), "postgresql": _Drive
 class IdentityStore:
     """Opens graph transactions on the identity database."""
 
-    def __init__(self, engine: Engine, outbox: Outbox | None = None) -> None:
+    def __init__(
+        self, engine: Engine, outbox: Outbox | None = None, *, consumers: Sequence[str] = ()
+    ) -> None:
         self.engine = engine
         self.outbox = outbox or Outbox(PRODUCER, OUTBOX_TABLES)
+        self.consumers = tuple(consumers)
+        """The deployed consumers of identity's log, whose acknowledgements a forget awaits."""
         self._sqlite_writer: SqliteWriter | None = None
         if engine.dialect.name == "sqlite" and not isinstance(engine.pool, StaticPool):
             self._sqlite_writer = SqliteWriter(engine)
@@ -458,6 +462,33 @@ class IdentityStore:
     def reading(self) -> Iterator[GraphStore]:
         with self.engine.connect() as connection:
             yield GraphStore(connection, self.outbox)
+
+    def acknowledged(self, producer: str, consumer: str, seq: int) -> None:
+        """A consumer's acknowledgement (the event log's callback): once every consumer has
+        applied a PersonForgotten, the envelopes that named the person are redacted."""
+        if consumer not in self.consumers:
+            return
+        with self.engine.connect() as connection:
+            if not self.outbox.erasing_up_to(connection, seq):
+                return
+        self.settle_forgotten()
+
+    def reconcile(self) -> None:
+        """Settle from the stored acknowledgements, on a timer: what an acknowledgement's
+        callback left undone (or another replica received) is not left waiting."""
+        with self.engine.connect() as connection:
+            acknowledged = self.outbox.acknowledgements(connection)
+        floor = min(
+            (acknowledged[c].seq if c in acknowledged else 0 for c in self.consumers), default=0
+        )
+        if self.consumers and floor > 0:
+            self.acknowledged(PRODUCER, self.consumers[0], floor)
+
+    def settle_forgotten(self) -> int:
+        """Redact what forgotten persons left on the log, where every consumer has applied the
+        forget (at once when none is deployed); returns how many envelopes were redacted."""
+        with self.writing() as graph:
+            return self.outbox.redact_settled(graph.connection, self.consumers)
 
     # Rules ---------------------------------------------------------------------------------------
 

@@ -4,13 +4,16 @@ and runs the consumers of consent's and identity's event logs and the forget reb
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC
 from typing import Final
 
 import grpc
+from opentelemetry import metrics
 from steward.recommend.v1 import recommend_pb2, recommend_pb2_grpc
 
+from services.common.config import Settings
 from services.common.consumer import Consumer, start_log_consumers
 from services.common.context import PeerChannels, ServiceContext, ServiceParts
 from services.common.db import make_engine
@@ -114,8 +117,17 @@ def _person_id(value: str, violations: FieldViolations) -> None:
 class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
     """steward.recommend.v1.RecommendService."""
 
-    def __init__(self, service: RecommendService) -> None:
+    def __init__(self, service: RecommendService, meter: metrics.Meter | None = None) -> None:
         self._service = service
+        self._latency = (
+            None
+            if meter is None
+            else meter.create_histogram(
+                "steward.recommend.latency",
+                unit="ms",
+                description="Time to answer Recommend, by model and whether it was personalised",
+            )
+        )
 
     def PutItems(
         self, request: recommend_pb2.PutItemsRequest, context: grpc.ServicerContext
@@ -201,6 +213,7 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
             len(given.exclude_item_ids) <= 1000, "filters.exclude_item_ids", "at most 1,000"
         )
         violations.raise_if_any()
+        started = time.perf_counter()
         answer = self._service.recommend(
             Query(
                 person_id=request.person_id,
@@ -219,6 +232,11 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
                 model=request.model,
             )
         )
+        if self._latency is not None:
+            self._latency.record(
+                (time.perf_counter() - started) * 1000.0,
+                {"model": answer.model, "personalised": answer.personalised},
+            )
         response = R.RecommendResponse(
             personalised=answer.personalised,
             experiment_arm=answer.experiment_arm,
@@ -369,11 +387,17 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
         )
 
 
+def migrate(settings: Settings) -> None:
+    """Bring recommend's database to the newest schema: ``build`` does so before serving,
+    ``steward migrate`` once for a whole deployment."""
+    upgrade(settings.db_url("recommend"), "recommend")
+
+
 def build(context: ServiceContext) -> ServiceParts:
     """The recommend service on its database (migrated first), consuming consent's and
     identity's logs, and rebuilding models when pending forgets reach their deadline."""
+    migrate(context.settings)
     engine = make_engine(context.settings.db_url("recommend"))
-    upgrade(engine, "recommend")
     service = RecommendService(engine)
     consumers: list[Consumer] = []
     channels: list[PeerChannels] = []
@@ -413,7 +437,7 @@ def build(context: ServiceContext) -> ServiceParts:
             ServiceRegistration(
                 "steward.recommend.v1.RecommendService",
                 recommend_pb2_grpc.add_RecommendServiceServicer_to_server,
-                RecommendServicer(service),
+                RecommendServicer(service, context.telemetry.meter("steward.recommend")),
             )
         ],
         on_start=[start_consumers],

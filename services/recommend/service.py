@@ -425,16 +425,13 @@ class RecommendService:
     def _pending_forget(self, connection: Connection, persons: Iterable[str]) -> None:
         now = self.clock()
         due = now + timedelta(seconds=self.settings.forget_delay_seconds)
-        for person in persons:
-            connection.execute(
-                _dialect(connection)
-                .insert(forgets_table)  # type: ignore[attr-defined]
-                .values(person_id=person, requested_at=now, due_at=due)
-                .on_conflict_do_update(
-                    index_elements=[forgets_table.c.person_id],
-                    set_={"requested_at": now},
-                )
-            )
+        connection.execute(
+            insert(forgets_table),
+            [
+                {"forget_id": uuid.uuid4().hex, "requested_at": now, "due_at": due}
+                for _person in dict.fromkeys(persons)
+            ],
+        )
 
     # Catalogue -----------------------------------------------------------------------------------
 
@@ -556,7 +553,7 @@ class RecommendService:
                         interactions_table.c.occurred_at,
                     )
                 ).all()
-                forgotten = list(connection.execute(select(forgets_table.c.person_id)).scalars())
+                forgotten = list(connection.execute(select(forgets_table.c.forget_id)).scalars())
                 experiment = self._active_experiment(connection)
             wanted = self._model_names(catalogue)
             for arm in experiment.arms if experiment else ():
@@ -613,7 +610,7 @@ class RecommendService:
             if forgotten and set(models) <= set(trained):
                 with self.engine.begin() as connection:
                     connection.execute(
-                        delete(forgets_table).where(forgets_table.c.person_id.in_(forgotten))
+                        delete(forgets_table).where(forgets_table.c.forget_id.in_(forgotten))
                     )
             for name, model in trained.items():
                 self._evaluate(name, model, data, catalogue, experiment)

@@ -96,10 +96,14 @@ class ExperimentRow(RecommendTable, table=True):
 
 
 class ForgetRow(RecommendTable, table=True):
-    """A person whose interactions are gone but whose influence the models still hold."""
+    """A rebuild the models owe: someone's interactions are gone, their influence is not yet.
+
+    Keyed by a random id, not the person's: an erased person must leave no row behind, and
+    what the rebuild needs is only that it is owed, and since when.
+    """
 
     __tablename__ = "recommend_forgets"
-    person_id: str = Field(primary_key=True, max_length=40)
+    forget_id: str = Field(primary_key=True, max_length=32)
     requested_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
     due_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
 

@@ -16,6 +16,7 @@ same transaction, once per person for a whole batch of envelopes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Final
 
@@ -24,6 +25,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from steward.events.v1 import events_pb2
 
+from services.common.outbox import ERASING_BODIES
 from services.common.person_links import handed_back
 from services.tagging.store import (
     PERSON_LINKS,
@@ -67,6 +69,17 @@ def touched(envelope: events_pb2.Envelope) -> tuple[set[str], set[str]]:
         both = {split.surviving_person_id, split.restored_person_id}
         return both, set(both)
     return set(), set()
+
+
+def erased(envelopes: Sequence[events_pb2.Envelope]) -> list[str]:
+    """The persons these envelopes erase or forget (aliases included)."""
+    persons: list[str] = []
+    for envelope in envelopes:
+        body = envelope.WhichOneof("body")
+        if body in ERASING_BODIES:
+            gone = getattr(envelope, body)
+            persons.extend([gone.person_id, *gone.alias_person_ids])
+    return persons
 
 
 def apply_consent_log(connection: Connection, envelope: events_pb2.Envelope) -> set[str]:

@@ -12,6 +12,7 @@ from google.protobuf import json_format, struct_pb2
 from steward.tagging.v1 import tagging_pb2, tagging_pb2_grpc
 
 from services.common.callers import caller_of
+from services.common.config import Settings
 from services.common.consumer import Consumer, start_log_consumers
 from services.common.context import PeerChannels, ServiceContext, ServiceParts
 from services.common.db import make_engine
@@ -232,13 +233,19 @@ class TaggingServicer(tagging_pb2_grpc.TaggingServiceServicer):
         return T.GetProfileResponse(profile=message)
 
 
+def migrate(settings: Settings) -> None:
+    """Bring tagging's database to the newest schema: ``build`` does so before serving,
+    ``steward migrate`` once for a whole deployment."""
+    upgrade(settings.db_url("tagging"), "tagging")
+
+
 def build(context: ServiceContext) -> ServiceParts:
     """The tagging service on its database (migrated first), consuming consent's and identity's
     logs and producing its own (TagChanged)."""
+    migrate(context.settings)
     engine = make_engine(context.settings.db_url("tagging"))
-    upgrade(engine, "tagging")
     outbox = Outbox(PRODUCER, OUTBOX_TABLES)
-    service = TaggingService(engine, outbox)
+    service = TaggingService(engine, outbox, meter=context.telemetry.meter("steward.tagging"))
     consumers: list[Consumer] = []
     channels: list[PeerChannels] = []
 

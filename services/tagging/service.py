@@ -29,6 +29,7 @@ from typing import Any, Final
 
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
+from opentelemetry import metrics
 from sqlalchemy import bindparam, delete, func, insert, or_, select, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql import ColumnElement
@@ -110,9 +111,26 @@ class PersonTags:
 class TaggingService:
     """Profiles, tags and rule sets over the tagging database."""
 
-    def __init__(self, engine: Engine, outbox: Outbox, clock: Clock = utc_now) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        outbox: Outbox,
+        clock: Clock = utc_now,
+        *,
+        meter: metrics.Meter | None = None,
+    ) -> None:
         self.engine = engine
         self.outbox = outbox
+        self._tag_changes = (
+            None
+            if meter is None
+            else meter.create_counter(
+                "steward.tagging.tag_changes",
+                unit="{change}",
+                description="Tags assigned, renewed, expired, removed and suppressed (by guardrail"
+                " or reason)",
+            )
+        )
         self.clock = clock
         self._lock = threading.Lock()
         self._rule_set: ParsedRuleSet | None = None
@@ -218,6 +236,8 @@ class TaggingService:
         persons |= afresh
         lock_persons(connection)
         self.reevaluate(connection, persons, afresh=afresh)
+        # Nobody in the suite reads tagging's log: what named an erased person goes at once.
+        self.outbox.redact(connection, ingest.erased(envelopes))
 
     def apply_consent_envelope(self, connection: Connection, envelope: events_pb2.Envelope) -> None:
         """One envelope of consent's log, applied and its persons re-evaluated."""
@@ -580,7 +600,7 @@ class TaggingService:
             for person in persons
             for change, expiry in changes.get(person, ())
         ]
-        self.outbox.append(connection, bodies, occurred_at=now)
+        self._publish(connection, bodies, now)
 
     @staticmethod
     def _state(
@@ -733,7 +753,23 @@ class TaggingService:
                 )
                 for change in changes
             )
+        self._publish(connection, bodies, now)
+
+    def _publish(
+        self, connection: Connection, bodies: Sequence[events_pb2.TagChanged], now: datetime
+    ) -> None:
+        """Put tag changes on tagging's log, and count them."""
         self.outbox.append(connection, bodies, occurred_at=now)
+        if self._tag_changes is not None:
+            for body in bodies:
+                self._tag_changes.add(
+                    1,
+                    {
+                        "tag": body.tag_id,
+                        "change": events_pb2.TagChange.Name(body.change),
+                        "reason": body.reason,
+                    },
+                )
 
     def _save(
         self,

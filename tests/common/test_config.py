@@ -3,7 +3,12 @@ from pathlib import Path
 
 import pytest
 
-from services.common.config import DEV_ADMIN_TOKEN, ConfigError, Settings
+from services.common.config import (
+    DEV_ADMIN_TOKEN,
+    ConfigError,
+    Settings,
+    environment_variables,
+)
 from services.common.keyring import DEV_MARKER, init_keys
 
 
@@ -158,3 +163,29 @@ def test_development_tolerates_development_secrets(tmp_path: Path) -> None:
     init_keys(tmp_path / "keys", development=True)
 
     assert Settings.from_env({"STEWARD_DATA_DIR": str(tmp_path)}).admin_token == DEV_ADMIN_TOKEN
+
+
+def test_environment_variables_names_every_variable_read_including_per_service_urls() -> None:
+    names = environment_variables()
+
+    assert {
+        "STEWARD_ENV",
+        "STEWARD_DATABASE_URL",
+        "STEWARD_CONSENT_DB_URL",
+        "STEWARD_KEYSTORE_DB_URL",
+        "STEWARD_KEYRING_JSON",
+        "STEWARD_IDENTITY_TARGET",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    } <= names
+    assert "STEWARD_NO_SUCH_SETTING" not in names
+
+
+def test_every_variable_named_as_read_changes_the_settings_or_is_refused() -> None:
+    defaults = Settings.from_env({})
+    for variable in sorted(environment_variables()):
+        try:
+            settings = Settings.from_env({variable: "7"})
+        except ConfigError as error:
+            assert variable in str(error)
+            continue
+        assert settings != defaults, f"{variable} is listed as read but changes nothing"

@@ -14,6 +14,7 @@ from steward.events.v1 import events_pb2, events_pb2_grpc
 from services.common.errors import read_error_details
 from services.common.eventlog import (
     SERVICE_NAME,
+    AckCallback,
     EventLogServicer,
     ProducerLog,
     registration,
@@ -61,9 +62,10 @@ def serve(engine: Engine) -> Iterator[ServeFactory]:
     metadata.create_all(engine)
     started: list[tuple[grpc.Server, grpc.Channel, EventLogServicer]] = []
 
-    def start(**options: object) -> Served:
+    def start(on_ack: AckCallback | None = None, **options: object) -> Served:
         outbox = Outbox("consent", tables)
-        servicer = EventLogServicer({"consent": ProducerLog(outbox, engine)}, **options)  # type: ignore[arg-type]
+        log = ProducerLog(outbox, engine, on_ack)
+        servicer = EventLogServicer({"consent": log}, **options)  # type: ignore[arg-type]
         built = build_server(
             [
                 ServiceRegistration(

@@ -134,30 +134,57 @@ def test_unknown_person_and_merge_are_not_found(
         assert raised.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_merge_unmerge_and_forget_are_published_in_order(
-    suite: RunningSuite, stub: identity_pb2_grpc.IdentityServiceStub
+def test_merge_unmerge_and_forget_are_published_in_order_and_redacted_once_applied(
+    tmp_path: Path, db_url: str
 ) -> None:
-    a = resolve(stub, identifier("EMAIL", "a@example.com")).person_id
-    b = resolve(stub, identifier("EMAIL", "b@example.com")).person_id
-    merge = stub.Merge(L.MergeRequest(person_ids=[a, b], reason="same person"), timeout=10).merge
-    assert merge.surviving_person_id == a and list(merge.absorbed_person_ids) == [b]
-    stub.Unmerge(L.UnmergeRequest(merge_id=merge.merge_id, reason="not the same"), timeout=10)
-    stub.Forget(L.ForgetRequest(person_id=b, reason="erasure"), timeout=10)
-    with grpc.insecure_channel(suite.target) as channel:
-        log = events_pb2_grpc.EventLogServiceStub(channel)
-        envelopes = [
-            r.envelope
-            for r in log.Subscribe(
-                events_pb2.SubscribeRequest(producer="identity", consumer="test", stop_at_end=True),
-                timeout=10,
+    # Tagging runs elsewhere: identity waits for its acknowledgement before redacting.
+    settings = Settings.from_env(
+        {
+            "STEWARD_DATA_DIR": str(tmp_path / "data"),
+            "STEWARD_IDENTITY_DB_URL": db_url,
+            "STEWARD_TAGGING_TARGET": "tagging.invalid:50051",
+        }
+    )
+    suite = start_suite(dataclasses.replace(settings, port=0), ["identity"])
+    try:
+        with grpc.insecure_channel(suite.target) as channel:
+            stub = identity_pb2_grpc.IdentityServiceStub(channel)
+            log = events_pb2_grpc.EventLogServiceStub(channel)
+            a = resolve(stub, identifier("EMAIL", "a@example.com")).person_id
+            b = resolve(stub, identifier("EMAIL", "b@example.com")).person_id
+            merge = stub.Merge(
+                L.MergeRequest(person_ids=[a, b], reason="same person"), timeout=10
+            ).merge
+            assert merge.surviving_person_id == a and list(merge.absorbed_person_ids) == [b]
+            stub.Unmerge(
+                L.UnmergeRequest(merge_id=merge.merge_id, reason="not the same"), timeout=10
             )
-        ]
-    kinds = [e.WhichOneof("body") for e in envelopes]
-    assert kinds == ["persons_merged", "person_unmerged", "person_forgotten"]
-    assert [e.seq for e in envelopes] == [1, 2, 3]
-    assert envelopes[0].persons_merged.merge_id == merge.merge_id
-    assert envelopes[1].person_unmerged.restored_person_id == b
-    assert envelopes[2].person_forgotten.person_id == b
+            stub.Forget(L.ForgetRequest(person_id=b, reason="erasure"), timeout=10)
+
+            def read() -> list[events_pb2.Envelope]:
+                request = events_pb2.SubscribeRequest(
+                    producer="identity", consumer="test", stop_at_end=True
+                )
+                return [r.envelope for r in log.Subscribe(request, timeout=10)]
+
+            envelopes = read()
+            kinds = [e.WhichOneof("body") for e in envelopes]
+            assert kinds == ["persons_merged", "person_unmerged", "person_forgotten"]
+            assert [e.seq for e in envelopes] == [1, 2, 3]
+            assert envelopes[0].persons_merged.merge_id == merge.merge_id
+            assert envelopes[1].person_unmerged.restored_person_id == b
+            assert envelopes[2].person_forgotten.person_id == b
+
+            # Once tagging has applied the forget, nothing on the log names b any more.
+            log.Ack(
+                events_pb2.AckRequest(producer="identity", consumer="tagging", seq=3), timeout=10
+            )
+            redacted = read()
+            assert [e.WhichOneof("body") for e in redacted] == ["redacted"] * 3
+            assert [(e.seq, e.id) for e in redacted] == [(e.seq, e.id) for e in envelopes]
+            assert all(b.encode() not in e.SerializeToString() for e in redacted)
+    finally:
+        suite.stop(0)
 
 
 def test_history_pages_newest_first(stub: identity_pb2_grpc.IdentityServiceStub) -> None:

@@ -1,4 +1,5 @@
-"""Services started apart find each other's event logs where the settings say they run."""
+"""Services started apart find each other's event logs where the settings say they run, as
+compose.yaml runs them: one process per service."""
 
 from __future__ import annotations
 
@@ -7,14 +8,15 @@ import time
 from pathlib import Path
 
 import grpc
-from sqlalchemy import select
+from sqlalchemy import Table, select
 from steward.common.v1 import common_pb2
 from steward.consent.v1 import consent_pb2, consent_pb2_grpc
 
 from services.common.config import Settings
 from services.common.db import make_engine
+from services.recommend.store import CONSUMER_TABLES as RECOMMEND_CONSUMER_TABLES
 from services.runtime import start_suite
-from services.tagging.store import CONSUMER_TABLES
+from services.tagging.store import CONSUMER_TABLES as TAGGING_CONSUMER_TABLES
 
 
 def test_target_of_prefers_the_configured_address() -> None:
@@ -44,6 +46,14 @@ def test_each_service_in_its_own_process_reads_the_logs_where_they_are(tmp_path:
         identity_target=identity.target,
     )
     tagging = start_suite(settings, ["tagging"])
+    # Recommend in a process of its own too, as compose runs it.
+    recommend_settings = _settings(
+        tmp_path,
+        "recommend",
+        consent_target=consent_process.target,
+        identity_target=identity.target,
+    )
+    recommend = start_suite(recommend_settings, ["recommend"])
     try:
         with grpc.insecure_channel(consent_process.target) as channel:
             consent = consent_pb2_grpc.ConsentServiceStub(channel)
@@ -74,23 +84,36 @@ def test_each_service_in_its_own_process_reads_the_logs_where_they_are(tmp_path:
                 ),
                 timeout=10,
             )
-        engine = make_engine(settings.db_url("tagging"))
-        cursors = CONSUMER_TABLES.cursors
-        deadline = time.monotonic() + 10
-        seq = 0
-        while time.monotonic() < deadline and seq < 1:
-            with engine.connect() as connection:
-                seq = (
-                    connection.execute(
-                        select(cursors.c.seq).where(cursors.c.producer == "consent")
-                    ).scalar_one_or_none()
-                    or 0
-                )
-            time.sleep(0.05)
-        engine.dispose()
-        # Neither tagging's process nor identity's holds consent's log: it came from consent's.
-        assert seq >= 1
+        consumers = {
+            "tagging": (settings.db_url("tagging"), TAGGING_CONSUMER_TABLES.cursors),
+            "recommend": (
+                recommend_settings.db_url("recommend"),
+                RECOMMEND_CONSUMER_TABLES.cursors,
+            ),
+        }
+        # Neither consumer's process nor identity's holds consent's log: it came from consent's.
+        for consumer, (url, cursors) in consumers.items():
+            assert _consent_cursor_reaches(url, cursors, 1), consumer
     finally:
+        recommend.stop(0)
         tagging.stop(0)
         consent_process.stop(0)
         identity.stop(0)
+
+
+def _consent_cursor_reaches(url: str, cursors: Table, seq: int, timeout: float = 10) -> bool:
+    """Whether the consumer's cursor on consent's log reaches ``seq`` within ``timeout``."""
+    engine = make_engine(url)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with engine.connect() as connection:
+                current = connection.execute(
+                    select(cursors.c.seq).where(cursors.c.producer == "consent")
+                ).scalar_one_or_none()
+            if (current or 0) >= seq:
+                return True
+            time.sleep(0.05)
+        return False
+    finally:
+        engine.dispose()

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from steward.common.v1 import common_pb2 as steward_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esteward/events/v1/events.proto\x12\x11steward.events.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1esteward/common/v1/common.proto\"]\n\x10SubscribeRequest\x12\x10\n\x08producer\x18\x01 \x01(\t\x12\x10\n\x08\x63onsumer\x18\x02 \x01(\t\x12\x10\n\x08\x66rom_seq\x18\x03 \x01(\x03\x12\x13\n\x0bstop_at_end\x18\x04 \x01(\x08\"B\n\x11SubscribeResponse\x12-\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1b.steward.events.v1.Envelope\"=\n\nAckRequest\x12\x10\n\x08producer\x18\x01 \x01(\t\x12\x10\n\x08\x63onsumer\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x03\"\'\n\x0b\x41\x63kResponse\x12\x18\n\x10\x61\x63knowledged_seq\x18\x01 \x01(\x03\"\x97\x05\n\x08\x45nvelope\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12\x10\n\x08producer\x18\x03 \x01(\t\x12/\n\x0boccurred_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x44\n\rtrace_context\x18\x05 \x03(\x0b\x32-.steward.events.v1.Envelope.TraceContextEntry\x12\x42\n\x12\x62\x65haviour_recorded\x18\n \x01(\x0b\x32$.steward.events.v1.BehaviourRecordedH\x00\x12<\n\x0f\x63onsent_changed\x18\x0b \x01(\x0b\x32!.steward.events.v1.ConsentChangedH\x00\x12:\n\x0epersons_merged\x18\x0c \x01(\x0b\x32 .steward.events.v1.PersonsMergedH\x00\x12<\n\x0fperson_unmerged\x18\r \x01(\x0b\x32!.steward.events.v1.PersonUnmergedH\x00\x12>\n\x10person_forgotten\x18\x0e \x01(\x0b\x32\".steward.events.v1.PersonForgottenH\x00\x12:\n\x0esubject_erased\x18\x0f \x01(\x0b\x32 .steward.events.v1.SubjectErasedH\x00\x12\x34\n\x0btag_changed\x18\x10 \x01(\x0b\x32\x1d.steward.events.v1.TagChangedH\x00\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x06\n\x04\x62ody\"\x9e\x03\n\x11\x42\x65haviourRecorded\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12*\n\x04type\x18\x03 \x01(\x0e\x32\x1c.steward.common.v1.EventType\x12\x0f\n\x07item_id\x18\x04 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x05 \x01(\t\x12\r\n\x05value\x18\x06 \x01(\x01\x12\x10\n\x08\x64well_ms\x18\x07 \x01(\x03\x12\x10\n\x08quantity\x18\x08 \x01(\x05\x12\x0f\n\x07\x63hannel\x18\t \x01(\t\x12/\n\x0boccurred_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08purposes\x18\x0b \x03(\t\x12H\n\nattributes\x18\x0c \x03(\x0b\x32\x34.steward.events.v1.BehaviourRecorded.AttributesEntry\x12\x11\n\thas_query\x18\r \x01(\x08\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xea\x01\n\x0e\x43onsentChanged\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12\x0f\n\x07purpose\x18\x02 \x01(\t\x12-\n\x08\x64\x65\x63ision\x18\x03 \x01(\x0e\x32\x1b.steward.common.v1.Decision\x12\x0f\n\x07\x61llowed\x18\x04 \x01(\x08\x12\x30\n\x0c\x65\x66\x66\x65\x63tive_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nledger_seq\x18\x07 \x01(\x03\"k\n\rPersonsMerged\x12\x10\n\x08merge_id\x18\x01 \x01(\t\x12\x1b\n\x13surviving_person_id\x18\x02 \x01(\t\x12\x1b\n\x13\x61\x62sorbed_person_ids\x18\x03 \x03(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"[\n\x0ePersonUnmerged\x12\x10\n\x08merge_id\x18\x01 \x01(\t\x12\x1b\n\x13surviving_person_id\x18\x02 \x01(\t\x12\x1a\n\x12restored_person_id\x18\x03 \x01(\t\"N\n\x0fPersonForgotten\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12\x18\n\x10\x61lias_person_ids\x18\x02 \x03(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"P\n\rSubjectErased\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12\x12\n\nerasure_id\x18\x02 \x01(\t\x12\x18\n\x10\x61lias_person_ids\x18\x03 \x03(\t\"\xb7\x01\n\nTagChanged\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12\x0e\n\x06tag_id\x18\x02 \x01(\t\x12,\n\x06\x63hange\x18\x03 \x01(\x0e\x32\x1c.steward.events.v1.TagChange\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x18\n\x10rule_set_version\x18\x05 \x01(\x05\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xa3\x01\n\tTagChange\x12\x1a\n\x16TAG_CHANGE_UNSPECIFIED\x10\x00\x12\x17\n\x13TAG_CHANGE_ASSIGNED\x10\x01\x12\x16\n\x12TAG_CHANGE_RENEWED\x10\x02\x12\x16\n\x12TAG_CHANGE_EXPIRED\x10\x03\x12\x19\n\x15TAG_CHANGE_SUPPRESSED\x10\x04\x12\x16\n\x12TAG_CHANGE_REMOVED\x10\x05\x32\xb1\x01\n\x0f\x45ventLogService\x12X\n\tSubscribe\x12#.steward.events.v1.SubscribeRequest\x1a$.steward.events.v1.SubscribeResponse0\x01\x12\x44\n\x03\x41\x63k\x12\x1d.steward.events.v1.AckRequest\x1a\x1e.steward.events.v1.AckResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esteward/events/v1/events.proto\x12\x11steward.events.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1esteward/common/v1/common.proto\"]\n\x10SubscribeRequest\x12\x10\n\x08producer\x18\x01 \x01(\t\x12\x10\n\x08\x63onsumer\x18\x02 \x01(\t\x12\x10\n\x08\x66rom_seq\x18\x03 \x01(\x03\x12\x13\n\x0bstop_at_end\x18\x04 \x01(\x08\"B\n\x11SubscribeResponse\x12-\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1b.steward.events.v1.Envelope\"=\n\nAckRequest\x12\x10\n\x08producer\x18\x01 \x01(\t\x12\x10\n\x08\x63onsumer\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x03\"\'\n\x0b\x41\x63kResponse\x12\x18\n\x10\x61\x63knowledged_seq\x18\x01 \x01(\x03\"\xd0\x05\n\x08\x45nvelope\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12\x10\n\x08producer\x18\x03 \x01(\t\x12/\n\x0boccurred_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x44\n\rtrace_context\x18\x05 \x03(\x0b\x32-.steward.events.v1.Envelope.TraceContextEntry\x12\x42\n\x12\x62\x65haviour_recorded\x18\n \x01(\x0b\x32$.steward.events.v1.BehaviourRecordedH\x00\x12<\n\x0f\x63onsent_changed\x18\x0b \x01(\x0b\x32!.steward.events.v1.ConsentChangedH\x00\x12:\n\x0epersons_merged\x18\x0c \x01(\x0b\x32 .steward.events.v1.PersonsMergedH\x00\x12<\n\x0fperson_unmerged\x18\r \x01(\x0b\x32!.steward.events.v1.PersonUnmergedH\x00\x12>\n\x10person_forgotten\x18\x0e \x01(\x0b\x32\".steward.events.v1.PersonForgottenH\x00\x12:\n\x0esubject_erased\x18\x0f \x01(\x0b\x32 .steward.events.v1.SubjectErasedH\x00\x12\x34\n\x0btag_changed\x18\x10 \x01(\x0b\x32\x1d.steward.events.v1.TagChangedH\x00\x12\x37\n\x08redacted\x18\x11 \x01(\x0b\x32#.steward.events.v1.EnvelopeRedactedH\x00\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x06\n\x04\x62ody\"\"\n\x10\x45nvelopeRedacted\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x9e\x03\n\x11\x42\x65haviourRecorded\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12*\n\x04type\x18\x03 \x01(\x0e\x32\x1c.steward.common.v1.EventType\x12\x0f\n\x07item_id\x18\x04 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x05 \x01(\t\x12\r\n\x05value\x18\x06 \x01(\x01\x12\x10\n\x08\x64well_ms\x18\x07 \x01(\x03\x12\x10\n\x08quantity\x18\x08 \x01(\x05\x12\x0f\n\x07\x63hannel\x18\t \x01(\t\x12/\n\x0boccurred_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08purposes\x18\x0b \x03(\t\x12H\n\nattributes\x18\x0c \x03(\x0b\x32\x34.steward.events.v1.BehaviourRecorded.AttributesEntry\x12\x11\n\thas_query\x18\r \x01(\x08\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xea\x01\n\x0e\x43onsentChanged\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12\x0f\n\x07purpose\x18\x02 \x01(\t\x12-\n\x08\x64\x65\x63ision\x18\x03 \x01(\x0e\x32\x1b.steward.common.v1.Decision\x12\x0f\n\x07\x61llowed\x18\x04 \x01(\x08\x12\x30\n\x0c\x65\x66\x66\x65\x63tive_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nledger_seq\x18\x07 \x01(\x03\"k\n\rPersonsMerged\x12\x10\n\x08merge_id\x18\x01 \x01(\t\x12\x1b\n\x13surviving_person_id\x18\x02 \x01(\t\x12\x1b\n\x13\x61\x62sorbed_person_ids\x18\x03 \x03(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"[\n\x0ePersonUnmerged\x12\x10\n\x08merge_id\x18\x01 \x01(\t\x12\x1b\n\x13surviving_person_id\x18\x02 \x01(\t\x12\x1a\n\x12restored_person_id\x18\x03 \x01(\t\"N\n\x0fPersonForgotten\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12\x18\n\x10\x61lias_person_ids\x18\x02 \x03(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"P\n\rSubjectErased\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12\x12\n\nerasure_id\x18\x02 \x01(\t\x12\x18\n\x10\x61lias_person_ids\x18\x03 \x03(\t\"\xb7\x01\n\nTagChanged\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12\x0e\n\x06tag_id\x18\x02 \x01(\t\x12,\n\x06\x63hange\x18\x03 \x01(\x0e\x32\x1c.steward.events.v1.TagChange\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x18\n\x10rule_set_version\x18\x05 \x01(\x05\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xa3\x01\n\tTagChange\x12\x1a\n\x16TAG_CHANGE_UNSPECIFIED\x10\x00\x12\x17\n\x13TAG_CHANGE_ASSIGNED\x10\x01\x12\x16\n\x12TAG_CHANGE_RENEWED\x10\x02\x12\x16\n\x12TAG_CHANGE_EXPIRED\x10\x03\x12\x19\n\x15TAG_CHANGE_SUPPRESSED\x10\x04\x12\x16\n\x12TAG_CHANGE_REMOVED\x10\x05\x32\xb1\x01\n\x0f\x45ventLogService\x12X\n\tSubscribe\x12#.steward.events.v1.SubscribeRequest\x1a$.steward.events.v1.SubscribeResponse0\x01\x12\x44\n\x03\x41\x63k\x12\x1d.steward.events.v1.AckRequest\x1a\x1e.steward.events.v1.AckResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,8 +37,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENVELOPE_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_BEHAVIOURRECORDED_ATTRIBUTESENTRY']._loaded_options = None
   _globals['_BEHAVIOURRECORDED_ATTRIBUTESENTRY']._serialized_options = b'8\001'
-  _globals['_TAGCHANGE']._serialized_start=2256
-  _globals['_TAGCHANGE']._serialized_end=2419
+  _globals['_TAGCHANGE']._serialized_start=2349
+  _globals['_TAGCHANGE']._serialized_end=2512
   _globals['_SUBSCRIBEREQUEST']._serialized_start=118
   _globals['_SUBSCRIBEREQUEST']._serialized_end=211
   _globals['_SUBSCRIBERESPONSE']._serialized_start=213
@@ -48,25 +48,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ACKRESPONSE']._serialized_start=344
   _globals['_ACKRESPONSE']._serialized_end=383
   _globals['_ENVELOPE']._serialized_start=386
-  _globals['_ENVELOPE']._serialized_end=1049
-  _globals['_ENVELOPE_TRACECONTEXTENTRY']._serialized_start=990
-  _globals['_ENVELOPE_TRACECONTEXTENTRY']._serialized_end=1041
-  _globals['_BEHAVIOURRECORDED']._serialized_start=1052
-  _globals['_BEHAVIOURRECORDED']._serialized_end=1466
-  _globals['_BEHAVIOURRECORDED_ATTRIBUTESENTRY']._serialized_start=1417
-  _globals['_BEHAVIOURRECORDED_ATTRIBUTESENTRY']._serialized_end=1466
-  _globals['_CONSENTCHANGED']._serialized_start=1469
-  _globals['_CONSENTCHANGED']._serialized_end=1703
-  _globals['_PERSONSMERGED']._serialized_start=1705
-  _globals['_PERSONSMERGED']._serialized_end=1812
-  _globals['_PERSONUNMERGED']._serialized_start=1814
-  _globals['_PERSONUNMERGED']._serialized_end=1905
-  _globals['_PERSONFORGOTTEN']._serialized_start=1907
-  _globals['_PERSONFORGOTTEN']._serialized_end=1985
-  _globals['_SUBJECTERASED']._serialized_start=1987
-  _globals['_SUBJECTERASED']._serialized_end=2067
-  _globals['_TAGCHANGED']._serialized_start=2070
-  _globals['_TAGCHANGED']._serialized_end=2253
-  _globals['_EVENTLOGSERVICE']._serialized_start=2422
-  _globals['_EVENTLOGSERVICE']._serialized_end=2599
+  _globals['_ENVELOPE']._serialized_end=1106
+  _globals['_ENVELOPE_TRACECONTEXTENTRY']._serialized_start=1047
+  _globals['_ENVELOPE_TRACECONTEXTENTRY']._serialized_end=1098
+  _globals['_ENVELOPEREDACTED']._serialized_start=1108
+  _globals['_ENVELOPEREDACTED']._serialized_end=1142
+  _globals['_BEHAVIOURRECORDED']._serialized_start=1145
+  _globals['_BEHAVIOURRECORDED']._serialized_end=1559
+  _globals['_BEHAVIOURRECORDED_ATTRIBUTESENTRY']._serialized_start=1510
+  _globals['_BEHAVIOURRECORDED_ATTRIBUTESENTRY']._serialized_end=1559
+  _globals['_CONSENTCHANGED']._serialized_start=1562
+  _globals['_CONSENTCHANGED']._serialized_end=1796
+  _globals['_PERSONSMERGED']._serialized_start=1798
+  _globals['_PERSONSMERGED']._serialized_end=1905
+  _globals['_PERSONUNMERGED']._serialized_start=1907
+  _globals['_PERSONUNMERGED']._serialized_end=1998
+  _globals['_PERSONFORGOTTEN']._serialized_start=2000
+  _globals['_PERSONFORGOTTEN']._serialized_end=2078
+  _globals['_SUBJECTERASED']._serialized_start=2080
+  _globals['_SUBJECTERASED']._serialized_end=2160
+  _globals['_TAGCHANGED']._serialized_start=2163
+  _globals['_TAGCHANGED']._serialized_end=2346
+  _globals['_EVENTLOGSERVICE']._serialized_start=2515
+  _globals['_EVENTLOGSERVICE']._serialized_end=2692
 # @@protoc_insertion_point(module_scope)

@@ -205,6 +205,7 @@ class Envelope(_message.Message):
     PERSON_FORGOTTEN_FIELD_NUMBER: _builtins.int
     SUBJECT_ERASED_FIELD_NUMBER: _builtins.int
     TAG_CHANGED_FIELD_NUMBER: _builtins.int
+    REDACTED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Globally unique id of the envelope (a UUID); consumers deduplicate on it."""
     seq: _builtins.int
@@ -247,6 +248,10 @@ class Envelope(_message.Message):
     def tag_changed(self) -> Global___TagChanged:
         """A tag was assigned, renewed, expired, suppressed or removed."""
 
+    @_builtins.property
+    def redacted(self) -> Global___EnvelopeRedacted:
+        """What stood here named a person since erased or forgotten; seq and id are kept."""
+
     def __init__(
         self,
         *,
@@ -262,16 +267,42 @@ class Envelope(_message.Message):
         person_forgotten: Global___PersonForgotten | None = ...,
         subject_erased: Global___SubjectErased | None = ...,
         tag_changed: Global___TagChanged | None = ...,
+        redacted: Global___EnvelopeRedacted | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["behaviour_recorded", b"behaviour_recorded", "body", b"body", "consent_changed", b"consent_changed", "occurred_at", b"occurred_at", "person_forgotten", b"person_forgotten", "person_unmerged", b"person_unmerged", "persons_merged", b"persons_merged", "subject_erased", b"subject_erased", "tag_changed", b"tag_changed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["behaviour_recorded", b"behaviour_recorded", "body", b"body", "consent_changed", b"consent_changed", "occurred_at", b"occurred_at", "person_forgotten", b"person_forgotten", "person_unmerged", b"person_unmerged", "persons_merged", b"persons_merged", "redacted", b"redacted", "subject_erased", b"subject_erased", "tag_changed", b"tag_changed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["behaviour_recorded", b"behaviour_recorded", "body", b"body", "consent_changed", b"consent_changed", "id", b"id", "occurred_at", b"occurred_at", "person_forgotten", b"person_forgotten", "person_unmerged", b"person_unmerged", "persons_merged", b"persons_merged", "producer", b"producer", "seq", b"seq", "subject_erased", b"subject_erased", "tag_changed", b"tag_changed", "trace_context", b"trace_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["behaviour_recorded", b"behaviour_recorded", "body", b"body", "consent_changed", b"consent_changed", "id", b"id", "occurred_at", b"occurred_at", "person_forgotten", b"person_forgotten", "person_unmerged", b"person_unmerged", "persons_merged", b"persons_merged", "producer", b"producer", "redacted", b"redacted", "seq", b"seq", "subject_erased", b"subject_erased", "tag_changed", b"tag_changed", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["behaviour_recorded", "consent_changed", "persons_merged", "person_unmerged", "person_forgotten", "subject_erased", "tag_changed"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["behaviour_recorded", "consent_changed", "persons_merged", "person_unmerged", "person_forgotten", "subject_erased", "tag_changed", "redacted"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___Envelope: _TypeAlias = Envelope  # noqa: Y015
+
+@_typing.final
+class EnvelopeRedacted(_message.Message):
+    """The body of an envelope redacted after an erasure: consumers apply it as nothing.
+    Redaction waits until every registered consumer has acknowledged the envelope that erased
+    the person, so none of them misses it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """Why (`erasure`)."""
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnvelopeRedacted: _TypeAlias = EnvelopeRedacted  # noqa: Y015
 
 @_typing.final
 class BehaviourRecorded(_message.Message):
