@@ -66,10 +66,12 @@ from nats.js.api import (
     StreamInfo,
 )
 from opentelemetry import metrics
+from sqlalchemy import select
 from steward.events.v1 import events_pb2
 
 from services.common.consumer import GrpcEnvelopeSource, SourceUnavailable
 from services.common.eventlog import PAGE_SIZE, ProducerLog
+from services.common.outbox import REDACTED
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +109,12 @@ to be made again by the next call)."""
 POLL_INTERVAL_SECONDS: Final = 0.5
 """How long the relay waits for a notification before re-reading the outbox anyway."""
 
+REDACTION_CHECK_SECONDS: Final = 1.0
+"""How often, at most, the relay looks for envelopes redacted in the outbox since its last look."""
+
+FILL_LIMIT: Final = 10_000
+"""Most envelopes read from the producer at once to fill a gap in the stream."""
+
 LAG_LOG_SECONDS: Final = 30.0
 """A relay behind its outbox says so at most this often."""
 
@@ -139,8 +147,8 @@ def stream_config(prefix: str, producer: str) -> StreamConfig:
         discard=DiscardPolicy.OLD,
         max_age=RETENTION_SECONDS,
         duplicate_window=DUPLICATE_WINDOW_SECONDS,
-        # Only age removes messages, and only from the front: seqs in a stream stay contiguous.
-        deny_delete=True,
+        # Single messages are deleted only to follow an erasure's redaction of the outbox.
+        deny_delete=False,
     )
 
 
@@ -314,6 +322,8 @@ class Relay:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_lag_log = 0.0
+        self._erased: set[int] = set()
+        self._next_redaction_check = 0.0
         self.lag = 0
         """Envelopes in the outbox not yet in the stream, as of the relay's last look."""
 
@@ -361,6 +371,9 @@ class Relay:
                 seen = self._log.outbox.notifications
                 while self._relay_page() == self._page_size and not self._stopping.is_set():
                     pass
+                if time.monotonic() >= self._next_redaction_check:
+                    self.mirror_redactions()
+                    self._next_redaction_check = time.monotonic() + REDACTION_CHECK_SECONDS
                 failures = 0
                 self._log.outbox.wait(seen, self._poll_interval)
             except Exception as exc:
@@ -390,6 +403,48 @@ class Relay:
             self._position = _Position(page[-1].seq, page[-1].id)
         self._report_lag(last_seq)
         return len(page)
+
+    def mirror_redactions(self) -> int:
+        """Delete from the stream the envelopes the outbox has redacted since the last look;
+        returns how many were deleted.
+
+        An erasure redacts the outbox once every consumer has applied it; without this the
+        stream would keep what named the person until it aged out. JetStream deletes a message
+        by overwriting it. A consumer that still needs one of them reads the redacted envelope
+        from the producer instead (see :class:`JetStreamEnvelopeSource`).
+        """
+        outbox = self._log.outbox.tables.outbox
+        query = select(outbox.c.seq).where(
+            outbox.c.kind == REDACTED, outbox.c.seq <= self.published_seq
+        )
+        with self._log.engine.connect() as connection:
+            redacted = [int(seq) for seq in connection.execute(query).scalars()]
+        new = [seq for seq in redacted if seq not in self._erased]
+        if not new:
+            return 0
+
+        async def delete(jetstream: JetStreamContext) -> int:
+            deleted = 0
+            for seq in new:
+                try:
+                    message = await jetstream.get_msg(self.stream, seq=seq)
+                except nats.js.errors.NotFoundError:
+                    continue  # deleted before (a restart), or aged out
+                if (message.headers or {}).get(SEQ_HEADER) != str(seq):
+                    logger.warning(
+                        "stream %s holds envelope %s at seq %d; left in place",
+                        self.stream,
+                        (message.headers or {}).get(SEQ_HEADER),
+                        seq,
+                    )
+                    continue
+                await jetstream.delete_msg(self.stream, seq)
+                deleted += 1
+            return deleted
+
+        deleted = self._connection.call(delete, timeout=REQUEST_SECONDS + len(new))
+        self._erased.update(new)
+        return deleted
 
     async def _resume(self, jetstream: JetStreamContext) -> _Position:
         info = await ensure_stream(jetstream, self._prefix, self.producer)
@@ -541,32 +596,55 @@ class JetStreamEnvelopeSource:
     async def _stream_seq_of(
         self, jetstream: JetStreamContext, info: StreamInfo, envelope_seq: int
     ) -> int:
-        """The stream seq of the first message whose envelope seq is ``envelope_seq`` or more.
+        """The stream seq of the first message whose envelope seq is ``envelope_seq`` or more
+        (or where it was, if deleted).
 
         The relay keeps the two equal, so the first probe normally answers; otherwise a binary
         search over the stream, whose envelope seqs only grow.
         """
         low, high = info.state.first_seq, info.state.last_seq
-        if info.state.messages == 0 or low > high:
-            return high + 1
+        if info.state.messages == 0 or envelope_seq > high:
+            return max(high + 1, 1)
+        if envelope_seq <= low:
+            return low  # older envelopes aged out: the gap is filled from the producer
 
-        async def seq_at(stream_seq: int) -> int:
-            message = await jetstream.get_msg(self.stream, seq=stream_seq)
-            return int((message.headers or {})[SEQ_HEADER])
+        async def seq_at(stream_seq: int) -> int | None:
+            """The envelope seq of the first message at or after ``stream_seq``."""
+            for probe in range(stream_seq, high + 1):
+                try:
+                    message = await jetstream.get_msg(self.stream, seq=probe)
+                except nats.js.errors.NotFoundError:
+                    continue  # deleted after a redaction
+                return int((message.headers or {})[SEQ_HEADER])
+            return None
 
-        if low <= envelope_seq <= high and await seq_at(envelope_seq) == envelope_seq:
-            previous = envelope_seq - 1
-            if previous < low or await seq_at(previous) < envelope_seq:
-                return envelope_seq
-        if await seq_at(high) < envelope_seq:
-            return high + 1
+        found = await seq_at(envelope_seq)
+        if found is None or found >= envelope_seq:
+            return envelope_seq
         while low < high:
             middle = (low + high) // 2
-            if await seq_at(middle) < envelope_seq:
+            at_middle = await seq_at(middle)
+            if at_middle is not None and at_middle < envelope_seq:
                 low = middle + 1
             else:
                 high = middle
         return low
+
+    def _fill(self, first: int, end: int) -> list[Envelope]:
+        """Envelopes ``first`` up to (not including) ``end`` read from the producer itself, for
+        what the stream no longer holds (deleted after a redaction, or aged out)."""
+        if self._producer_log is None:
+            return []
+        stream = self._producer_log.envelopes(first, stop_at_end=True)
+        found: list[Envelope] = []
+        try:
+            for envelope in stream:
+                if envelope.seq >= end or len(found) >= FILL_LIMIT:
+                    break
+                found.append(envelope)
+        finally:
+            stream.cancel()
+        return found
 
 
 class _JetStreamEnvelopeStream:
@@ -581,7 +659,8 @@ class _JetStreamEnvelopeStream:
         self._pending: concurrent.futures.Future[Any] | None = None
         self._subscription: JetStreamContext.PullSubscription | None = None
         self._remaining: int | None = None
-        self._buffer: collections.deque[tuple[Envelope, Msg]] = collections.deque()
+        self._buffer: collections.deque[tuple[Envelope, Msg | None]] = collections.deque()
+        """Envelopes to hand on, with their message (``None``: read from the producer)."""
 
     def __iter__(self) -> _JetStreamEnvelopeStream:
         return self
@@ -592,6 +671,12 @@ class _JetStreamEnvelopeStream:
                 envelope, message = self._buffer.popleft()
                 if envelope.seq < self._next_seq:
                     continue  # redelivered after ack_wait: yielded already
+                if envelope.seq > self._next_seq and message is not None:
+                    filled = self._source._fill(self._next_seq, envelope.seq)
+                    if filled:
+                        self._buffer.appendleft((envelope, message))
+                        self._buffer.extendleft((e, None) for e in reversed(filled))
+                        continue
                 if envelope.seq > self._next_seq:
                     # Handed on all the same: the Consumer keeps what came before, raises
                     # EnvelopeGap, and its next session positions the durable consumer afresh.
@@ -602,7 +687,8 @@ class _JetStreamEnvelopeStream:
                         envelope.seq,
                     )
                 self._next_seq = envelope.seq + 1
-                self._source._delivered(envelope.seq, message)
+                if message is not None:
+                    self._source._delivered(envelope.seq, message)
                 return envelope
             if self._stop_at_end and self._remaining == 0:
                 self.cancel()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import nats.js.errors
 import pytest
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
@@ -193,7 +194,10 @@ def stored(connection: JetStreamConnection, stream: str) -> list[Stored]:
         info = await jetstream.stream_info(stream)
         found = []
         for seq in range(info.state.first_seq, info.state.last_seq + 1):
-            message = await jetstream.get_msg(stream, seq=seq)
+            try:
+                message = await jetstream.get_msg(stream, seq=seq)
+            except nats.js.errors.NotFoundError:
+                continue  # deleted
             found.append(
                 Stored(
                     message.subject or "",
@@ -300,6 +304,31 @@ def test_the_transport_relays_its_logs_and_reports_each_relays_lag(
     assert transport.relays == []
 
 
+def redact(producer: Producer, *person_ids: str) -> int:
+    with producer.outbox.begin(producer.engine) as connection:
+        return producer.outbox.redact(connection, person_ids)
+
+
+def test_what_the_outbox_redacts_after_an_erasure_is_deleted_from_the_stream(
+    producer: Producer, connection: JetStreamConnection, prefix: str
+) -> None:
+    producer.append(6)  # person-0 … person-5, one envelope each
+    relay = Relay(connection, producer.log, prefix=prefix)
+    relay.run_once()
+    assert redact(producer, "person-1", "person-4") == 2
+
+    assert relay.mirror_redactions() == 2
+    assert relay.mirror_redactions() == 0  # done once
+    left = stored(connection, f"{prefix.upper()}_CONSENT")
+    assert [m.envelope.seq for m in left] == [1, 3, 4, 6]
+    assert not any(b"person-1" in m.envelope.SerializeToString() for m in left)
+    # A restarted relay finds them gone and carries on after the last envelope.
+    producer.append(1)
+    restarted = Relay(connection, producer.log, prefix=prefix)
+    assert restarted.run_once() == 1
+    assert restarted.mirror_redactions() == 0
+
+
 # The consumer ------------------------------------------------------------------------------------
 
 
@@ -397,6 +426,25 @@ def test_a_consumer_whose_messages_were_delivered_but_never_acked_resumes_at_its
     relay.run_once()
     assert jetstream_consumer(store, connection, producer, prefix).run_once() == 20
     assert store.applied_seqs() == list(range(1, 26))
+
+
+def test_a_consumer_reads_what_the_stream_no_longer_holds_from_the_producer(
+    producer: Producer, connection: JetStreamConnection, prefix: str, store: ConsumerStore
+) -> None:
+    """Envelopes deleted from the stream after a redaction come from the producer's outbox,
+    redacted, so a consumer behind them still applies every seq once."""
+    producer.append(8)
+    relay = Relay(connection, producer.log, prefix=prefix)
+    relay.run_once()
+    redact(producer, "person-2", "person-3")
+    relay.mirror_redactions()
+
+    consumer = jetstream_consumer(store, connection, producer, prefix, batch_size=3)
+    assert consumer.run_once() == 8
+    assert store.applied_seqs() == list(range(1, 9))
+    with producer.engine.connect() as connection_:
+        redacted = producer.outbox.read(connection_, 3, 2)
+    assert [e.WhichOneof("body") for e in redacted] == ["redacted", "redacted"]
 
 
 def test_a_following_consumer_stops_promptly_while_waiting_for_messages(
