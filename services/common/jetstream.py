@@ -24,10 +24,12 @@ Why the guarantees of the embedded transport still hold:
   for the unacknowledged messages to come back behind newer ones).
 
 Retention is limits-based on file storage: a stream keeps :data:`RETENTION_SECONDS` of
-envelopes whether or not they were consumed (consumers do not delete them), so a consumer may
-be away that long; one away longer finds the oldest envelopes gone and stops with
-``EnvelopeGap`` instead of silently skipping them. One running instance per consumer name: two
-processes sharing a durable consumer would split its messages between them.
+envelopes whether or not they were consumed (consumers do not delete them). What the stream no
+longer holds, aged out or deleted, a consumer reads from the producer's outbox over
+``Subscribe``; only what neither holds stops it with ``EnvelopeGap``. When an erasure redacts
+the outbox, the relay deletes the redacted envelopes from the stream too, so the stream keeps
+nothing the outbox no longer does. One running instance per consumer name: two processes
+sharing a durable consumer would split its messages between them.
 
 nats-py is asyncio and the services are threaded, so a :class:`JetStreamConnection` runs one
 event loop on a daemon thread and everything else submits coroutines to it.

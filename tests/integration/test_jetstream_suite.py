@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
+import nats.js.errors
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from nats.js import JetStreamContext
@@ -193,21 +194,30 @@ def acknowledgements(suite: RunningSuite, db_url: str) -> Iterator[Acknowledgeme
     engine.dispose()
 
 
-def stream_subjects(nats_url: str, prefix: str, producer: str) -> set[str]:
+def stream_messages(nats_url: str, prefix: str, producer: str) -> list[tuple[str, bytes]]:
+    """(subject, data) of every message left in the producer's stream."""
     connection = JetStreamConnection(nats_url, name="test")
 
-    async def subjects(jetstream: JetStreamContext) -> set[str]:
+    async def read(jetstream: JetStreamContext) -> list[tuple[str, bytes]]:
         stream = f"{prefix}_{producer}".upper()
         info = await jetstream.stream_info(stream)
-        found = set()
+        found = []
         for seq in range(info.state.first_seq, info.state.last_seq + 1):
-            found.add((await jetstream.get_msg(stream, seq=seq)).subject or "")
+            try:
+                message = await jetstream.get_msg(stream, seq=seq)
+            except nats.js.errors.NotFoundError:
+                continue  # deleted after a redaction
+            found.append((message.subject or "", message.data or b""))
         return found
 
     try:
-        return connection.call(subjects, timeout=30)
+        return connection.call(read, timeout=30)
     finally:
         connection.close()
+
+
+def stream_subjects(nats_url: str, prefix: str, producer: str) -> set[str]:
+    return {subject for subject, _ in stream_messages(nats_url, prefix, producer)}
 
 
 def test_a_collected_event_reaches_tagging_and_recommend_through_jetstream(
@@ -311,3 +321,36 @@ def test_services_apart_read_each_others_logs_through_jetstream_and_ack_where_th
         identity.stop(0)
         consent_db.dispose()
         tagging_db.dispose()
+
+
+def test_an_erasure_leaves_nothing_naming_the_person_in_consents_and_identitys_streams(
+    channel: grpc.Channel, nats_url: str, prefix: str
+) -> None:
+    person = shopper(channel, "zoe")
+    eventually(lambda: held_items(channel, person) == ["tent-0", "tent-1"])
+    naming = person.encode()
+    assert any(naming in data for _, data in stream_messages(nats_url, prefix, "consent"))
+
+    consent = consent_pb2_grpc.ConsentServiceStub(channel)
+    email = T.Identifier(type=T.IDENTIFIER_TYPE_EMAIL, value="zoe@example.org")
+    erasure = consent.EraseSubject(
+        C.EraseSubjectRequest(subject=T.PersonRef(identifiers=[email]), reason="ticket 9"),
+        timeout=10,
+    ).erasure
+
+    def done() -> bool:
+        report = consent.GetErasure(
+            C.GetErasureRequest(erasure_id=erasure.erasure_id), timeout=10
+        ).erasure
+        return report.state == C.ERASURE_STATE_DONE
+
+    eventually(done, seconds=30)
+
+    def nothing_named() -> bool:
+        return not any(
+            naming in data
+            for producer in ("consent", "identity")
+            for _, data in stream_messages(nats_url, prefix, producer)
+        )
+
+    eventually(nothing_named, seconds=30)
