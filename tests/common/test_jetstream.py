@@ -447,6 +447,21 @@ def test_a_consumer_reads_what_the_stream_no_longer_holds_from_the_producer(
     assert [e.WhichOneof("body") for e in redacted] == ["redacted", "redacted"]
 
 
+def test_a_consumer_behind_the_streams_retention_reads_the_rest_from_the_producer(
+    producer: Producer, connection: JetStreamConnection, prefix: str, store: ConsumerStore
+) -> None:
+    producer.append(10)
+    Relay(connection, producer.log, prefix=prefix).run_once()
+
+    async def age_out(jetstream: JetStreamContext) -> int:
+        await jetstream.purge_stream(f"{prefix.upper()}_CONSENT", keep=4)  # as max_age would
+        return (await jetstream.stream_info(f"{prefix.upper()}_CONSENT")).state.first_seq
+
+    assert connection.call(age_out) == 7
+    assert jetstream_consumer(store, connection, producer, prefix).run_once() == 10
+    assert store.applied_seqs() == list(range(1, 11))
+
+
 def test_a_following_consumer_stops_promptly_while_waiting_for_messages(
     producer: Producer, connection: JetStreamConnection, prefix: str, store: ConsumerStore
 ) -> None:
