@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,6 +24,8 @@ from rich.console import Console
 from rich.table import Table
 from steward.identity.v1 import identity_pb2, identity_pb2_grpc
 
+from services.common.certs import DEFAULT_HOSTS
+from services.common.channels import open_channel
 from services.common.config import ConfigError, Settings
 from services.common.errors import read_error_details
 from services.common.keyring import Keyring, KeyringError, init_keys, rotate_hmac_key
@@ -54,8 +57,17 @@ identity_app = typer.Typer(
     help="The identity graph: merge rules, persons, history.",
     pretty_exceptions_show_locals=False,
 )
+certs_app = typer.Typer(
+    help="Development certificates for mutual TLS.", pretty_exceptions_show_locals=False
+)
+callers_app = typer.Typer(
+    help="The callers file: who may call, with which scopes and limits.",
+    pretty_exceptions_show_locals=False,
+)
 app.add_typer(keys_app, name="keys")
 app.add_typer(identity_app, name="identity")
+app.add_typer(certs_app, name="certs")
+app.add_typer(callers_app, name="callers")
 
 console = Console()
 errors = Console(stderr=True)
@@ -63,6 +75,14 @@ logger = logging.getLogger("steward")
 
 DEFAULT_TARGET = "localhost:50051"
 TargetOption = Annotated[str, typer.Option(help="Address of a running suite.")]
+TokenOption = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        help="Bearer token to call with (default: STEWARD_TOKEN). TLS follows STEWARD_TLS_*.",
+        show_default=False,
+    ),
+]
 DirOption = Annotated[
     Path | None, typer.Option("--dir", help="Keys directory (default: STEWARD_KEYS_DIR).")
 ]
@@ -74,6 +94,24 @@ def _settings() -> Settings:
     except ConfigError as error:
         errors.print(f"[red]configuration error:[/red] {error}")
         raise typer.Exit(2) from error
+
+
+@contextmanager
+def _channel(target: str, token: str | None = None) -> Iterator[grpc.Channel]:
+    """A channel to a running suite with this shell's credentials: the TLS files and token
+    of the environment, or the token given on the command line."""
+    import dataclasses
+
+    settings = _settings()
+    if token is not None:
+        settings = dataclasses.replace(settings, token=token)
+    try:
+        channel = open_channel(target, settings)
+    except ConfigError as error:
+        errors.print(f"[red]configuration error:[/red] {error}")
+        raise typer.Exit(2) from error
+    with channel:
+        yield channel
 
 
 @app.command()
@@ -169,9 +207,10 @@ def health(
 ) -> None:
     """Check a running suite: list its services by reflection and their grpc.health status.
 
-    Exits non-zero unless every service checked is SERVING.
+    Health and reflection need no token, but a suite serving TLS is reached over TLS
+    (STEWARD_TLS_*). Exits non-zero unless every service checked is SERVING.
     """
-    with grpc.insecure_channel(target) as channel:
+    with _channel(target) as channel:
         try:
             grpc.channel_ready_future(channel).result(timeout=timeout)
         except grpc.FutureTimeoutError as error:
@@ -248,8 +287,10 @@ def keys_public(directory: DirOption = None) -> None:
 
 
 @contextmanager
-def _identity_stub(target: str) -> Iterator[identity_pb2_grpc.IdentityServiceStub]:
-    with grpc.insecure_channel(target) as channel:
+def _identity_stub(
+    target: str, token: str | None
+) -> Iterator[identity_pb2_grpc.IdentityServiceStub]:
+    with _channel(target, token) as channel:
         yield identity_pb2_grpc.IdentityServiceStub(channel)
 
 
@@ -275,6 +316,7 @@ def _print_json(message: Message) -> None:
 def identity_put_rules(
     file: Annotated[Path, typer.Argument(help="YAML or JSON MergeRules document.")],
     target: TargetOption = DEFAULT_TARGET,
+    token: TokenOption = None,
 ) -> None:
     """Store a new version of the merge rules from a file (see examples/identity-rules.yaml)."""
     try:
@@ -283,7 +325,7 @@ def identity_put_rules(
     except (OSError, yaml.YAMLError, json_format.ParseError) as error:
         errors.print(f"[red]cannot read {file}:[/red] {error}")
         raise typer.Exit(2) from error
-    with _identity_stub(target) as stub:
+    with _identity_stub(target, token) as stub:
         answer = _call(lambda: stub.PutRules(identity_pb2.PutRulesRequest(rules=rules), timeout=10))
     _print_json(answer)
 
@@ -292,9 +334,10 @@ def identity_put_rules(
 def identity_get_rules(
     version: Annotated[int, typer.Option(help="Version; 0 for the current one.")] = 0,
     target: TargetOption = DEFAULT_TARGET,
+    token: TokenOption = None,
 ) -> None:
     """Print the current (or a given) version of the merge rules."""
-    with _identity_stub(target) as stub:
+    with _identity_stub(target, token) as stub:
         answer = _call(
             lambda: stub.GetRules(identity_pb2.GetRulesRequest(version=version), timeout=10)
         )
@@ -302,9 +345,11 @@ def identity_get_rules(
 
 
 @identity_app.command("person")
-def identity_person(person_id: str, target: TargetOption = DEFAULT_TARGET) -> None:
+def identity_person(
+    person_id: str, target: TargetOption = DEFAULT_TARGET, token: TokenOption = None
+) -> None:
     """Print a person: hashed identifiers with their sources, and aliases."""
-    with _identity_stub(target) as stub:
+    with _identity_stub(target, token) as stub:
         answer = _call(
             lambda: stub.GetPerson(identity_pb2.GetPersonRequest(person_id=person_id), timeout=10)
         )
@@ -315,10 +360,11 @@ def identity_person(person_id: str, target: TargetOption = DEFAULT_TARGET) -> No
 def identity_history(
     person_id: str,
     target: TargetOption = DEFAULT_TARGET,
+    token: TokenOption = None,
     limit: Annotated[int, typer.Option(help="Entries to show.")] = 50,
 ) -> None:
     """Print a person's merges, unmerges, refusals and quarantines, newest first."""
-    with _identity_stub(target) as stub:
+    with _identity_stub(target, token) as stub:
         answer = _call(
             lambda: stub.GetHistory(
                 identity_pb2.GetHistoryRequest(person_id=person_id, page_size=limit), timeout=10
@@ -332,9 +378,10 @@ def identity_unmerge(
     merge_id: str,
     reason: Annotated[str, typer.Option(help="Why the merge was wrong (recorded).")],
     target: TargetOption = DEFAULT_TARGET,
+    token: TokenOption = None,
 ) -> None:
     """Undo one merge exactly: the absorbed persons come back with their own identifiers."""
-    with _identity_stub(target) as stub:
+    with _identity_stub(target, token) as stub:
         answer = _call(
             lambda: stub.Unmerge(
                 identity_pb2.UnmergeRequest(merge_id=merge_id, reason=reason), timeout=10
@@ -446,6 +493,7 @@ def audit_check_proof(
 def audit_export(
     out: Annotated[Path, typer.Option("--out", help="File to write (JSON Lines).")],
     target: TargetOption = DEFAULT_TARGET,
+    token: TokenOption = None,
     timeout: Annotated[float, typer.Option(help="Seconds the whole export may take.")] = 600.0,
 ) -> None:
     """Download the whole ledger and its signed checkpoints for `steward audit verify`."""
@@ -456,7 +504,7 @@ def audit_export(
     from services.consent.audit import AuditFileError, write_export_stream
 
     counts: list[int] = []
-    with grpc.insecure_channel(target) as channel:
+    with _channel(target, token) as channel:
         stub = audit_pb2_grpc.AuditServiceStub(channel)
 
         def download() -> Message:
@@ -480,6 +528,7 @@ def audit_export(
 def audit_prove(
     seq: Annotated[int, typer.Argument(help="The entry's seq.")],
     target: TargetOption = DEFAULT_TARGET,
+    token: TokenOption = None,
     out: Annotated[
         Path | None, typer.Option("--out", help="File to write (default: standard output).")
     ] = None,
@@ -495,7 +544,7 @@ def audit_prove(
     from services.consent.ledger import CheckpointNoteError
 
     request = audit_pb2.GetInclusionProofRequest(seq=seq, tree_size=tree_size)
-    with grpc.insecure_channel(target) as channel:
+    with _channel(target, token) as channel:
         stub = audit_pb2_grpc.AuditServiceStub(channel)
         answer = _call(lambda: stub.GetInclusionProof(request, timeout=10))
     assert isinstance(answer, audit_pb2.GetInclusionProofResponse)
@@ -633,6 +682,174 @@ def evaluate_recommenders(
     console.print(report_table(report))
     if report.citation:
         console.print(report.citation, soft_wrap=True)
+
+
+# `steward certs` and `steward callers`: mutual TLS and who may call ------------------------------
+
+
+@certs_app.command("init")
+def certs_init(
+    directory: Annotated[
+        Path | None,
+        typer.Option("--dir", help="Where to write them (default: $STEWARD_DATA_DIR/certs)."),
+    ] = None,
+    service: Annotated[
+        list[str] | None,
+        typer.Option(help="Service to make a certificate for (repeatable). Default: all four."),
+    ] = None,
+    caller: Annotated[
+        list[str] | None,
+        typer.Option(help="Caller to make a client certificate for (repeatable)."),
+    ] = None,
+    hosts: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated DNS names and IPs the services are reached at (each service's "
+            "own name is always added)."
+        ),
+    ] = ",".join(DEFAULT_HOSTS),
+    force: Annotated[bool, typer.Option(help="Replace certificates that exist.")] = False,
+    dev: Annotated[
+        bool | None,
+        typer.Option(
+            "--dev/--production",
+            help="Mark them as development certificates, which production refuses (default "
+            "unless STEWARD_ENV=production).",
+        ),
+    ] = None,
+) -> None:
+    """Create a CA and certificates for the services and callers (mutual TLS).
+
+    The CA's private key is written beside them: move it somewhere safe in production.
+    """
+    from rich.markup import escape
+
+    from services.common.certs import CertificateError, init_certificates
+
+    settings = _settings()
+    target = directory or settings.data_dir / "certs"
+    try:
+        made = init_certificates(
+            target,
+            services=service or list(SERVICES),
+            callers=caller or [],
+            hosts=[host for host in hosts.split(",") if host.strip()],
+            force=force,
+            development=settings.env != "production" if dev is None else dev,
+        )
+    except CertificateError as error:
+        errors.print(f"[red]{escape(str(error))}[/red]")
+        raise typer.Exit(1) from error
+    kind = "development CA" if made.development else "CA"
+    console.print(f"{kind}: {escape(str(made.ca.certificate))}", soft_wrap=True)
+    for issued in (*made.services, *made.callers):
+        console.print(
+            f"  {issued.name}: {escape(str(issued.certificate))}, "
+            f"{escape(str(issued.private_key))}",
+            soft_wrap=True,
+        )
+    console.print(
+        "serve with STEWARD_TLS_CERT, STEWARD_TLS_KEY (a service's) and STEWARD_TLS_CA "
+        f"({escape(str(made.ca.certificate))})",
+        soft_wrap=True,
+    )
+
+
+@callers_app.command("add")
+def callers_add(
+    name: Annotated[str, typer.Argument(help="The caller's name, recorded as the actor.")],
+    scope: Annotated[
+        list[str] | None,
+        typer.Option(help="Scope to grant (repeatable); `steward callers scopes` lists them."),
+    ] = None,
+    all_scopes: Annotated[
+        bool, typer.Option(help="Grant every scope there is now (written out one by one).")
+    ] = False,
+    certificate_subject: Annotated[
+        str | None, typer.Option(help="CN of the caller's client certificate.")
+    ] = None,
+    token: Annotated[
+        bool, typer.Option("--token/--no-token", help="Make a bearer token (printed once).")
+    ] = True,
+    rate: Annotated[
+        float | None, typer.Option(help="Calls per second allowed on average (default: no limit).")
+    ] = None,
+    burst: Annotated[
+        int | None, typer.Option(help="Calls allowed at once (default: one second's worth).")
+    ] = None,
+    file: Annotated[
+        Path | None,
+        typer.Option("--file", help="The callers file (default: STEWARD_CALLERS_FILE)."),
+    ] = None,
+) -> None:
+    """Add a caller to the callers file and print its new token, once.
+
+    The file keeps only the token's SHA-256; a lost token is replaced by adding the caller
+    again under another name (or editing the file). Running servers read the file at start.
+    """
+    from rich.markup import escape
+
+    from services.common.callers import (
+        Caller,
+        Callers,
+        CallersFileError,
+        RateLimitSpec,
+        hash_token,
+        new_token,
+        parse_scopes,
+    )
+    from services.common.scopes import known_scopes
+
+    path = file or _settings().callers_file
+    if path is None:
+        errors.print("[red]name the callers file with --file or STEWARD_CALLERS_FILE[/red]")
+        raise typer.Exit(2)
+    if not token and certificate_subject is None:
+        errors.print("[red]a caller needs a token, a --certificate-subject, or both[/red]")
+        raise typer.Exit(2)
+    if burst is not None and rate is None:
+        errors.print("[red]--burst needs --rate[/red]")
+        raise typer.Exit(2)
+    scopes = sorted(known_scopes()) if all_scopes else list(scope or [])
+    fresh_token = new_token() if token else None
+    try:
+        existing = Callers.load(path, known_scopes()) if path.exists() else Callers([])
+        limit = None
+        if rate is not None:
+            if not rate > 0 or (burst is not None and burst < 1):
+                raise CallersFileError("--rate must be positive and --burst at least 1")
+            limit = RateLimitSpec(rate, burst or max(1, math.ceil(rate)))
+        callers = existing.adding(
+            Caller(
+                name=name,
+                scopes=parse_scopes(scopes, known_scopes(), f"caller {name!r}"),
+                token_sha256=None if fresh_token is None else hash_token(fresh_token),
+                certificate_subject=certificate_subject,
+                rate_limit=limit,
+            )
+        )
+        callers.save(path)
+    except CallersFileError as error:
+        errors.print(f"[red]{escape(str(error))}[/red]")
+        raise typer.Exit(1) from error
+    errors.print(f"added {escape(name)} to {escape(str(path))}: {', '.join(scopes)}")
+    if fresh_token is not None:
+        errors.print("its token (shown only now; the file keeps its SHA-256):")
+        sys.stdout.write(fresh_token + "\n")
+
+
+@callers_app.command("scopes")
+def callers_scopes() -> None:
+    """List every scope and the RPCs that require it, as the protos declare them."""
+    from services.common.scopes import rpc_methods
+
+    table = Table("scope", "methods")
+    by_scope: dict[str, list[str]] = {}
+    for method in rpc_methods().values():
+        by_scope.setdefault(method.scope or "(none)", []).append(method.path.lstrip("/"))
+    for scope_name in sorted(by_scope):
+        table.add_row(scope_name, "\n".join(sorted(by_scope[scope_name])))
+    console.print(table)
 
 
 def main() -> None:

@@ -9,6 +9,11 @@ calls its services make to each other (consent to identity, the consumers' Subsc
 Were those calls served by the public server's workers, enough concurrent external calls that
 each wait on identity would hold every worker, and the identity calls they wait for would queue
 behind them for ever.
+
+Only the public server authenticates (``services.common.auth``) and serves TLS. The internal
+server has neither: its socket lies in a directory only this OS user may enter (mode 0700),
+and whoever runs as that user can read the keyring, the TLS key and the callers file anyway,
+so a credential there would protect nothing and cost every in-process call its check.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace.export import SpanExporter
 
 from services.common import eventlog
+from services.common.auth import access_interceptors, load_callers
+from services.common.callers import Callers
 from services.common.config import Settings
 from services.common.consumer import GrpcEnvelopeSource
 from services.common.context import ServiceContext, ServiceParts
@@ -35,6 +42,7 @@ from services.common.jetstream import JetStreamTransport
 from services.common.keyring import Keyring, KeyringError, init_keys, load_keyring
 from services.common.server import BuiltServer, ServiceRegistration, build_server, shutdown
 from services.common.telemetry import Telemetry, server_interceptor, setup_telemetry
+from services.common.tls import server_credentials
 
 logger = logging.getLogger(__name__)
 
@@ -152,12 +160,18 @@ def migrate(settings: Settings, services: Sequence[str] = SERVICES) -> tuple[str
 
 
 def call_interceptors(
-    settings: Settings, telemetry: Telemetry
+    settings: Settings, telemetry: Telemetry, callers: Callers | None = None
 ) -> list[grpc.ServerInterceptor[Any, Any]]:
-    """What wraps every call of a suite's server, outermost first: the span covers the wait for
-    a turn under the concurrency limit. Each server gets its own turns, so a call waiting on
-    another service in this process never waits for its own caller's turn."""
-    return [server_interceptor(telemetry), ConcurrencyLimit(settings.max_concurrent_calls)]
+    """What wraps every call of a suite's server, outermost first: the span covers the checks
+    of ``callers`` (authentication, scopes, rate limits; none when None) and the wait for a turn
+    under the concurrency limit, and a refused call never takes a turn. Each server gets its own
+    turns, so a call waiting on another service in this process never waits for its own
+    caller's turn."""
+    return [
+        server_interceptor(telemetry),
+        *access_interceptors(callers),
+        ConcurrencyLimit(settings.max_concurrent_calls),
+    ]
 
 
 def build_suite(
@@ -169,6 +183,12 @@ def build_suite(
 ) -> RunningSuite:
     """Build (not start) a server for ``services`` bound to ``settings.host:settings.port``."""
     chosen = select_services(services)
+    callers = load_callers(settings)
+    credentials = server_credentials(settings)
+    if callers is None:
+        logger.warning(
+            "no callers file (STEWARD_CALLERS_FILE): every call is served unauthenticated"
+        )
     name = "steward" if len(chosen) == len(SERVICES) else f"steward-{'-'.join(chosen)}"
     telemetry = setup_telemetry(
         settings, name, span_exporter=span_exporter, metric_reader=metric_reader
@@ -201,8 +221,9 @@ def build_suite(
         host=settings.host,
         port=settings.port,
         max_message_bytes=settings.max_message_bytes,
-        interceptors=call_interceptors(settings, telemetry),
+        interceptors=call_interceptors(settings, telemetry, callers),
         max_workers=settings.max_workers,
+        credentials=credentials,
     )
     # A private directory (mode 0700): only this user can reach the internal socket.
     socket_dir = tempfile.mkdtemp(prefix="steward-")

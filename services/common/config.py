@@ -3,9 +3,9 @@
 Nothing here runs at import time: a service calls ``Settings.from_env()`` in its entry point and
 hands the result to whatever needs it, so tests build settings from a plain dict and never leak
 state between each other. Every setting has a default that is safe on a developer's machine;
-``STEWARD_ENV=production`` additionally refuses development secrets (see
-``Settings.validate_for_production``). An empty variable counts as unset, because orchestrators
-often pass ``NAME=`` for "not configured".
+``STEWARD_ENV=production`` additionally refuses to run without authentication or on development
+keys and certificates (see ``Settings.validate_for_production``). An empty variable counts as
+unset, because orchestrators often pass ``NAME=`` for "not configured".
 """
 
 from __future__ import annotations
@@ -18,22 +18,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar, cast, get_args
 
+from services.common.certs import (
+    DEV_CERTS_MARKER,
+    DEVELOPMENT_ORGANISATION,
+    is_development_certificate,
+)
 from services.common.keyring import DEV_MARKER
 
 Environment = Literal["development", "production"]
 LogFormat = Literal["auto", "json", "text"]
 Transport = Literal["embedded", "jetstream"]
 
-DEV_ADMIN_TOKEN: Final = "dev-admin-token"
-"""The admin token a development setup runs with; refused when ``STEWARD_ENV=production``."""
-
 SERVICE_DATABASES: Final = ("consent", "identity", "tagging", "recommend", "keystore")
 """Every database a Steward process may open; ``keystore`` is consent's separate key store."""
 
 _LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
-_DEVELOPMENT_SECRETS: Final = (("admin_token", "STEWARD_ADMIN_TOKEN", DEV_ADMIN_TOKEN),)
-"""(field, variable, development default) of every secret that must be replaced in production."""
+_RETIRED_VARIABLES: Final = {
+    "STEWARD_ADMIN_TOKEN": "callers and their tokens live in STEWARD_CALLERS_FILE "
+    "(`steward callers add NAME --scope ...`)",
+}
+"""Variables that once meant something: refused rather than silently ignored, because whoever
+sets one believes it protects something."""
+
+_TLS_VARIABLES: Final = ("STEWARD_TLS_CERT", "STEWARD_TLS_KEY", "STEWARD_TLS_CA")
 
 _T = TypeVar("_T")
 
@@ -77,8 +85,16 @@ class Settings:
     """Names the JetStream streams (``<PREFIX>_<PRODUCER>``) and subjects (``<prefix>.…``), so
     deployments or tests sharing one NATS server keep their logs apart."""
     phone_default_region: str = "GB"
-    admin_token: str = field(default=DEV_ADMIN_TOKEN, repr=False)
     callers_file: Path | None = None
+    """YAML list of callers, their scopes and credentials; set, it turns authentication on."""
+    tls_cert: Path | None = None
+    """PEM certificate this process serves with and presents to its peers (mutual TLS)."""
+    tls_key: Path | None = None
+    """PEM private key of ``tls_cert``."""
+    tls_ca: Path | None = None
+    """PEM CA that every peer's and caller's certificate must chain to."""
+    token: str | None = field(default=None, repr=False)
+    """Bearer token this process presents when it calls other processes (``STEWARD_TOKEN``)."""
     checkpoint_every: int = 1000
     """Sign a ledger checkpoint once this many entries have gathered since the last one."""
     checkpoint_seconds: float = 60.0
@@ -121,7 +137,21 @@ class Settings:
             specific = values.get(f"STEWARD_{service.upper()}_DB_URL")
             return specific or shared_db_url or f"sqlite:///{data_dir.as_posix()}/{service}.db"
 
+        retired = sorted(name for name in _RETIRED_VARIABLES if source.get(name))
+        if retired:
+            raise ConfigError(
+                "; ".join(
+                    f"{name} is no longer read: {_RETIRED_VARIABLES[name]}" for name in retired
+                )
+            )
         callers_file = values.get("STEWARD_CALLERS_FILE")
+        tls = {variable: values.get(variable) for variable in _TLS_VARIABLES}
+        if any(tls.values()) and not all(tls.values()):
+            missing = ", ".join(variable for variable, path in tls.items() if not path)
+            raise ConfigError(
+                "STEWARD_TLS_CERT, STEWARD_TLS_KEY and STEWARD_TLS_CA go together; "
+                f"missing: {missing}"
+            )
         settings = cls(
             env=read("env", "STEWARD_ENV", _choice(Environment)),
             host=read("host", "STEWARD_HOST", _parse_text),
@@ -151,8 +181,11 @@ class Settings:
             phone_default_region=read(
                 "phone_default_region", "STEWARD_PHONE_REGION", _parse_region
             ),
-            admin_token=read("admin_token", "STEWARD_ADMIN_TOKEN", _parse_text),
             callers_file=None if callers_file is None else Path(callers_file),
+            tls_cert=_optional_path(tls["STEWARD_TLS_CERT"]),
+            tls_key=_optional_path(tls["STEWARD_TLS_KEY"]),
+            tls_ca=_optional_path(tls["STEWARD_TLS_CA"]),
+            token=values.get("STEWARD_TOKEN"),
             identity_target=values.get("STEWARD_IDENTITY_TARGET"),
             consent_target=values.get("STEWARD_CONSENT_TARGET"),
             tagging_target=values.get("STEWARD_TAGGING_TARGET"),
@@ -189,18 +222,30 @@ class Settings:
             raise ConfigError(f"unknown service database {service!r}; known: {known}")
         return cast(str, getattr(self, f"{service}_db_url"))
 
-    def validate_for_production(self) -> None:
-        """Refuse development secrets and development keys.
+    @property
+    def tls_enabled(self) -> bool:
+        """Whether servers require client certificates and peer channels present this one's."""
+        return self.tls_cert is not None
 
-        A production process that quietly runs on the documented admin token or on keys made
-        by ``steward keys init --dev`` would look healthy while being open to anyone who has
-        read the README, so it must not start at all.
+    def validate_for_production(self) -> None:
+        """Refuse running open to everyone, and development keys and certificates.
+
+        A production process without a callers file would answer anyone who can reach it, and
+        one on keys or certificates made for development (whose CA key lies beside them) would
+        look healthy while being open to anyone who has read the README: neither may start.
         """
-        problems = [
-            f"{variable} is still the development default; set a real secret"
-            for name, variable, development_default in _DEVELOPMENT_SECRETS
-            if getattr(self, name) == development_default
-        ]
+        problems = []
+        if self.callers_file is None:
+            problems.append(
+                "STEWARD_CALLERS_FILE is not set, so every call would be unauthenticated; "
+                "list the callers (`steward callers add`)"
+            )
+        if self.tls_cert is not None and _development_certificate(self.tls_cert):
+            problems.append(
+                f"STEWARD_TLS_CERT ({self.tls_cert}) is a development certificate (issued by "
+                f"{DEVELOPMENT_ORGANISATION!r} or beside {DEV_CERTS_MARKER}); use "
+                "`steward certs init --production` or your own CA"
+            )
         if (self.keys_dir / DEV_MARKER).exists():
             problems.append(
                 f"STEWARD_KEYS_DIR ({self.keys_dir}) holds development keys "
@@ -235,12 +280,27 @@ class _Variables:
         return self._values.get(name, default)
 
 
+def _development_certificate(path: Path) -> bool:
+    """Whether ``path`` holds a development certificate. One that cannot be read is left to
+    the server's start, which names the file it cannot use."""
+    if (path.parent / DEV_CERTS_MARKER).exists():
+        return True
+    try:
+        return is_development_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+
+
 def _parse_text(variable: str, raw: str) -> str:
     return raw
 
 
 def _parse_path(variable: str, raw: str) -> Path:
     return Path(raw)
+
+
+def _optional_path(raw: str | None) -> Path | None:
+    return None if raw is None else Path(raw)
 
 
 def _parse_int(variable: str, raw: str) -> int:

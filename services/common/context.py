@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 
+from services.common.channels import open_channel
 from services.common.config import Settings
 from services.common.consumer import GrpcEnvelopeSource, SourceFactory
 from services.common.eventlog import ProducerLog
@@ -60,6 +61,9 @@ class PeerChannels:
 
     ``to("consent")`` is a channel to where the settings say consent runs, or to this process's
     own (internal) address when it runs here; one channel per address, all closed by ``close``.
+    Channels to other processes carry this process's credentials (its certificate under mutual
+    TLS, its ``STEWARD_TOKEN``); the channel to its own internal socket needs none, that server
+    being reachable only by this OS user (see ``services.runtime``).
     """
 
     def __init__(self, settings: Settings, own_target: str) -> None:
@@ -73,7 +77,11 @@ class PeerChannels:
         with self._lock:
             channel = self._channels.get(target)
             if channel is None:
-                channel = self._channels[target] = grpc.insecure_channel(target)
+                channel = self._channels[target] = (
+                    grpc.insecure_channel(target)
+                    if target == self._own_target
+                    else open_channel(target, self._settings)
+                )
             return channel
 
     def close(self) -> None:

@@ -10,7 +10,7 @@ the details back with :func:`read_error_details`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeAlias, cast
 
@@ -223,6 +223,66 @@ class ErrorInterceptor(BehaviourInterceptor):
                 _abort_for_exception(context, exc, method)
 
         return mapped
+
+
+class Undecodable:
+    """What :class:`RequestDecoding` hands the handler in place of a request it cannot parse."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class RequestDecoding(BehaviourInterceptor):
+    """Requests whose bytes are not a valid message (a string field holding bytes that are not
+    UTF-8, a truncated field) are refused with INVALID_ARGUMENT.
+
+    gRPC answers a request its deserializer cannot parse with INTERNAL, which tells the caller
+    the fault is ours. Here the deserializer never raises: it hands the handler an
+    :class:`Undecodable`, and the handler's wrapper refuses it before any work is done.
+    """
+
+    def wrap_deserializer(
+        self, deserializer: Callable[[bytes], Any] | None, method: str
+    ) -> Callable[[bytes], Any] | None:
+        if deserializer is None:
+            return None
+        parse = deserializer
+
+        def tolerant(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except Exception as exc:  # DecodeError, and whatever a parser raises on junk
+                return Undecodable(type(exc).__name__)
+
+        return tolerant
+
+    def wrap_unary(self, behaviour: UnaryBehaviour, method: str) -> UnaryBehaviour:
+        def checked(request: Any, context: grpc.ServicerContext) -> Any:
+            if isinstance(request, Undecodable):
+                _refuse_undecodable(request, method)
+            return behaviour(request, context)
+
+        return checked
+
+    def wrap_stream(self, behaviour: StreamBehaviour, method: str) -> StreamBehaviour:
+        def checked(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            if isinstance(request, Undecodable):
+                _refuse_undecodable(request, method)
+            yield from behaviour(request, context)
+
+        return checked
+
+
+def _refuse_undecodable(request: Undecodable, method: str) -> NoReturn:
+    raise InvalidArgument(
+        {
+            "(request)": "is not a valid encoding of the request message (e.g. a string field "
+            "that is not UTF-8)"
+        },
+        f"the request to {method} could not be decoded ({request.reason})",
+    )
 
 
 def _abort_for_exception(context: grpc.ServicerContext, exc: Exception, method: str) -> NoReturn:

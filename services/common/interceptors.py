@@ -41,6 +41,12 @@ class BehaviourInterceptor(_ServerInterceptor):
     def wrap_stream(self, behaviour: StreamBehaviour, method: str) -> StreamBehaviour:
         """The behaviour of a call answered with a stream."""
 
+    def wrap_deserializer(
+        self, deserializer: Callable[[bytes], Any] | None, method: str
+    ) -> Callable[[bytes], Any] | None:
+        """How the request's bytes become a message; unchanged unless a subclass says."""
+        return deserializer
+
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Handler | None],
@@ -58,7 +64,8 @@ class BehaviourInterceptor(_ServerInterceptor):
         return wrapped
 
     def _wrap(self, handler: Handler, method: str) -> Handler:
-        deserializer, serializer = handler.request_deserializer, handler.response_serializer
+        deserializer = self.wrap_deserializer(handler.request_deserializer, method)
+        serializer = handler.response_serializer
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self.wrap_unary(handler.unary_unary, method), deserializer, serializer

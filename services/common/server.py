@@ -20,7 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common.errors import ErrorInterceptor
+from services.common.errors import ErrorInterceptor, RequestDecoding
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,9 @@ def build_server(
     """A bound, unstarted server with every registration, health, reflection and error mapping.
 
     ``interceptors`` run outermost first; :class:`ErrorInterceptor` is always added innermost so
-    the others see the final status. Port 0 lets the OS pick; the bound port is returned.
+    the others see the final status, and inside it :class:`RequestDecoding`, so a request that
+    cannot be parsed is refused as INVALID_ARGUMENT rather than gRPC's INTERNAL. Port 0 lets
+    the OS pick; the bound port is returned.
     ``address`` (e.g. ``unix:/path``) replaces ``host`` and ``port``.
     """
     names = [registration.name for registration in registrations]
@@ -94,7 +96,7 @@ def build_server(
 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc-server"),
-        interceptors=[*interceptors, ErrorInterceptor()],
+        interceptors=[*interceptors, ErrorInterceptor(), RequestDecoding()],
         options=server_options(max_message_bytes),
     )
     for registration in registrations:

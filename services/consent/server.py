@@ -40,7 +40,13 @@ from services.common.migrations import upgrade
 from services.common.server import ServiceRegistration, deadline_remaining
 from services.common.tasks import PeriodicTask, start_all
 from services.common.telemetry import instrument_channel
-from services.common.times import timestamp
+from services.common.times import (
+    INVALID_DURATION,
+    INVALID_MOMENT,
+    duration_of,
+    moment_of,
+    timestamp,
+)
 from services.consent import keystore as keystore_module
 from services.consent import ledger, signals, tcf
 from services.consent.access import PeerExports
@@ -85,17 +91,6 @@ SOURCE_NAMES: Final = {
 _DROP_REASON_NAMES: Final = {
     value: name.removeprefix("DROP_REASON_").lower() for name, value in C.DropReason.items()
 }
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-_TIMESTAMP_SECONDS: Final = range(-62_135_596_800, 253_402_300_800)
-"""The seconds of 0001-01-01 to 9999-12-31, the range ``Timestamp.ToDatetime`` accepts."""
-
-
-def _event_time(stamp: Timestamp) -> datetime:
-    """``stamp.ToDatetime(tzinfo=UTC)`` by arithmetic (half its cost, once per Collect event)."""
-    seconds, nanos = stamp.seconds, stamp.nanos
-    if seconds in _TIMESTAMP_SECONDS and 0 <= nanos < 1_000_000_000:
-        return _EPOCH + timedelta(seconds=seconds, microseconds=nanos // 1000)
-    return stamp.ToDatetime(tzinfo=UTC)  # refuses the out-of-range value as it always did
 
 
 class SubjectResolver:
@@ -194,7 +189,10 @@ def _occurred_at(request_time: Timestamp, field: str, violations: FieldViolation
     now = datetime.now(UTC)
     if not request_time.seconds and not request_time.nanos:
         return now
-    moment = request_time.ToDatetime(tzinfo=UTC)
+    moment = moment_of(request_time)
+    if moment is None:
+        violations.add(field, INVALID_MOMENT)
+        return now
     violations.check(moment <= now + FUTURE_TOLERANCE, field, "is in the future")
     return moment
 
@@ -202,7 +200,10 @@ def _occurred_at(request_time: Timestamp, field: str, violations: FieldViolation
 def _at(request_time: Timestamp) -> datetime:
     if not request_time.seconds and not request_time.nanos:
         return datetime.now(UTC)
-    return request_time.ToDatetime(tzinfo=UTC)
+    moment = moment_of(request_time)
+    if moment is None:
+        raise InvalidArgument({"at": INVALID_MOMENT})
+    return moment
 
 
 def _receipts(receipts: list[Receipt]) -> list[consent_pb2.LedgerReceipt]:
@@ -339,13 +340,16 @@ class ConsentServicer(consent_pb2_grpc.ConsentServiceServicer):
         self, request: consent_pb2.DefinePurposeRequest, context: grpc.ServicerContext
     ) -> consent_pb2.DefinePurposeResponse:
         p = request.purpose
+        lifetime = duration_of(p.default_lifetime)
+        if lifetime is None:
+            raise InvalidArgument({"purpose.default_lifetime": INVALID_DURATION})
         purpose = PurposeDefinition(
             id=p.id,
             legal_basis=p.legal_basis,
             description=p.description,
             policy_version=p.policy_version,
             notice_sha256=p.notice_sha256,
-            default_lifetime=p.default_lifetime.ToTimedelta(),
+            default_lifetime=lifetime,
             retention_days=p.retention_days,
             allowed_fields=tuple(p.allowed_fields),
             gpc_withdraws=p.gpc_withdraws,
@@ -407,7 +411,10 @@ class ConsentServicer(consent_pb2_grpc.ConsentServiceServicer):
             violations.check(bool(d.policy_version), f"{path}.policy_version", "is required")
             expires_at = None
             if d.HasField("expires_at"):
-                expires_at = d.expires_at.ToDatetime(tzinfo=UTC)
+                expires_at = moment_of(d.expires_at)
+                if expires_at is None:
+                    violations.add(f"{path}.expires_at", INVALID_MOMENT)
+                    continue
                 violations.check(
                     expires_at > occurred_at, f"{path}.expires_at", "must be after occurred_at"
                 )
@@ -454,11 +461,13 @@ class ConsentServicer(consent_pb2_grpc.ConsentServiceServicer):
             except tcf.TCStringError as error:
                 violations.add("tcf_string", str(error))
         mode = request.consent_mode
-        consent_mode = {
-            name: C.ConsentModeValue.Name(getattr(mode, name))
-            for name in ("ad_storage", "analytics_storage", "ad_user_data", "ad_personalization")
-            if getattr(mode, name) != C.CONSENT_MODE_VALUE_UNSPECIFIED
-        }
+        consent_mode = {}
+        for name in ("ad_storage", "analytics_storage", "ad_user_data", "ad_personalization"):
+            value = getattr(mode, name)
+            if value not in C.ConsentModeValue.values():
+                violations.add(f"consent_mode.{name}", "GRANTED, DENIED or unset")
+            elif value != C.CONSENT_MODE_VALUE_UNSPECIFIED:
+                consent_mode[name] = C.ConsentModeValue.Name(value)
         gpc = request.gpc if request.HasField("gpc") else None
         violations.check(
             parsed is not None or gpc is not None or bool(consent_mode) or bool(violations),
@@ -620,7 +629,9 @@ class ConsentServicer(consent_pb2_grpc.ConsentServiceServicer):
     def _collect_input(
         self, index: int, event: common_pb2.BehaviourEvent, violations: FieldViolations
     ) -> CollectInput:
-        occurred_at = _event_time(event.occurred_at) if event.HasField("occurred_at") else None
+        occurred_at = moment_of(event.occurred_at) if event.HasField("occurred_at") else None
+        if occurred_at is None and event.HasField("occurred_at"):
+            violations.add(f"events[{index}].occurred_at", INVALID_MOMENT)
         fields = EventFields(
             event_id=event.event_id,
             type=event.type,

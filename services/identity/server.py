@@ -23,7 +23,7 @@ from services.common.identifiers import IdentifierError, pseudonymise_identifier
 from services.common.migrations import upgrade
 from services.common.server import ServiceRegistration
 from services.common.tasks import PeriodicTask, start_all, stop_all
-from services.common.times import timestamp
+from services.common.times import INVALID_MOMENT, moment_of, timestamp
 from services.identity.graph import IdentifierInput, ItemInput, ItemResult, MergeRecord
 from services.identity.rules import MergeRules, TypeLimit, validate_rules
 from services.identity.service import IdentityService
@@ -114,10 +114,14 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
                 violations.add(f"{path}.source", f"at most {MAX_SOURCE_LENGTH} characters")
             seen_at = now
             if item.HasField("seen_at"):
-                seen_at = item.seen_at.ToDatetime(tzinfo=UTC)
-                violations.check(
-                    seen_at <= now + FUTURE_TOLERANCE, f"{path}.seen_at", "is in the future"
-                )
+                moment = moment_of(item.seen_at)
+                if moment is None:
+                    violations.add(f"{path}.seen_at", INVALID_MOMENT)
+                else:
+                    seen_at = moment
+                    violations.check(
+                        seen_at <= now + FUTURE_TOLERANCE, f"{path}.seen_at", "is in the future"
+                    )
 
             def list_path(path: str = path) -> str:
                 return f"{path}.identifiers"

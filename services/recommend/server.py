@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC
 from typing import Final
 
 import grpc
@@ -20,7 +19,7 @@ from services.common.db import make_engine
 from services.common.errors import FieldViolations, InvalidArgument
 from services.common.migrations import upgrade
 from services.common.server import ServiceRegistration
-from services.common.times import timestamp
+from services.common.times import INVALID_MOMENT, moment_of, timestamp
 from services.recommend.models import MODEL_NAMES, CatalogueItem
 from services.recommend.ranking import Filters, ReasonKind
 from services.recommend.service import (
@@ -168,9 +167,14 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
             for item in request.items
         ]
         created = [
-            item.created_at.ToDatetime(tzinfo=UTC) if item.HasField("created_at") else None
+            moment_of(item.created_at) if item.HasField("created_at") else None
             for item in request.items
         ]
+        violations = FieldViolations()
+        for index, (item, moment) in enumerate(zip(request.items, created, strict=True)):
+            if moment is None and item.HasField("created_at"):
+                violations.add(f"items[{index}].created_at", INVALID_MOMENT)
+        violations.raise_if_any()
         return R.PutItemsResponse(upserted=self._service.put_items(items, created))
 
     def Recommend(
@@ -270,10 +274,13 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
         )
         violations.check(0 < len(request.item_id) <= MAX_ID, "item_id", "1 to 128 characters")
         violations.check(request.type in _FEEDBACK, "type", "click, cart, purchase or dismiss")
-        violations.raise_if_any()
-        occurred = (
-            request.occurred_at.ToDatetime(tzinfo=UTC) if request.HasField("occurred_at") else None
+        occurred = moment_of(request.occurred_at) if request.HasField("occurred_at") else None
+        violations.check(
+            occurred is not None or not request.HasField("occurred_at"),
+            "occurred_at",
+            INVALID_MOMENT,
         )
+        violations.raise_if_any()
         arm = self._service.record_feedback(
             request.impression_id, request.item_id, _FEEDBACK[request.type], occurred
         )

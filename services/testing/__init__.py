@@ -36,6 +36,7 @@ from steward.identity.v1 import identity_pb2_grpc
 from steward.recommend.v1 import recommend_pb2_grpc
 from steward.tagging.v1 import tagging_pb2_grpc
 
+from services.common.channels import open_channel
 from services.common.config import Settings
 from services.runtime import SERVICES, RunningSuite, start_suite
 
@@ -97,7 +98,8 @@ def steward_suite(
     own), e.g. ``postgresql://postgres@127.0.0.1:5432/test``; without it each service gets a
     SQLite file under ``data_dir``. ``data_dir`` (default: a temporary directory, removed
     afterwards) also holds the development keys. ``environ`` adds settings as ``steward serve``
-    reads them from the environment (``STEWARD_MAX_BATCH``, ``STEWARD_TRANSPORT``, …).
+    reads them from the environment (``STEWARD_MAX_BATCH``, ``STEWARD_TRANSPORT``, …); the stubs'
+    channel presents its ``STEWARD_TOKEN`` and, under mutual TLS, its certificate.
     ``span_exporter`` and ``metric_reader`` (e.g. OpenTelemetry's in-memory ones) receive the
     suite's spans and metrics.
     """
@@ -114,7 +116,8 @@ def steward_suite(
             settings, services, span_exporter=span_exporter, metric_reader=metric_reader
         )
         try:
-            with grpc.insecure_channel(running.target) as channel:
+            # With the credentials ``environ`` gives (STEWARD_TLS_*, STEWARD_TOKEN), if any.
+            with open_channel(running.target, settings) as channel:
                 yield StewardSuite(
                     target=running.target,
                     settings=settings,

@@ -3,12 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from services.common.config import (
-    DEV_ADMIN_TOKEN,
-    ConfigError,
-    Settings,
-    environment_variables,
-)
+from services.common.certs import init_certificates
+from services.common.config import ConfigError, Settings, environment_variables
 from services.common.keyring import DEV_MARKER, init_keys
 
 
@@ -29,8 +25,10 @@ def test_empty_environment_gives_safe_development_defaults() -> None:
     assert settings.transport == "embedded"
     assert settings.nats_url == "nats://127.0.0.1:4222"
     assert settings.phone_default_region == "GB"
-    assert settings.admin_token == DEV_ADMIN_TOKEN
     assert settings.callers_file is None
+    assert (settings.tls_cert, settings.tls_key, settings.tls_ca) == (None, None, None)
+    assert not settings.tls_enabled
+    assert settings.token is None
     assert settings.keyring_json is None
 
 
@@ -65,6 +63,10 @@ def test_values_are_parsed_from_their_variables() -> None:
             "STEWARD_GRACE_SECONDS": "0.5",
             "STEWARD_PHONE_REGION": "fr",
             "STEWARD_CALLERS_FILE": "callers.yaml",
+            "STEWARD_TLS_CERT": "certs/consent.crt",
+            "STEWARD_TLS_KEY": "certs/consent.key",
+            "STEWARD_TLS_CA": "certs/ca.crt",
+            "STEWARD_TOKEN": "a-token",
             "STEWARD_MAX_WORKERS": "8",
             "STEWARD_MAX_CONCURRENT_CALLS": "2",
             "STEWARD_CONSENT_TARGET": "consent:50051",
@@ -79,6 +81,10 @@ def test_values_are_parsed_from_their_variables() -> None:
     assert settings.grace_seconds == 0.5
     assert settings.phone_default_region == "FR"
     assert settings.callers_file == Path("callers.yaml")
+    assert settings.tls_cert == Path("certs/consent.crt")
+    assert (settings.tls_key, settings.tls_ca) == (Path("certs/consent.key"), Path("certs/ca.crt"))
+    assert settings.tls_enabled
+    assert settings.token == "a-token"
     assert settings.otlp_endpoint == "http://collector:4317"
     assert settings.max_workers == 8
     assert settings.max_concurrent_calls == 2
@@ -117,9 +123,7 @@ def test_unknown_service_database_is_an_error() -> None:
 
 
 def test_settings_are_immutable_and_hide_secrets_in_repr() -> None:
-    settings = Settings.from_env(
-        {"STEWARD_ADMIN_TOKEN": "s3cret-token", "STEWARD_KEYRING_JSON": "{}"}
-    )
+    settings = Settings.from_env({"STEWARD_TOKEN": "s3cret-token", "STEWARD_KEYRING_JSON": "{}"})
 
     with pytest.raises(FrozenInstanceError):
         settings.port = 1  # type: ignore[misc]
@@ -127,9 +131,63 @@ def test_settings_are_immutable_and_hide_secrets_in_repr() -> None:
     assert "keyring_json" not in repr(settings)
 
 
-def test_production_refuses_the_development_admin_token(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="STEWARD_ADMIN_TOKEN is still the development default"):
+def test_production_refuses_to_start_without_a_callers_file(tmp_path: Path) -> None:
+    init_keys(tmp_path / "keys", development=False)
+
+    with pytest.raises(ConfigError, match="STEWARD_CALLERS_FILE is not set"):
         Settings.from_env({"STEWARD_ENV": "production", "STEWARD_DATA_DIR": str(tmp_path)})
+
+
+def test_production_refuses_development_certificates(tmp_path: Path) -> None:
+    init_keys(tmp_path / "keys", development=False)
+    pki = init_certificates(tmp_path / "certs", services=["consent"])
+    (consent,) = pki.services
+    # A container gets the certificate alone, as a secret, without the marker beside it.
+    mounted = tmp_path / "secrets"
+    mounted.mkdir()
+    (mounted / "tls.pem").write_bytes(consent.certificate.read_bytes())
+
+    for certificate in (consent.certificate, mounted / "tls.pem"):
+        with pytest.raises(ConfigError, match="is a development certificate"):
+            Settings.from_env(
+                {
+                    "STEWARD_ENV": "production",
+                    "STEWARD_DATA_DIR": str(tmp_path),
+                    "STEWARD_CALLERS_FILE": str(tmp_path / "callers.yaml"),
+                    "STEWARD_TLS_CERT": str(certificate),
+                    "STEWARD_TLS_KEY": str(consent.private_key),
+                    "STEWARD_TLS_CA": str(pki.ca.certificate),
+                }
+            )
+
+
+def test_production_starts_with_production_certificates(tmp_path: Path) -> None:
+    init_keys(tmp_path / "keys", development=False)
+    pki = init_certificates(tmp_path / "certs", services=["consent"], development=False)
+    (consent,) = pki.services
+
+    settings = Settings.from_env(
+        {
+            "STEWARD_ENV": "production",
+            "STEWARD_DATA_DIR": str(tmp_path),
+            "STEWARD_CALLERS_FILE": str(tmp_path / "callers.yaml"),
+            "STEWARD_TLS_CERT": str(consent.certificate),
+            "STEWARD_TLS_KEY": str(consent.private_key),
+            "STEWARD_TLS_CA": str(pki.ca.certificate),
+        }
+    )
+
+    assert settings.tls_enabled and settings.env == "production"
+
+
+def test_tls_files_are_configured_all_together_or_not_at_all() -> None:
+    with pytest.raises(ConfigError, match="missing: STEWARD_TLS_KEY, STEWARD_TLS_CA"):
+        Settings.from_env({"STEWARD_TLS_CERT": "consent.crt"})
+
+
+def test_the_retired_admin_token_is_refused_rather_than_ignored() -> None:
+    with pytest.raises(ConfigError, match="STEWARD_ADMIN_TOKEN is no longer read"):
+        Settings.from_env({"STEWARD_ADMIN_TOKEN": "a-secret"})
 
 
 def test_production_refuses_development_keys(tmp_path: Path) -> None:
@@ -140,7 +198,7 @@ def test_production_refuses_development_keys(tmp_path: Path) -> None:
             {
                 "STEWARD_ENV": "production",
                 "STEWARD_DATA_DIR": str(tmp_path),
-                "STEWARD_ADMIN_TOKEN": "a-real-secret",
+                "STEWARD_CALLERS_FILE": str(tmp_path / "callers.yaml"),
             }
         )
 
@@ -152,17 +210,17 @@ def test_production_starts_with_real_secrets_and_keys(tmp_path: Path) -> None:
         {
             "STEWARD_ENV": "production",
             "STEWARD_DATA_DIR": str(tmp_path),
-            "STEWARD_ADMIN_TOKEN": "a-real-secret",
+            "STEWARD_CALLERS_FILE": str(tmp_path / "callers.yaml"),
         }
     )
 
     assert settings.env == "production"
 
 
-def test_development_tolerates_development_secrets(tmp_path: Path) -> None:
+def test_development_tolerates_development_keys_and_no_callers_file(tmp_path: Path) -> None:
     init_keys(tmp_path / "keys", development=True)
 
-    assert Settings.from_env({"STEWARD_DATA_DIR": str(tmp_path)}).admin_token == DEV_ADMIN_TOKEN
+    assert Settings.from_env({"STEWARD_DATA_DIR": str(tmp_path)}).callers_file is None
 
 
 def test_environment_variables_names_every_variable_read_including_per_service_urls() -> None:

@@ -137,7 +137,7 @@ def test_development_keys_passed_by_environment_are_refused_in_production(tmp_pa
         {
             "STEWARD_ENV": "production",
             "STEWARD_DATA_DIR": str(tmp_path),
-            "STEWARD_ADMIN_TOKEN": "a-real-secret",
+            "STEWARD_CALLERS_FILE": str(tmp_path / "callers.yaml"),
             "STEWARD_KEYRING_JSON": Keyring.generate(development=True).to_json(),
         }
     )

@@ -24,10 +24,11 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from steward.common.v1 import common_pb2 as steward_dot_common_dot_v1_dot_common__pb2
+from steward.common.v1 import options_pb2 as steward_dot_common_dot_v1_dot_options__pb2
 from steward.consent.v1 import consent_pb2 as steward_dot_consent_dot_v1_dot_consent__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esteward/consent/v1/audit.proto\x12\x12steward.consent.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1esteward/common/v1/common.proto\x1a steward/consent/v1/consent.proto\"\xca\x04\n\x0bLedgerEntry\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12/\n\x0brecorded_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x04kind\x18\x03 \x01(\x0e\x32\x1d.steward.consent.v1.EntryKind\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12\x0f\n\x07purpose\x18\x05 \x01(\t\x12-\n\x08\x64\x65\x63ision\x18\x06 \x01(\x0e\x32\x1b.steward.common.v1.Decision\x12\x31\n\x06source\x18\x07 \x01(\x0e\x32!.steward.consent.v1.ConsentSource\x12\x16\n\x0epolicy_version\x18\x08 \x01(\t\x12\x15\n\rnotice_sha256\x18\t \x01(\t\x12.\n\nexpires_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x0b \x01(\t\x12/\n\x0boccurred_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12=\n\x07\x64\x65tails\x18\r \x03(\x0b\x32,.steward.consent.v1.LedgerEntry.DetailsEntry\x12\x17\n\x0f\x63\x61nonical_bytes\x18\x0e \x01(\x0c\x12\x11\n\tleaf_hash\x18\x0f \x01(\x0c\x12\x12\n\nchain_hash\x18\x10 \x01(\x0c\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x9a\x01\n\nCheckpoint\x12\x11\n\ttree_size\x18\x01 \x01(\x03\x12\x11\n\troot_hash\x18\x02 \x01(\x0c\x12-\n\ttimestamp\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12\x14\n\x0csigned_bytes\x18\x05 \x01(\x0c\x12\x11\n\tsignature\x18\x06 \x01(\x0c\"(\n\x14GetCheckpointRequest\x12\x10\n\x08sign_now\x18\x01 \x01(\x08\"K\n\x15GetCheckpointResponse\x12\x32\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x1e.steward.consent.v1.Checkpoint\":\n\x18GetInclusionProofRequest\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x11\n\ttree_size\x18\x02 \x01(\x03\"\xcd\x01\n\x19GetInclusionProofResponse\x12\x12\n\nleaf_index\x18\x01 \x01(\x03\x12\x11\n\ttree_size\x18\x02 \x01(\x03\x12\x11\n\tleaf_hash\x18\x03 \x01(\x0c\x12\x12\n\naudit_path\x18\x04 \x03(\x0c\x12\x32\n\ncheckpoint\x18\x05 \x01(\x0b\x32\x1e.steward.consent.v1.Checkpoint\x12.\n\x05\x65ntry\x18\x06 \x01(\x0b\x32\x1f.steward.consent.v1.LedgerEntry\"O\n\x1aGetConsistencyProofRequest\x12\x17\n\x0f\x66irst_tree_size\x18\x01 \x01(\x03\x12\x18\n\x10second_tree_size\x18\x02 \x01(\x03\"_\n\x1bGetConsistencyProofResponse\x12\x17\n\x0f\x66irst_tree_size\x18\x01 \x01(\x03\x12\x18\n\x10second_tree_size\x18\x02 \x01(\x03\x12\r\n\x05proof\x18\x03 \x03(\x0c\"7\n\x13\x45xportLedgerRequest\x12\x10\n\x08\x66rom_seq\x18\x01 \x01(\x03\x12\x0e\n\x06to_seq\x18\x02 \x01(\x03\"o\n\x0c\x45xportHeader\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\x05\x12\x16\n\x0epublic_key_pem\x18\x02 \x01(\t\x12/\n\x0b\x65xported_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xba\x01\n\x14\x45xportLedgerResponse\x12\x32\n\x06header\x18\x01 \x01(\x0b\x32 .steward.consent.v1.ExportHeaderH\x00\x12\x30\n\x05\x65ntry\x18\x02 \x01(\x0b\x32\x1f.steward.consent.v1.LedgerEntryH\x00\x12\x34\n\ncheckpoint\x18\x03 \x01(\x0b\x32\x1e.steward.consent.v1.CheckpointH\x00\x42\x06\n\x04item*\xe0\x01\n\tEntryKind\x12\x1a\n\x16\x45NTRY_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45NTRY_KIND_DECISION\x10\x01\x12\x15\n\x11\x45NTRY_KIND_SIGNAL\x10\x02\x12\x1d\n\x19\x45NTRY_KIND_PURPOSE_CHANGE\x10\x03\x12$\n ENTRY_KIND_WITHDRAWAL_PROPAGATED\x10\x04\x12 \n\x1c\x45NTRY_KIND_ERASURE_TOMBSTONE\x10\x05\x12 \n\x1c\x45NTRY_KIND_ERASURE_COMPLETED\x10\x06\x32\xc3\x03\n\x0c\x41uditService\x12\x64\n\rGetCheckpoint\x12(.steward.consent.v1.GetCheckpointRequest\x1a).steward.consent.v1.GetCheckpointResponse\x12p\n\x11GetInclusionProof\x12,.steward.consent.v1.GetInclusionProofRequest\x1a-.steward.consent.v1.GetInclusionProofResponse\x12v\n\x13GetConsistencyProof\x12..steward.consent.v1.GetConsistencyProofRequest\x1a/.steward.consent.v1.GetConsistencyProofResponse\x12\x63\n\x0c\x45xportLedger\x12\'.steward.consent.v1.ExportLedgerRequest\x1a(.steward.consent.v1.ExportLedgerResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esteward/consent/v1/audit.proto\x12\x12steward.consent.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1esteward/common/v1/common.proto\x1a\x1fsteward/common/v1/options.proto\x1a steward/consent/v1/consent.proto\"\xca\x04\n\x0bLedgerEntry\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12/\n\x0brecorded_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x04kind\x18\x03 \x01(\x0e\x32\x1d.steward.consent.v1.EntryKind\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12\x0f\n\x07purpose\x18\x05 \x01(\t\x12-\n\x08\x64\x65\x63ision\x18\x06 \x01(\x0e\x32\x1b.steward.common.v1.Decision\x12\x31\n\x06source\x18\x07 \x01(\x0e\x32!.steward.consent.v1.ConsentSource\x12\x16\n\x0epolicy_version\x18\x08 \x01(\t\x12\x15\n\rnotice_sha256\x18\t \x01(\t\x12.\n\nexpires_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x0b \x01(\t\x12/\n\x0boccurred_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12=\n\x07\x64\x65tails\x18\r \x03(\x0b\x32,.steward.consent.v1.LedgerEntry.DetailsEntry\x12\x17\n\x0f\x63\x61nonical_bytes\x18\x0e \x01(\x0c\x12\x11\n\tleaf_hash\x18\x0f \x01(\x0c\x12\x12\n\nchain_hash\x18\x10 \x01(\x0c\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x9a\x01\n\nCheckpoint\x12\x11\n\ttree_size\x18\x01 \x01(\x03\x12\x11\n\troot_hash\x18\x02 \x01(\x0c\x12-\n\ttimestamp\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12\x14\n\x0csigned_bytes\x18\x05 \x01(\x0c\x12\x11\n\tsignature\x18\x06 \x01(\x0c\"(\n\x14GetCheckpointRequest\x12\x10\n\x08sign_now\x18\x01 \x01(\x08\"K\n\x15GetCheckpointResponse\x12\x32\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x1e.steward.consent.v1.Checkpoint\":\n\x18GetInclusionProofRequest\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x11\n\ttree_size\x18\x02 \x01(\x03\"\xcd\x01\n\x19GetInclusionProofResponse\x12\x12\n\nleaf_index\x18\x01 \x01(\x03\x12\x11\n\ttree_size\x18\x02 \x01(\x03\x12\x11\n\tleaf_hash\x18\x03 \x01(\x0c\x12\x12\n\naudit_path\x18\x04 \x03(\x0c\x12\x32\n\ncheckpoint\x18\x05 \x01(\x0b\x32\x1e.steward.consent.v1.Checkpoint\x12.\n\x05\x65ntry\x18\x06 \x01(\x0b\x32\x1f.steward.consent.v1.LedgerEntry\"O\n\x1aGetConsistencyProofRequest\x12\x17\n\x0f\x66irst_tree_size\x18\x01 \x01(\x03\x12\x18\n\x10second_tree_size\x18\x02 \x01(\x03\"_\n\x1bGetConsistencyProofResponse\x12\x17\n\x0f\x66irst_tree_size\x18\x01 \x01(\x03\x12\x18\n\x10second_tree_size\x18\x02 \x01(\x03\x12\r\n\x05proof\x18\x03 \x03(\x0c\"7\n\x13\x45xportLedgerRequest\x12\x10\n\x08\x66rom_seq\x18\x01 \x01(\x03\x12\x0e\n\x06to_seq\x18\x02 \x01(\x03\"o\n\x0c\x45xportHeader\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\x05\x12\x16\n\x0epublic_key_pem\x18\x02 \x01(\t\x12/\n\x0b\x65xported_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xba\x01\n\x14\x45xportLedgerResponse\x12\x32\n\x06header\x18\x01 \x01(\x0b\x32 .steward.consent.v1.ExportHeaderH\x00\x12\x30\n\x05\x65ntry\x18\x02 \x01(\x0b\x32\x1f.steward.consent.v1.LedgerEntryH\x00\x12\x34\n\ncheckpoint\x18\x03 \x01(\x0b\x32\x1e.steward.consent.v1.CheckpointH\x00\x42\x06\n\x04item*\xe0\x01\n\tEntryKind\x12\x1a\n\x16\x45NTRY_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45NTRY_KIND_DECISION\x10\x01\x12\x15\n\x11\x45NTRY_KIND_SIGNAL\x10\x02\x12\x1d\n\x19\x45NTRY_KIND_PURPOSE_CHANGE\x10\x03\x12$\n ENTRY_KIND_WITHDRAWAL_PROPAGATED\x10\x04\x12 \n\x1c\x45NTRY_KIND_ERASURE_TOMBSTONE\x10\x05\x12 \n\x1c\x45NTRY_KIND_ERASURE_COMPLETED\x10\x06\x32\x85\x04\n\x0c\x41uditService\x12t\n\rGetCheckpoint\x12(.steward.consent.v1.GetCheckpointRequest\x1a).steward.consent.v1.GetCheckpointResponse\"\x0e\x8a\xb5\x18\naudit:read\x12\x80\x01\n\x11GetInclusionProof\x12,.steward.consent.v1.GetInclusionProofRequest\x1a-.steward.consent.v1.GetInclusionProofResponse\"\x0e\x8a\xb5\x18\naudit:read\x12\x86\x01\n\x13GetConsistencyProof\x12..steward.consent.v1.GetConsistencyProofRequest\x1a/.steward.consent.v1.GetConsistencyProofResponse\"\x0e\x8a\xb5\x18\naudit:read\x12s\n\x0c\x45xportLedger\x12\'.steward.consent.v1.ExportLedgerRequest\x1a(.steward.consent.v1.ExportLedgerResponse\"\x0e\x8a\xb5\x18\naudit:read0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,32 +37,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LEDGERENTRY_DETAILSENTRY']._loaded_options = None
   _globals['_LEDGERENTRY_DETAILSENTRY']._serialized_options = b'8\001'
-  _globals['_ENTRYKIND']._serialized_start=1824
-  _globals['_ENTRYKIND']._serialized_end=2048
-  _globals['_LEDGERENTRY']._serialized_start=154
-  _globals['_LEDGERENTRY']._serialized_end=740
-  _globals['_LEDGERENTRY_DETAILSENTRY']._serialized_start=694
-  _globals['_LEDGERENTRY_DETAILSENTRY']._serialized_end=740
-  _globals['_CHECKPOINT']._serialized_start=743
-  _globals['_CHECKPOINT']._serialized_end=897
-  _globals['_GETCHECKPOINTREQUEST']._serialized_start=899
-  _globals['_GETCHECKPOINTREQUEST']._serialized_end=939
-  _globals['_GETCHECKPOINTRESPONSE']._serialized_start=941
-  _globals['_GETCHECKPOINTRESPONSE']._serialized_end=1016
-  _globals['_GETINCLUSIONPROOFREQUEST']._serialized_start=1018
-  _globals['_GETINCLUSIONPROOFREQUEST']._serialized_end=1076
-  _globals['_GETINCLUSIONPROOFRESPONSE']._serialized_start=1079
-  _globals['_GETINCLUSIONPROOFRESPONSE']._serialized_end=1284
-  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_start=1286
-  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_end=1365
-  _globals['_GETCONSISTENCYPROOFRESPONSE']._serialized_start=1367
-  _globals['_GETCONSISTENCYPROOFRESPONSE']._serialized_end=1462
-  _globals['_EXPORTLEDGERREQUEST']._serialized_start=1464
-  _globals['_EXPORTLEDGERREQUEST']._serialized_end=1519
-  _globals['_EXPORTHEADER']._serialized_start=1521
-  _globals['_EXPORTHEADER']._serialized_end=1632
-  _globals['_EXPORTLEDGERRESPONSE']._serialized_start=1635
-  _globals['_EXPORTLEDGERRESPONSE']._serialized_end=1821
-  _globals['_AUDITSERVICE']._serialized_start=2051
-  _globals['_AUDITSERVICE']._serialized_end=2502
+  _globals['_AUDITSERVICE'].methods_by_name['GetCheckpoint']._loaded_options = None
+  _globals['_AUDITSERVICE'].methods_by_name['GetCheckpoint']._serialized_options = b'\212\265\030\naudit:read'
+  _globals['_AUDITSERVICE'].methods_by_name['GetInclusionProof']._loaded_options = None
+  _globals['_AUDITSERVICE'].methods_by_name['GetInclusionProof']._serialized_options = b'\212\265\030\naudit:read'
+  _globals['_AUDITSERVICE'].methods_by_name['GetConsistencyProof']._loaded_options = None
+  _globals['_AUDITSERVICE'].methods_by_name['GetConsistencyProof']._serialized_options = b'\212\265\030\naudit:read'
+  _globals['_AUDITSERVICE'].methods_by_name['ExportLedger']._loaded_options = None
+  _globals['_AUDITSERVICE'].methods_by_name['ExportLedger']._serialized_options = b'\212\265\030\naudit:read'
+  _globals['_ENTRYKIND']._serialized_start=1857
+  _globals['_ENTRYKIND']._serialized_end=2081
+  _globals['_LEDGERENTRY']._serialized_start=187
+  _globals['_LEDGERENTRY']._serialized_end=773
+  _globals['_LEDGERENTRY_DETAILSENTRY']._serialized_start=727
+  _globals['_LEDGERENTRY_DETAILSENTRY']._serialized_end=773
+  _globals['_CHECKPOINT']._serialized_start=776
+  _globals['_CHECKPOINT']._serialized_end=930
+  _globals['_GETCHECKPOINTREQUEST']._serialized_start=932
+  _globals['_GETCHECKPOINTREQUEST']._serialized_end=972
+  _globals['_GETCHECKPOINTRESPONSE']._serialized_start=974
+  _globals['_GETCHECKPOINTRESPONSE']._serialized_end=1049
+  _globals['_GETINCLUSIONPROOFREQUEST']._serialized_start=1051
+  _globals['_GETINCLUSIONPROOFREQUEST']._serialized_end=1109
+  _globals['_GETINCLUSIONPROOFRESPONSE']._serialized_start=1112
+  _globals['_GETINCLUSIONPROOFRESPONSE']._serialized_end=1317
+  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_start=1319
+  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_end=1398
+  _globals['_GETCONSISTENCYPROOFRESPONSE']._serialized_start=1400
+  _globals['_GETCONSISTENCYPROOFRESPONSE']._serialized_end=1495
+  _globals['_EXPORTLEDGERREQUEST']._serialized_start=1497
+  _globals['_EXPORTLEDGERREQUEST']._serialized_end=1552
+  _globals['_EXPORTHEADER']._serialized_start=1554
+  _globals['_EXPORTHEADER']._serialized_end=1665
+  _globals['_EXPORTLEDGERRESPONSE']._serialized_start=1668
+  _globals['_EXPORTLEDGERRESPONSE']._serialized_end=1854
+  _globals['_AUDITSERVICE']._serialized_start=2084
+  _globals['_AUDITSERVICE']._serialized_end=2601
 # @@protoc_insertion_point(module_scope)

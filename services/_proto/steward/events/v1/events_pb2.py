@@ -24,9 +24,10 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from steward.common.v1 import common_pb2 as steward_dot_common_dot_v1_dot_common__pb2
+from steward.common.v1 import options_pb2 as steward_dot_common_dot_v1_dot_options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esteward/events/v1/events.proto\x12\x11steward.events.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1esteward/common/v1/common.proto\"]\n\x10SubscribeRequest\x12\x10\n\x08producer\x18\x01 \x01(\t\x12\x10\n\x08\x63onsumer\x18\x02 \x01(\t\x12\x10\n\x08\x66rom_seq\x18\x03 \x01(\x03\x12\x13\n\x0bstop_at_end\x18\x04 \x01(\x08\"B\n\x11SubscribeResponse\x12-\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1b.steward.events.v1.Envelope\"=\n\nAckRequest\x12\x10\n\x08producer\x18\x01 \x01(\t\x12\x10\n\x08\x63onsumer\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x03\"\'\n\x0b\x41\x63kResponse\x12\x18\n\x10\x61\x63knowledged_seq\x18\x01 \x01(\x03\"\xd0\x05\n\x08\x45nvelope\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12\x10\n\x08producer\x18\x03 \x01(\t\x12/\n\x0boccurred_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x44\n\rtrace_context\x18\x05 \x03(\x0b\x32-.steward.events.v1.Envelope.TraceContextEntry\x12\x42\n\x12\x62\x65haviour_recorded\x18\n \x01(\x0b\x32$.steward.events.v1.BehaviourRecordedH\x00\x12<\n\x0f\x63onsent_changed\x18\x0b \x01(\x0b\x32!.steward.events.v1.ConsentChangedH\x00\x12:\n\x0epersons_merged\x18\x0c \x01(\x0b\x32 .steward.events.v1.PersonsMergedH\x00\x12<\n\x0fperson_unmerged\x18\r \x01(\x0b\x32!.steward.events.v1.PersonUnmergedH\x00\x12>\n\x10person_forgotten\x18\x0e \x01(\x0b\x32\".steward.events.v1.PersonForgottenH\x00\x12:\n\x0esubject_erased\x18\x0f \x01(\x0b\x32 .steward.events.v1.SubjectErasedH\x00\x12\x34\n\x0btag_changed\x18\x10 \x01(\x0b\x32\x1d.steward.events.v1.TagChangedH\x00\x12\x37\n\x08redacted\x18\x11 \x01(\x0b\x32#.steward.events.v1.EnvelopeRedactedH\x00\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x06\n\x04\x62ody\"\"\n\x10\x45nvelopeRedacted\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x9e\x03\n\x11\x42\x65haviourRecorded\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12*\n\x04type\x18\x03 \x01(\x0e\x32\x1c.steward.common.v1.EventType\x12\x0f\n\x07item_id\x18\x04 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x05 \x01(\t\x12\r\n\x05value\x18\x06 \x01(\x01\x12\x10\n\x08\x64well_ms\x18\x07 \x01(\x03\x12\x10\n\x08quantity\x18\x08 \x01(\x05\x12\x0f\n\x07\x63hannel\x18\t \x01(\t\x12/\n\x0boccurred_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08purposes\x18\x0b \x03(\t\x12H\n\nattributes\x18\x0c \x03(\x0b\x32\x34.steward.events.v1.BehaviourRecorded.AttributesEntry\x12\x11\n\thas_query\x18\r \x01(\x08\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xea\x01\n\x0e\x43onsentChanged\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12\x0f\n\x07purpose\x18\x02 \x01(\t\x12-\n\x08\x64\x65\x63ision\x18\x03 \x01(\x0e\x32\x1b.steward.common.v1.Decision\x12\x0f\n\x07\x61llowed\x18\x04 \x01(\x08\x12\x30\n\x0c\x65\x66\x66\x65\x63tive_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nledger_seq\x18\x07 \x01(\x03\"k\n\rPersonsMerged\x12\x10\n\x08merge_id\x18\x01 \x01(\t\x12\x1b\n\x13surviving_person_id\x18\x02 \x01(\t\x12\x1b\n\x13\x61\x62sorbed_person_ids\x18\x03 \x03(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"[\n\x0ePersonUnmerged\x12\x10\n\x08merge_id\x18\x01 \x01(\t\x12\x1b\n\x13surviving_person_id\x18\x02 \x01(\t\x12\x1a\n\x12restored_person_id\x18\x03 \x01(\t\"N\n\x0fPersonForgotten\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12\x18\n\x10\x61lias_person_ids\x18\x02 \x03(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"P\n\rSubjectErased\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12\x12\n\nerasure_id\x18\x02 \x01(\t\x12\x18\n\x10\x61lias_person_ids\x18\x03 \x03(\t\"\xb7\x01\n\nTagChanged\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12\x0e\n\x06tag_id\x18\x02 \x01(\t\x12,\n\x06\x63hange\x18\x03 \x01(\x0e\x32\x1c.steward.events.v1.TagChange\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x18\n\x10rule_set_version\x18\x05 \x01(\x05\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xa3\x01\n\tTagChange\x12\x1a\n\x16TAG_CHANGE_UNSPECIFIED\x10\x00\x12\x17\n\x13TAG_CHANGE_ASSIGNED\x10\x01\x12\x16\n\x12TAG_CHANGE_RENEWED\x10\x02\x12\x16\n\x12TAG_CHANGE_EXPIRED\x10\x03\x12\x19\n\x15TAG_CHANGE_SUPPRESSED\x10\x04\x12\x16\n\x12TAG_CHANGE_REMOVED\x10\x05\x32\xb1\x01\n\x0f\x45ventLogService\x12X\n\tSubscribe\x12#.steward.events.v1.SubscribeRequest\x1a$.steward.events.v1.SubscribeResponse0\x01\x12\x44\n\x03\x41\x63k\x12\x1d.steward.events.v1.AckRequest\x1a\x1e.steward.events.v1.AckResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esteward/events/v1/events.proto\x12\x11steward.events.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1esteward/common/v1/common.proto\x1a\x1fsteward/common/v1/options.proto\"]\n\x10SubscribeRequest\x12\x10\n\x08producer\x18\x01 \x01(\t\x12\x10\n\x08\x63onsumer\x18\x02 \x01(\t\x12\x10\n\x08\x66rom_seq\x18\x03 \x01(\x03\x12\x13\n\x0bstop_at_end\x18\x04 \x01(\x08\"B\n\x11SubscribeResponse\x12-\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1b.steward.events.v1.Envelope\"=\n\nAckRequest\x12\x10\n\x08producer\x18\x01 \x01(\t\x12\x10\n\x08\x63onsumer\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x03\"\'\n\x0b\x41\x63kResponse\x12\x18\n\x10\x61\x63knowledged_seq\x18\x01 \x01(\x03\"\xd0\x05\n\x08\x45nvelope\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12\x10\n\x08producer\x18\x03 \x01(\t\x12/\n\x0boccurred_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x44\n\rtrace_context\x18\x05 \x03(\x0b\x32-.steward.events.v1.Envelope.TraceContextEntry\x12\x42\n\x12\x62\x65haviour_recorded\x18\n \x01(\x0b\x32$.steward.events.v1.BehaviourRecordedH\x00\x12<\n\x0f\x63onsent_changed\x18\x0b \x01(\x0b\x32!.steward.events.v1.ConsentChangedH\x00\x12:\n\x0epersons_merged\x18\x0c \x01(\x0b\x32 .steward.events.v1.PersonsMergedH\x00\x12<\n\x0fperson_unmerged\x18\r \x01(\x0b\x32!.steward.events.v1.PersonUnmergedH\x00\x12>\n\x10person_forgotten\x18\x0e \x01(\x0b\x32\".steward.events.v1.PersonForgottenH\x00\x12:\n\x0esubject_erased\x18\x0f \x01(\x0b\x32 .steward.events.v1.SubjectErasedH\x00\x12\x34\n\x0btag_changed\x18\x10 \x01(\x0b\x32\x1d.steward.events.v1.TagChangedH\x00\x12\x37\n\x08redacted\x18\x11 \x01(\x0b\x32#.steward.events.v1.EnvelopeRedactedH\x00\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x06\n\x04\x62ody\"\"\n\x10\x45nvelopeRedacted\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x9e\x03\n\x11\x42\x65haviourRecorded\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12*\n\x04type\x18\x03 \x01(\x0e\x32\x1c.steward.common.v1.EventType\x12\x0f\n\x07item_id\x18\x04 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x05 \x01(\t\x12\r\n\x05value\x18\x06 \x01(\x01\x12\x10\n\x08\x64well_ms\x18\x07 \x01(\x03\x12\x10\n\x08quantity\x18\x08 \x01(\x05\x12\x0f\n\x07\x63hannel\x18\t \x01(\t\x12/\n\x0boccurred_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08purposes\x18\x0b \x03(\t\x12H\n\nattributes\x18\x0c \x03(\x0b\x32\x34.steward.events.v1.BehaviourRecorded.AttributesEntry\x12\x11\n\thas_query\x18\r \x01(\x08\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xea\x01\n\x0e\x43onsentChanged\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12\x0f\n\x07purpose\x18\x02 \x01(\t\x12-\n\x08\x64\x65\x63ision\x18\x03 \x01(\x0e\x32\x1b.steward.common.v1.Decision\x12\x0f\n\x07\x61llowed\x18\x04 \x01(\x08\x12\x30\n\x0c\x65\x66\x66\x65\x63tive_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nledger_seq\x18\x07 \x01(\x03\"k\n\rPersonsMerged\x12\x10\n\x08merge_id\x18\x01 \x01(\t\x12\x1b\n\x13surviving_person_id\x18\x02 \x01(\t\x12\x1b\n\x13\x61\x62sorbed_person_ids\x18\x03 \x03(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"[\n\x0ePersonUnmerged\x12\x10\n\x08merge_id\x18\x01 \x01(\t\x12\x1b\n\x13surviving_person_id\x18\x02 \x01(\t\x12\x1a\n\x12restored_person_id\x18\x03 \x01(\t\"N\n\x0fPersonForgotten\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12\x18\n\x10\x61lias_person_ids\x18\x02 \x03(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"P\n\rSubjectErased\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12\x12\n\nerasure_id\x18\x02 \x01(\t\x12\x18\n\x10\x61lias_person_ids\x18\x03 \x03(\t\"\xb7\x01\n\nTagChanged\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12\x0e\n\x06tag_id\x18\x02 \x01(\t\x12,\n\x06\x63hange\x18\x03 \x01(\x0e\x32\x1c.steward.events.v1.TagChange\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x18\n\x10rule_set_version\x18\x05 \x01(\x05\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xa3\x01\n\tTagChange\x12\x1a\n\x16TAG_CHANGE_UNSPECIFIED\x10\x00\x12\x17\n\x13TAG_CHANGE_ASSIGNED\x10\x01\x12\x16\n\x12TAG_CHANGE_RENEWED\x10\x02\x12\x16\n\x12TAG_CHANGE_EXPIRED\x10\x03\x12\x19\n\x15TAG_CHANGE_SUPPRESSED\x10\x04\x12\x16\n\x12TAG_CHANGE_REMOVED\x10\x05\x32\xd3\x01\n\x0f\x45ventLogService\x12i\n\tSubscribe\x12#.steward.events.v1.SubscribeRequest\x1a$.steward.events.v1.SubscribeResponse\"\x0f\x8a\xb5\x18\x0b\x65vents:read0\x01\x12U\n\x03\x41\x63k\x12\x1d.steward.events.v1.AckRequest\x1a\x1e.steward.events.v1.AckResponse\"\x0f\x8a\xb5\x18\x0b\x65vents:readb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,38 +38,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENVELOPE_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_BEHAVIOURRECORDED_ATTRIBUTESENTRY']._loaded_options = None
   _globals['_BEHAVIOURRECORDED_ATTRIBUTESENTRY']._serialized_options = b'8\001'
-  _globals['_TAGCHANGE']._serialized_start=2349
-  _globals['_TAGCHANGE']._serialized_end=2512
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=118
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=211
-  _globals['_SUBSCRIBERESPONSE']._serialized_start=213
-  _globals['_SUBSCRIBERESPONSE']._serialized_end=279
-  _globals['_ACKREQUEST']._serialized_start=281
-  _globals['_ACKREQUEST']._serialized_end=342
-  _globals['_ACKRESPONSE']._serialized_start=344
-  _globals['_ACKRESPONSE']._serialized_end=383
-  _globals['_ENVELOPE']._serialized_start=386
-  _globals['_ENVELOPE']._serialized_end=1106
-  _globals['_ENVELOPE_TRACECONTEXTENTRY']._serialized_start=1047
-  _globals['_ENVELOPE_TRACECONTEXTENTRY']._serialized_end=1098
-  _globals['_ENVELOPEREDACTED']._serialized_start=1108
-  _globals['_ENVELOPEREDACTED']._serialized_end=1142
-  _globals['_BEHAVIOURRECORDED']._serialized_start=1145
-  _globals['_BEHAVIOURRECORDED']._serialized_end=1559
-  _globals['_BEHAVIOURRECORDED_ATTRIBUTESENTRY']._serialized_start=1510
-  _globals['_BEHAVIOURRECORDED_ATTRIBUTESENTRY']._serialized_end=1559
-  _globals['_CONSENTCHANGED']._serialized_start=1562
-  _globals['_CONSENTCHANGED']._serialized_end=1796
-  _globals['_PERSONSMERGED']._serialized_start=1798
-  _globals['_PERSONSMERGED']._serialized_end=1905
-  _globals['_PERSONUNMERGED']._serialized_start=1907
-  _globals['_PERSONUNMERGED']._serialized_end=1998
-  _globals['_PERSONFORGOTTEN']._serialized_start=2000
-  _globals['_PERSONFORGOTTEN']._serialized_end=2078
-  _globals['_SUBJECTERASED']._serialized_start=2080
-  _globals['_SUBJECTERASED']._serialized_end=2160
-  _globals['_TAGCHANGED']._serialized_start=2163
-  _globals['_TAGCHANGED']._serialized_end=2346
-  _globals['_EVENTLOGSERVICE']._serialized_start=2515
-  _globals['_EVENTLOGSERVICE']._serialized_end=2692
+  _globals['_EVENTLOGSERVICE'].methods_by_name['Subscribe']._loaded_options = None
+  _globals['_EVENTLOGSERVICE'].methods_by_name['Subscribe']._serialized_options = b'\212\265\030\013events:read'
+  _globals['_EVENTLOGSERVICE'].methods_by_name['Ack']._loaded_options = None
+  _globals['_EVENTLOGSERVICE'].methods_by_name['Ack']._serialized_options = b'\212\265\030\013events:read'
+  _globals['_TAGCHANGE']._serialized_start=2382
+  _globals['_TAGCHANGE']._serialized_end=2545
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=151
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=244
+  _globals['_SUBSCRIBERESPONSE']._serialized_start=246
+  _globals['_SUBSCRIBERESPONSE']._serialized_end=312
+  _globals['_ACKREQUEST']._serialized_start=314
+  _globals['_ACKREQUEST']._serialized_end=375
+  _globals['_ACKRESPONSE']._serialized_start=377
+  _globals['_ACKRESPONSE']._serialized_end=416
+  _globals['_ENVELOPE']._serialized_start=419
+  _globals['_ENVELOPE']._serialized_end=1139
+  _globals['_ENVELOPE_TRACECONTEXTENTRY']._serialized_start=1080
+  _globals['_ENVELOPE_TRACECONTEXTENTRY']._serialized_end=1131
+  _globals['_ENVELOPEREDACTED']._serialized_start=1141
+  _globals['_ENVELOPEREDACTED']._serialized_end=1175
+  _globals['_BEHAVIOURRECORDED']._serialized_start=1178
+  _globals['_BEHAVIOURRECORDED']._serialized_end=1592
+  _globals['_BEHAVIOURRECORDED_ATTRIBUTESENTRY']._serialized_start=1543
+  _globals['_BEHAVIOURRECORDED_ATTRIBUTESENTRY']._serialized_end=1592
+  _globals['_CONSENTCHANGED']._serialized_start=1595
+  _globals['_CONSENTCHANGED']._serialized_end=1829
+  _globals['_PERSONSMERGED']._serialized_start=1831
+  _globals['_PERSONSMERGED']._serialized_end=1938
+  _globals['_PERSONUNMERGED']._serialized_start=1940
+  _globals['_PERSONUNMERGED']._serialized_end=2031
+  _globals['_PERSONFORGOTTEN']._serialized_start=2033
+  _globals['_PERSONFORGOTTEN']._serialized_end=2111
+  _globals['_SUBJECTERASED']._serialized_start=2113
+  _globals['_SUBJECTERASED']._serialized_end=2193
+  _globals['_TAGCHANGED']._serialized_start=2196
+  _globals['_TAGCHANGED']._serialized_end=2379
+  _globals['_EVENTLOGSERVICE']._serialized_start=2548
+  _globals['_EVENTLOGSERVICE']._serialized_end=2759
 # @@protoc_insertion_point(module_scope)
