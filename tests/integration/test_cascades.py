@@ -54,17 +54,22 @@ PURPOSES = ("analytics", "personalisation", "profiling", "marketing")
 
 @pytest.fixture(
     params=[
-        pytest.param("sqlite", id="sqlite-embedded"),
-        pytest.param("jetstream", id="sqlite-jetstream", marks=pytest.mark.nats),
-        pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
+        pytest.param(("sqlite", "embedded"), id="sqlite-embedded"),
+        pytest.param(("postgres", "embedded"), id="postgres-embedded", marks=pytest.mark.postgres),
+        pytest.param(
+            ("postgres", "jetstream"),
+            id="postgres-jetstream",
+            marks=[pytest.mark.postgres, pytest.mark.nats],
+        ),
     ]
 )
-def steward(request: pytest.FixtureRequest, tmp_path: object) -> Iterator[StewardSuite]:
+def steward(request: pytest.FixtureRequest) -> Iterator[StewardSuite]:
+    database, transport = request.param
     database_url = None
     environ: dict[str, str] = {}
-    if request.param == "postgres":
+    if database == "postgres":
         database_url = request.getfixturevalue("postgres_schema_url")
-    if request.param == "jetstream":
+    if transport == "jetstream":
         nats_url: str = request.getfixturevalue("nats_url")
         prefix = f"t{uuid.uuid4().hex[:12]}"
         environ = {
