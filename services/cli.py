@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Annotated, Final
+from typing import Annotated, Final, TypeVar
 
 import grpc
 import typer
@@ -58,6 +58,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(identity_app, name="identity")
 
 console = Console()
+T = TypeVar("T")
 errors = Console(stderr=True)
 logger = logging.getLogger("steward")
 
@@ -611,6 +612,64 @@ def evaluate_recommenders(
     console.print(report_table(report))
     if report.citation:
         console.print(report.citation, soft_wrap=True)
+
+
+# `steward demo`: a shop played against a running suite -------------------------------------------
+
+DEMO_CUSTOMERS = 300
+
+
+@app.command()
+def demo(
+    target: TargetOption = DEFAULT_TARGET,
+    customers: Annotated[
+        int, typer.Option(min=4, max=756, help="UCI customers to play as shoppers (of 756).")
+    ] = DEMO_CUSTOMERS,
+    seed: Annotated[int, typer.Option(help="Seed of the shoppers, consents and browsing.")] = 7,
+    token: Annotated[
+        str | None,
+        typer.Option(envvar="STEWARD_TOKEN", help="Bearer token to send (env STEWARD_TOKEN)."),
+    ] = None,
+) -> None:
+    """Play the UCI Online Retail slice as a shop against a running suite, then print what each
+    service knows: consents, events across channels, merges, GPC, a withdrawal, an erasure,
+    recommendations, and the ledger export verified offline."""
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from services.demo.play import DemoError, play
+    from services.demo.report import summary_tables
+    from services.demo.shop import ShopDataError
+
+    columns = (
+        TextColumn("{task.description:<12}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    try:
+        with Progress(*columns, console=console) as progress:
+            summary = _call_demo(
+                lambda: play(target, customers=customers, seed=seed, token=token, progress=progress)
+            )
+    except (DemoError, ShopDataError) as error:
+        errors.print(f"[red]demo stopped:[/red] {escape(str(error))}")
+        raise typer.Exit(1) from error
+    console.print(summary_tables(summary))
+    if not summary.ledger_verified:
+        raise typer.Exit(1)
+
+
+def _call_demo(run: Callable[[], T]) -> T:
+    """Run the demo, turning an RPC error into a readable message and exit code 1."""
+    try:
+        return run()
+    except grpc.RpcError as error:
+        details = read_error_details(error)
+        errors.print(f"[red]{error.code().name}[/red]: {details.message}")
+        for field, description in details.field_violations.items():
+            errors.print(f"  {field}: {description}")
+        raise typer.Exit(1) from error
 
 
 def main() -> None:
