@@ -623,7 +623,8 @@ DEMO_CUSTOMERS = 300
 def demo(
     target: TargetOption = DEFAULT_TARGET,
     customers: Annotated[
-        int, typer.Option(min=4, max=756, help="UCI customers to play as shoppers (of 756).")
+        int,
+        typer.Option(min=4, max=700, help="UCI customers to play as shoppers (700 bought)."),
     ] = DEMO_CUSTOMERS,
     seed: Annotated[int, typer.Option(help="Seed of the shoppers, consents and browsing.")] = 7,
     token: Annotated[
