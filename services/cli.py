@@ -639,8 +639,8 @@ def demo(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from services.demo.play import DemoError, play
-    from services.demo.report import summary_tables
     from services.demo.shop import ShopDataError
+    from services.demo.summary import summary_tables
 
     columns = (
         TextColumn("{task.description:<12}"),

@@ -17,7 +17,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from pathlib import Path
@@ -38,12 +38,13 @@ from services.common.callers import CALLER_METADATA_KEY
 from services.common.keyring import key_id_for_public_key
 from services.consent.audit import verify_export, write_export_stream
 from services.consent.purposes import DEFAULT_PURPOSES
-from services.demo.shop import PURPOSES, Shop, Shopper, identifier, load_retail, plan_shop
+from services.demo.shop import PURPOSES, Shop, Shopper, load_retail, plan_shop
+from services.demo.summary import DemoSummary, ErasureReport, Recommended
 
 CALLER: Final = "steward-demo"
 CALL_DEADLINE: Final = 15.0
 """Seconds any one unary call may take."""
-TRAIN_DEADLINE: Final = 120.0
+TRAIN_TIMEOUT: Final = 180.0
 EXPORT_DEADLINE: Final = 120.0
 CONNECT_TIMEOUT: Final = 10.0
 BATCH: Final = 500
@@ -67,84 +68,6 @@ T = TypeVar("T")
 
 class DemoError(RuntimeError):
     """The demo cannot go on (the suite is unreachable, or answered something unexpected)."""
-
-
-@dataclass(slots=True)
-class ErasureReport:
-    """How an erasure went, service by service."""
-
-    state: str
-    services: dict[str, str]
-    seconds: float
-    consent_after: str = ""
-
-
-@dataclass(slots=True)
-class Recommended:
-    """An answer of the recommender for one shopper (titles only)."""
-
-    shopper: str
-    personalised: bool
-    model: str
-    titles: list[str]
-
-
-@dataclass(slots=True)
-class DemoSummary:
-    """What the run did and what each service knows at the end: counts, never identifiers."""
-
-    run_tag: str
-    seed: int
-    shoppers: int
-    items: int
-    invoices_from: str
-    invoices_to: str
-    purposes_defined: list[str] = field(default_factory=list)
-    rule_set_version: int = 0
-    # identity
-    persons_created: int = 0
-    automatic_merges: int = 0
-    persons_after_merging: int = 0
-    explicit_merge_id: str = ""
-    merged_person_identifiers: dict[str, list[str]] = field(default_factory=dict)
-    identifiers_sent: int = 0
-    # consent
-    banner_choices: dict[str, int] = field(default_factory=dict)
-    grants: dict[str, int] = field(default_factory=dict)
-    decisions_recorded: int = 0
-    gpc_marketing: str = ""
-    gpc_marketing_allowed: bool = True
-    gpc_analytics_allowed: bool = False
-    withdrawn_purpose: str = ""
-    withdrawal_reason: str = ""
-    withdrawal_propagated: bool = False
-    withdrawal_acknowledged_by: list[str] = field(default_factory=list)
-    # collection
-    events_sent: int = 0
-    events_accepted: int = 0
-    dropped: dict[str, int] = field(default_factory=dict)
-    accepted_by_channel: dict[str, int] = field(default_factory=dict)
-    accepted_by_purpose: dict[str, int] = field(default_factory=dict)
-    purchases_sent: int = 0
-    consumers_caught_up: bool = False
-    # tagging
-    tags_granted: dict[str, int] = field(default_factory=dict)
-    audiences: dict[str, int | None] = field(default_factory=dict)
-    k_floor: int = 0
-    # recommend
-    models: list[tuple[str, str, int, int, int]] = field(default_factory=list)
-    pending_forgets: int = 0
-    recommendations: list[Recommended] = field(default_factory=list)
-    # erasure and audit
-    erasure: ErasureReport | None = None
-    ledger_entries: int = 0
-    ledger_checkpoints: int = 0
-    ledger_checkpoints_verified: int = 0
-    ledger_verified: bool = False
-    ledger_problem: str = ""
-    ledger_key_id: str = ""
-    seconds: float = 0.0
-    phase_seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -243,7 +166,7 @@ class _Story:
             ("consumers", self.wait_for_consumers),
             ("recommend", self.train_and_recommend),
             ("erasure", self.erase),
-            ("what tagging knows", self.read_tags),
+            ("what the suite knows", self.read_tags),
             ("ledger", self.verify_ledger),
         ]
         for name, phase in phases:
@@ -329,20 +252,28 @@ class _Story:
         shoppers = self.shop.shoppers
         seen: list[tuple[int, str, list[common_pb2.Identifier]]] = []
         for shopper in shoppers:
-            seen.append((shopper.index, "web", [_email(shopper), _cookie(shopper)]))
+            seen.append(
+                (shopper.index, "web", [shopper.identifier("email"), shopper.identifier("cookie")])
+            )
             if shopper.device_id:
-                seen.append((shopper.index, "app", [_device(shopper)]))
+                seen.append((shopper.index, "app", [shopper.identifier("device")]))
             if shopper.loyalty_card:
-                seen.append((shopper.index, "store", [_card(shopper)]))
-            seen.append((shopper.index, "crm", [_crm(shopper)]))
+                seen.append((shopper.index, "store", [shopper.identifier("card")]))
+            seen.append((shopper.index, "crm", [shopper.identifier("crm")]))
         links: list[tuple[int, str, list[common_pb2.Identifier]]] = []
         for shopper in shoppers:
-            crm = [_crm(shopper), _email(shopper)]
+            crm = [shopper.identifier("crm"), shopper.identifier("email")]
             if shopper.loyalty_card and shopper is not self.hand_merged:
-                crm.append(_card(shopper))
+                crm.append(shopper.identifier("card"))
             links.append((shopper.index, "crm", crm))
             if shopper.device_id:
-                links.append((shopper.index, "app", [_device(shopper), _email(shopper)]))
+                links.append(
+                    (
+                        shopper.index,
+                        "app",
+                        [shopper.identifier("device"), shopper.identifier("email")],
+                    )
+                )
         self.summary.identifiers_sent = sum(len(ids) for _, _, ids in [*seen, *links])
         advance = self._task("identities", len(seen) + len(links))
         department_persons: dict[tuple[int, str], str] = {}
@@ -492,7 +423,9 @@ class _Story:
             self.call(
                 self.stubs.consent.ApplySignals,
                 consent_pb2.ApplySignalsRequest(
-                    subject=common_pb2.PersonRef(identifiers=[_cookie(self.gpc_shopper)]),
+                    subject=common_pb2.PersonRef(
+                        identifiers=[self.gpc_shopper.identifier("cookie")]
+                    ),
                     gpc=True,
                     occurred_at=_stamp(moment),
                     locale="en-GB",
@@ -575,11 +508,9 @@ class _Story:
         )
 
     def train_and_recommend(self) -> None:
-        self.call(
-            self.stubs.recommend.Train,
-            recommend_pb2.TrainRequest(models=[SERVING_MODEL], wait=True),
-            TRAIN_DEADLINE,
-        )
+        """Train the serving model, then ask it for the busiest shoppers and the one who
+        withdrew personalisation."""
+        self.train()
         asked = [
             s
             for s in sorted(
@@ -608,6 +539,27 @@ class _Story:
                     titles=[item.title for item in answer.items],
                 )
             )
+
+    def train(self) -> None:
+        """Start training and wait until the serving model is READY again.
+
+        Not ``wait=True``: that also waits for the offline evaluation that follows the swap,
+        which the answers do not need.
+        """
+        self.call(
+            self.stubs.recommend.Train,
+            recommend_pb2.TrainRequest(models=[SERVING_MODEL], wait=False),
+        )
+        deadline = time.monotonic() + TRAIN_TIMEOUT
+        request = recommend_pb2.GetModelInfoRequest(models=[SERVING_MODEL])
+        while time.monotonic() < deadline:
+            [model] = self.call(self.stubs.recommend.GetModelInfo, request).models
+            if model.state == recommend_pb2.MODEL_STATE_READY:
+                return
+            if model.state == recommend_pb2.MODEL_STATE_FAILED:
+                raise DemoError(f"training {SERVING_MODEL} failed; see the suite's log")
+            time.sleep(POLL_SECONDS)
+        raise DemoError(f"{SERVING_MODEL} was not trained within {TRAIN_TIMEOUT:.0f} s")
 
     def erase(self) -> None:
         """A shopper's erasure request: erase, then follow it until every service is done."""
@@ -809,35 +761,3 @@ def _type_name(kind: common_pb2.IdentifierType.ValueType) -> str:
 
 def _erasure_state(state: consent_pb2.ErasureState.ValueType) -> str:
     return consent_pb2.ErasureState.Name(state).removeprefix("ERASURE_STATE_")
-
-
-def _email(shopper: Shopper) -> common_pb2.Identifier:
-    return identifier(common_pb2.IDENTIFIER_TYPE_EMAIL, shopper.email)
-
-
-def _cookie(shopper: Shopper) -> common_pb2.Identifier:
-    return identifier(common_pb2.IDENTIFIER_TYPE_COOKIE_ID, shopper.cookie)
-
-
-def _device(shopper: Shopper) -> common_pb2.Identifier:
-    return identifier(common_pb2.IDENTIFIER_TYPE_DEVICE_ID, shopper.device_id)
-
-
-def _card(shopper: Shopper) -> common_pb2.Identifier:
-    return identifier(common_pb2.IDENTIFIER_TYPE_LOYALTY_CARD, shopper.loyalty_card)
-
-
-def _crm(shopper: Shopper) -> common_pb2.Identifier:
-    return identifier(common_pb2.IDENTIFIER_TYPE_CRM_ID, shopper.crm_id)
-
-
-def grant_rates(summary: DemoSummary) -> dict[str, float]:
-    """Share of shoppers granting each purpose."""
-    return {
-        purpose: (count / summary.shoppers if summary.shoppers else 0.0)
-        for purpose, count in summary.grants.items()
-    }
-
-
-def dropped_total(summary: DemoSummary) -> int:
-    return sum(summary.dropped.values())

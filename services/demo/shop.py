@@ -15,7 +15,7 @@ import math
 import random
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from importlib import resources
@@ -185,13 +185,20 @@ class Shopper:
             if present
         )
 
+    def identifier(self, kind: str) -> common_pb2.Identifier:
+        """The shopper's ``email``, ``cookie``, ``device``, ``card`` or ``crm`` identifier."""
+        identifier_type, value = {
+            "email": (common_pb2.IDENTIFIER_TYPE_EMAIL, self.email),
+            "cookie": (common_pb2.IDENTIFIER_TYPE_COOKIE_ID, self.cookie),
+            "device": (common_pb2.IDENTIFIER_TYPE_DEVICE_ID, self.device_id),
+            "card": (common_pb2.IDENTIFIER_TYPE_LOYALTY_CARD, self.loyalty_card),
+            "crm": (common_pb2.IDENTIFIER_TYPE_CRM_ID, self.crm_id),
+        }[kind]
+        return common_pb2.Identifier(type=identifier_type, value=value)
+
     def identifiers_on(self, channel: str) -> list[common_pb2.Identifier]:
         """What an event from ``channel`` carries: the cookie, the device id or the card."""
-        if channel == "app":
-            return [identifier(common_pb2.IDENTIFIER_TYPE_DEVICE_ID, self.device_id)]
-        if channel == "store":
-            return [identifier(common_pb2.IDENTIFIER_TYPE_LOYALTY_CARD, self.loyalty_card)]
-        return [identifier(common_pb2.IDENTIFIER_TYPE_COOKIE_ID, self.cookie)]
+        return [self.identifier({"app": "device", "store": "card"}.get(channel, "cookie"))]
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,10 +221,6 @@ class Shop:
     ends_at: datetime
     purchases: int = 0
     cancellation_lines: int = 0
-
-
-def identifier(kind: common_pb2.IdentifierType.ValueType, value: str) -> common_pb2.Identifier:
-    return common_pb2.Identifier(type=kind, value=value)
 
 
 def department_of(words: Sequence[str]) -> str:
@@ -526,15 +529,3 @@ def _query(item: Item) -> str:
     """What a shopper might type to find the item: two of its words."""
     words = [word for word in item.words if len(word) > 2 and word not in _STOP_WORDS]
     return " ".join(words[-2:]) if words else item.department
-
-
-def customer_count(data: RetailData) -> int:
-    return len({invoice.customer_id for invoice in data.invoices})
-
-
-def event_counts(events: Iterable[PlannedEvent]) -> dict[str, int]:
-    """Planned events by channel."""
-    counts: dict[str, int] = defaultdict(int)
-    for planned in events:
-        counts[planned.message.channel] += 1
-    return dict(counts)

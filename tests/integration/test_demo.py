@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from services.cli import app
 from services.common.config import Settings
-from services.demo.play import DemoSummary, play
+from services.demo.play import play
+from services.demo.summary import DemoSummary
 from services.runtime import RunningSuite, start_suite
 
 CUSTOMERS = 30

@@ -1,15 +1,95 @@
-"""The demo's closing summary: what each service now knows, as rich tables of counts.
+"""What a demo run did and what each service knows at the end, and its rendering as tables.
 
-Nothing here prints an identifier, raw or hashed, or a person id: shoppers are numbered.
+The summary holds counts, states and item titles: never an identifier, raw or hashed, nor a
+person id (shoppers are numbered).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from rich.console import Group, RenderableType
 from rich.table import Table
 
-from services.demo.play import DemoSummary
 from services.demo.shop import CITATION, PURPOSES
+
+
+@dataclass(slots=True)
+class ErasureReport:
+    """How an erasure went, service by service."""
+
+    state: str
+    services: dict[str, str]
+    seconds: float
+    consent_after: str = ""
+
+
+@dataclass(slots=True)
+class Recommended:
+    """An answer of the recommender for one shopper (titles only)."""
+
+    shopper: str
+    personalised: bool
+    model: str
+    titles: list[str]
+
+
+@dataclass(slots=True)
+class DemoSummary:
+    """What the run did and what each service knows at the end: counts, never identifiers."""
+
+    run_tag: str
+    seed: int
+    shoppers: int
+    items: int
+    invoices_from: str
+    invoices_to: str
+    purposes_defined: list[str] = field(default_factory=list)
+    rule_set_version: int = 0
+    # identity
+    persons_created: int = 0
+    automatic_merges: int = 0
+    persons_after_merging: int = 0
+    explicit_merge_id: str = ""
+    merged_person_identifiers: dict[str, list[str]] = field(default_factory=dict)
+    identifiers_sent: int = 0
+    # consent
+    banner_choices: dict[str, int] = field(default_factory=dict)
+    grants: dict[str, int] = field(default_factory=dict)
+    decisions_recorded: int = 0
+    gpc_marketing: str = ""
+    gpc_marketing_allowed: bool = True
+    gpc_analytics_allowed: bool = False
+    withdrawn_purpose: str = ""
+    withdrawal_reason: str = ""
+    withdrawal_propagated: bool = False
+    withdrawal_acknowledged_by: list[str] = field(default_factory=list)
+    # collection
+    events_sent: int = 0
+    events_accepted: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    accepted_by_channel: dict[str, int] = field(default_factory=dict)
+    accepted_by_purpose: dict[str, int] = field(default_factory=dict)
+    purchases_sent: int = 0
+    consumers_caught_up: bool = False
+    # tagging
+    tags_granted: dict[str, int] = field(default_factory=dict)
+    audiences: dict[str, int | None] = field(default_factory=dict)
+    k_floor: int = 0
+    # recommend
+    models: list[tuple[str, str, int, int, int]] = field(default_factory=list)
+    pending_forgets: int = 0
+    recommendations: list[Recommended] = field(default_factory=list)
+    # erasure and audit
+    erasure: ErasureReport | None = None
+    ledger_entries: int = 0
+    ledger_checkpoints: int = 0
+    ledger_checkpoints_verified: int = 0
+    ledger_verified: bool = False
+    ledger_problem: str = ""
+    ledger_key_id: str = ""
+    seconds: float = 0.0
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
 
 def _percent(part: int, whole: int) -> str:
