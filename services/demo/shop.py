@@ -14,6 +14,7 @@ import csv
 import math
 import random
 import re
+import uuid
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ CITATION: Final = (
     "Database Marketing and Customer Strategy Management 19(3):197-208; CC BY 4.0."
 )
 CURRENCY: Final = "GBP"
+DEVICE_NAMESPACE: Final = uuid.UUID("5d3c8f0e-2b7a-4c1e-9a51-7e0d6c4b2f18")
+"""Device ids are UUIDs made from the run tag and the seed's draws, so runs never share one."""
 PURPOSES: Final = ("analytics", "personalisation", "profiling", "marketing")
 
 # What shoppers answer on a banner with "Accept all", "Reject all" and "Settings" on its first
@@ -156,7 +159,8 @@ class Shopper:
     """One UCI customer, as the shop's departments know them.
 
     The web shop sees an e-mail address and a cookie; the app a device id; the store a loyalty
-    card; the CRM its customer number. Values are synthetic and carry the run tag.
+    card; the CRM its customer number. Values are synthetic and every one depends on the run
+    tag, so two runs against one suite never share an identifier.
     """
 
     index: int
@@ -346,7 +350,7 @@ def _shopper(index: int, customer: str, data: RetailData, rng: random.Random, ta
         crm_id=f"CRM-{tag}-{customer}",
     )
     if rng.random() < APP_SHARE:
-        shopper.device_id = f"{rng.getrandbits(128):032x}"
+        shopper.device_id = str(uuid.uuid5(DEVICE_NAMESPACE, f"{tag}:{rng.getrandbits(64)}"))
     if rng.random() < STORE_SHARE:
         shopper.loyalty_card = f"LC{tag}{rng.randrange(10**9):09d}"
     draw = rng.random()

@@ -108,6 +108,23 @@ def test_identifiers_are_synthetic_and_carry_the_run_tag(retail: RetailData) -> 
     assert all(p.message.event_id.startswith("demo-abc123-") for p in shop.events)
 
 
+def test_two_runs_share_no_identifier(retail: RetailData) -> None:
+    kinds = ("email", "cookie", "device", "card", "crm")
+
+    def values(tag: str) -> set[str]:
+        shop = plan_shop(retail, customers=60, seed=7, now=NOW, run_tag=tag)
+        return {
+            shopper.identifier(kind).value
+            for shopper in shop.shoppers
+            for kind in kinds
+            if shopper.identifier(kind).value
+        }
+
+    first, second = values("aaa111"), values("bbb222")
+    assert len(first) > 3 * 60
+    assert not first & second
+
+
 def test_banner_answers_follow_the_published_rates(retail: RetailData) -> None:
     shop = plan_shop(retail, customers=700, seed=7, now=NOW, run_tag="t1")
     count = len(shop.shoppers)

@@ -1,16 +1,20 @@
-"""`steward demo` against the whole suite started in this process (SQLite).
+"""`steward demo` against the whole suite started in this process, on SQLite and PostgreSQL.
 
-One suite and one demo run serve the whole module: a run trains the recommender and waits for
-the consumers, which takes a while on a shared machine. The CLI test then plays a second,
-smaller shop against the same suite, as a user who runs the demo twice would.
+One suite and one demo run per backend serve the whole module: a run trains the recommender and
+waits for the consumers, which takes a while on a shared machine. The CLI test then plays a
+second, smaller shop against the same suite, as a user who runs the demo twice would.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from collections.abc import Iterator
 
+import psycopg
 import pytest
+from psycopg import sql
+from sqlalchemy.engine import make_url
 from typer.testing import CliRunner
 
 from services.cli import app
@@ -18,16 +22,41 @@ from services.common.config import Settings
 from services.demo.play import play
 from services.demo.summary import DemoSummary
 from services.runtime import RunningSuite, start_suite
+from tests.conftest import _drop_schema, _libpq_url
 
 CUSTOMERS = 30
 pytestmark = pytest.mark.timeout(300)
 
 
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param("sqlite", id="sqlite"),
+        pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
+    ],
+)
+def database_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Empty for SQLite files in the data directory; a fresh schema, dropped afterwards, else."""
+    if request.param == "sqlite":
+        yield ""
+        return
+    admin_url: str = request.getfixturevalue("postgres_admin_url")
+    schema = f"test_demo_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(_libpq_url(admin_url), autocommit=True) as connection:
+        connection.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    url = make_url(admin_url).update_query_dict({"options": f"-csearch_path={schema}"})
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        _drop_schema(_libpq_url(admin_url), schema)
+
+
 @pytest.fixture(scope="module")
-def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSuite]:
-    data_dir = tmp_path_factory.mktemp("demo") / "data"
-    settings = Settings.from_env({"STEWARD_DATA_DIR": str(data_dir)})
-    running = start_suite(dataclasses.replace(settings, port=0))
+def suite(tmp_path_factory: pytest.TempPathFactory, database_url: str) -> Iterator[RunningSuite]:
+    environ = {"STEWARD_DATA_DIR": str(tmp_path_factory.mktemp("demo") / "data")}
+    if database_url:
+        environ["STEWARD_DATABASE_URL"] = database_url
+    running = start_suite(dataclasses.replace(Settings.from_env(environ), port=0))
     yield running
     running.stop(0)
 
