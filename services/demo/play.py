@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Final, TypeVar
 
 import grpc
-import yaml
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from rich.progress import Progress
@@ -38,7 +37,7 @@ from services.common.callers import CALLER_METADATA_KEY
 from services.common.keyring import key_id_for_public_key
 from services.consent.audit import verify_export, write_export_stream
 from services.consent.purposes import DEFAULT_PURPOSES
-from services.demo.shop import PURPOSES, Shop, Shopper, load_retail, plan_shop
+from services.demo.shop import PURPOSES, PlannedEvent, Shop, Shopper, load_retail, plan_shop
 from services.demo.summary import DemoSummary, ErasureReport, Recommended
 
 CALLER: Final = "steward-demo"
@@ -166,7 +165,7 @@ class _Story:
             ("consumers", self.wait_for_consumers),
             ("recommend", self.train_and_recommend),
             ("erasure", self.erase),
-            ("what the suite knows", self.read_tags),
+            ("what the suite knows", self.gather),
             ("ledger", self.verify_ledger),
         ]
         for name, phase in phases:
@@ -400,10 +399,8 @@ class _Story:
                             self.accepted[planned.shopper] += 1
                             if "profiling" in result.purposes:
                                 self.profiled[planned.shopper] += 1
-                            if planned.shopper in self.special:
-                                continue
-                            for purpose in result.purposes:
-                                self.last_accepted[purpose] = (planned.shopper, planned.message)
+                            if planned.shopper not in self.special:
+                                self._remember_last(planned, result.purposes)
                         else:
                             dropped[consent_pb2.DropReason.Name(result.drop_reason)] += 1
                 advance(len(batch))
@@ -416,6 +413,16 @@ class _Story:
         }
         self.summary.accepted_by_channel = dict(by_channel)
         self.summary.accepted_by_purpose = dict(by_purpose)
+
+    def _remember_last(self, planned: PlannedEvent, purposes: Iterable[str]) -> None:
+        """The newest event each consumer must hold: tagging keeps every profiling event,
+        recommend every personalisation event with an item (purchases surely so)."""
+        for purpose in purposes:
+            if purpose == "profiling" or (
+                purpose == "personalisation"
+                and planned.message.type == common_pb2.EVENT_TYPE_PURCHASE
+            ):
+                self.last_accepted[purpose] = (planned.shopper, planned.message)
 
     def signal_and_withdraw(self, moment: datetime) -> None:
         """A browser sends Global Privacy Control; another shopper withdraws in the app."""
@@ -596,9 +603,9 @@ class _Story:
             ),
         )
 
-    def read_tags(self) -> None:
-        """Tags per shopper (GetTags), audiences (GetAudience, refused under the k floor), the
-        GPC and withdrawal outcomes, and the models."""
+    def gather(self) -> None:
+        """What the suite now knows: tags per shopper (GetTags), audiences (GetAudience, refused
+        under the k floor), the GPC and withdrawal outcomes, and the models."""
         live = [s for s in self.shop.shoppers if s is not self.erased]
         granted: Counter[str] = Counter()
         advance = self._task("tags", len(live))
@@ -702,9 +709,7 @@ class _Story:
 
 def rules_yaml() -> str:
     """The demo's rule set (services/demo/rules.yaml)."""
-    text = resources.files("services.demo").joinpath("rules.yaml").read_text(encoding="utf-8")
-    yaml.safe_load(text)
-    return text
+    return resources.files("services.demo").joinpath("rules.yaml").read_text(encoding="utf-8")
 
 
 def _pick_special(
