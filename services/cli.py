@@ -232,8 +232,9 @@ def _identity_stub(target: str) -> Iterator[identity_pb2_grpc.IdentityServiceStu
         yield identity_pb2_grpc.IdentityServiceStub(channel)
 
 
-def _call(call: Callable[[], Message]) -> Message:
-    """Run one RPC, turning its error into a readable message and exit code 1."""
+def _call(call: Callable[[], T]) -> T:
+    """Run one RPC (or a run of them), turning an RPC error into a readable message and
+    exit code 1."""
     try:
         return call()
     except grpc.RpcError as error:
@@ -650,7 +651,7 @@ def demo(
     )
     try:
         with Progress(*columns, console=console) as progress:
-            summary = _call_demo(
+            summary = _call(
                 lambda: play(target, customers=customers, seed=seed, token=token, progress=progress)
             )
     except (DemoError, ShopDataError) as error:
@@ -659,18 +660,6 @@ def demo(
     console.print(summary_tables(summary))
     if not summary.ledger_verified:
         raise typer.Exit(1)
-
-
-def _call_demo(run: Callable[[], T]) -> T:
-    """Run the demo, turning an RPC error into a readable message and exit code 1."""
-    try:
-        return run()
-    except grpc.RpcError as error:
-        details = read_error_details(error)
-        errors.print(f"[red]{error.code().name}[/red]: {details.message}")
-        for field, description in details.field_violations.items():
-            errors.print(f"  {field}: {description}")
-        raise typer.Exit(1) from error
 
 
 def main() -> None:
