@@ -121,19 +121,21 @@ def summary_tables(summary: DemoSummary) -> RenderableType:
     consent.add_row("accepted by channel", _counts(summary.accepted_by_channel))
     consent.add_row("accepted for purpose", _counts(summary.accepted_by_purpose))
     consent.add_row("dropped by reason", _counts(summary.dropped))
-    consent.add_row(
-        "GPC shopper",
-        f"marketing {'allowed' if summary.gpc_marketing_allowed else 'denied'} "
-        f"({summary.gpc_marketing}); analytics "
-        f"{'still allowed' if summary.gpc_analytics_allowed else 'not allowed'}",
-    )
-    acknowledged = ", ".join(summary.withdrawal_acknowledged_by) or "no consumer"
-    consent.add_row(
-        "withdrawal",
-        f"{summary.withdrawn_purpose} {summary.withdrawal_reason}; acknowledged by "
-        f"{acknowledged}; propagation "
-        + ("complete" if summary.withdrawal_propagated else "not reported complete"),
-    )
+    if summary.gpc_marketing:
+        consent.add_row(
+            "GPC shopper",
+            f"marketing {'allowed' if summary.gpc_marketing_allowed else 'denied'} "
+            f"({summary.gpc_marketing}); analytics "
+            f"{'still allowed' if summary.gpc_analytics_allowed else 'not allowed'}",
+        )
+    if summary.withdrawn_purpose:
+        acknowledged = ", ".join(summary.withdrawal_acknowledged_by) or "no consumer"
+        consent.add_row(
+            "withdrawal",
+            f"{summary.withdrawn_purpose} {summary.withdrawal_reason}; acknowledged by "
+            f"{acknowledged}; propagation "
+            + ("complete" if summary.withdrawal_propagated else "not reported complete"),
+        )
     if summary.erasure is not None:
         erasure = summary.erasure
         consent.add_row(
