@@ -617,7 +617,7 @@ def evaluate_recommenders(
 
 # `steward demo`: a shop played against a running suite -------------------------------------------
 
-DEMO_CUSTOMERS = 300
+DEMO_CUSTOMERS = 200
 
 
 @app.command()
