@@ -84,7 +84,7 @@ from harness import (
     postgres_database,
     steward_servers,
 )
-from sqlalchemy import select
+from sqlalchemy import select, text
 from steward.common.v1 import common_pb2
 from steward.consent.v1 import audit_pb2, audit_pb2_grpc, consent_pb2, consent_pb2_grpc
 from steward.identity.v1 import identity_pb2, identity_pb2_grpc
@@ -303,7 +303,7 @@ class Options:
     seconds: float = 600.0
     rate: float = 40.0
     clients: int = 8
-    batch: int = 50
+    batch: int = 12
     persons: int = 756
     sample_seconds: float = 30.0
     check_sample: int = 300
@@ -341,6 +341,9 @@ class Report:
     scanned: dict[str, int] = field(default_factory=dict)
     """What the scan read: tables, log lines, spans, metric exports, identifiers."""
     load_average: tuple[str, str] = ("", "")
+    lag_after_traffic: dict[str, int] = field(default_factory=dict)
+    """Envelopes of consent's log each consumer had still to apply when the traffic stopped."""
+    lag_after_check: dict[str, int] = field(default_factory=dict)
 
 
 class Workload:
@@ -887,8 +890,33 @@ class Deployment:
                     found[f"{service}/{database}"] = url
         return found
 
+    def consumer_lag(self) -> dict[str, int]:
+        """How many envelopes of consent's log each consumer has still to apply."""
+        produced = scalar(
+            self.settings["consent"].db_url("consent"),
+            "SELECT coalesce(max(seq), 0) FROM consent_outbox",
+        )
+        return {
+            consumer: produced
+            - scalar(
+                self.settings[consumer].db_url(consumer),
+                f"SELECT coalesce(max(seq), 0) FROM {consumer}_consumer_cursors "
+                "WHERE producer = 'consent'",
+            )
+            for consumer in ("tagging", "recommend")
+        }
+
     def rss_kb(self) -> dict[str, int]:
         return {name: server.status("VmRSS") for name, server in self.servers.items()}
+
+
+def scalar(url: str, statement: str) -> int:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            return int(connection.execute(text(statement)).scalar_one())
+    finally:
+        engine.dispose()
 
 
 @contextmanager
@@ -982,6 +1010,8 @@ def run_soak(options: Options, say: Callable[[str], None] = print) -> Report:
             report.seconds = time.monotonic() - traffic_started
             sampler.stop()
             report.load_average = (report.load_average[0], load_average())
+            report.lag_after_traffic = suite.consumer_lag()
+            say(f"consent's log envelopes not yet applied: {report.lag_after_traffic}")
             report.shoppers = len(workload.everyone)
             report.erasures = len(workload.erasure_ids)
             report.stopped_purposes = len(workload.stops)
@@ -995,6 +1025,8 @@ def run_soak(options: Options, say: Callable[[str], None] = print) -> Report:
                     break
                 time.sleep(2)
             report.consistency_seconds = time.monotonic() - checked
+            if not sampler.exited:
+                report.lag_after_check = suite.consumer_lag()
             report.checked_persons = (
                 len([s for s in workload.shoppers if not s.erased])
                 if options.check_sample <= 0
@@ -1161,6 +1193,10 @@ def print_report(report: Report, options: Options) -> None:
         f"{report.consistency_seconds:.1f} s to hold): "
         + ("holds" if not report.consistency else f"{len(report.consistency)} problems")
     )
+    print(
+        f"  consent's log envelopes not yet applied: {report.lag_after_traffic} when the traffic "
+        f"stopped, {report.lag_after_check} after the check"
+    )
     for problem in report.consistency[:40]:
         print(f"  {problem}")
     print(
@@ -1178,7 +1214,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=600.0, help="how long the traffic runs")
     parser.add_argument("--rate", type=float, default=40.0, help="operations per second offered")
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=50, help="events per Collect")
+    parser.add_argument("--batch", type=int, default=12, help="events per Collect")
     parser.add_argument("--persons", type=int, default=756, help="shoppers at any time")
     parser.add_argument("--sample-seconds", type=float, default=30.0)
     parser.add_argument("--check-sample", type=int, default=300, help="0: every shopper")
@@ -1188,6 +1224,9 @@ def main() -> None:
         "--database-url", help="a PostgreSQL server (a database is made for the run)"
     )
     parser.add_argument("--data", type=Path, default=RETAIL_CSV)
+    parser.add_argument(
+        "--work-dir", type=Path, help="keep the data directories and logs here (default: removed)"
+    )
     args = parser.parse_args()
     options = Options(
         seconds=args.seconds,
@@ -1201,6 +1240,7 @@ def main() -> None:
         seed=args.seed,
         database_url=args.database_url,
         data=args.data,
+        work_dir=args.work_dir,
     )
     print(f"machine: {machine()}; load average {load_average()}")
     print(

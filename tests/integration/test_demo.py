@@ -1,31 +1,41 @@
 """`steward demo` against the whole suite started in this process, on SQLite and PostgreSQL.
 
 One suite and one demo run per backend serve the whole module: a run trains the recommender and
-waits for the consumers, which takes a while on a shared machine. The CLI test then plays a
-second, smaller shop against the same suite, as a user who runs the demo twice would.
+waits for the consumers, which takes a while on a shared machine. After the demo, every table,
+log line and span is scanned for the shoppers' raw identifiers (#9: "after the soak and the
+demo"). The CLI test then plays a second, smaller shop against the same suite, as a user who
+runs the demo twice would.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import grpc
 import psycopg
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from psycopg import sql
 from sqlalchemy.engine import make_url
 from typer.testing import CliRunner
 
 from services.cli import app
-from services.common.config import Settings
+from services.common.config import SERVICE_DATABASES, Settings
 from services.demo.play import play
+from services.demo.shop import load_retail, plan_shop
 from services.demo.summary import DemoSummary
 from services.runtime import RunningSuite, start_suite
+from services.testing.leaks import Needles, rows_naming
 from tests.conftest import _drop_schema, _libpq_url
 
 CUSTOMERS = 30
+SEED = 11
+RUN_TAG = "it1"
+NOW = datetime.now(UTC)
 pytestmark = pytest.mark.timeout(300)
 
 
@@ -52,12 +62,47 @@ def database_url(request: pytest.FixtureRequest) -> Iterator[str]:
         _drop_schema(_libpq_url(admin_url), schema)
 
 
+class LogLines(logging.Handler):
+    """Every log record of the module's suite, as text with all its fields."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.getMessage()} {record.__dict__}")
+
+
 @pytest.fixture(scope="module")
-def suite(tmp_path_factory: pytest.TempPathFactory, database_url: str) -> Iterator[RunningSuite]:
+def spans() -> InMemorySpanExporter:
+    return InMemorySpanExporter()
+
+
+@pytest.fixture(scope="module")
+def logs() -> Iterator[LogLines]:
+    handler = LogLines()
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    yield handler
+    root.removeHandler(handler)
+    root.setLevel(level)
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory: pytest.TempPathFactory, database_url: str) -> Settings:
     environ = {"STEWARD_DATA_DIR": str(tmp_path_factory.mktemp("demo") / "data")}
     if database_url:
         environ["STEWARD_DATABASE_URL"] = database_url
-    running = start_suite(dataclasses.replace(Settings.from_env(environ), port=0))
+    return dataclasses.replace(Settings.from_env(environ), port=0)
+
+
+@pytest.fixture(scope="module")
+def suite(
+    settings: Settings, spans: InMemorySpanExporter, logs: LogLines
+) -> Iterator[RunningSuite]:
+    running = start_suite(settings, span_exporter=spans)
     yield running
     running.stop(0)
 
@@ -65,7 +110,7 @@ def suite(tmp_path_factory: pytest.TempPathFactory, database_url: str) -> Iterat
 @pytest.fixture(scope="module")
 def summary(suite: RunningSuite) -> DemoSummary:
     with grpc.insecure_channel(suite.target) as channel:
-        return play(channel, customers=CUSTOMERS, seed=11, run_tag="it1")
+        return play(channel, customers=CUSTOMERS, seed=SEED, run_tag=RUN_TAG, now=NOW)
 
 
 def test_the_demo_collects_consented_events_across_channels(summary: DemoSummary) -> None:
@@ -119,6 +164,28 @@ def test_the_ledger_export_verifies(summary: DemoSummary) -> None:
     assert summary.ledger_verified, summary.ledger_problem
     assert summary.ledger_entries > summary.decisions_recorded
     assert summary.ledger_checkpoints_verified == summary.ledger_checkpoints >= 1
+
+
+def test_the_demo_leaves_no_raw_identifier_in_any_table_log_line_or_span(
+    settings: Settings, summary: DemoSummary, spans: InMemorySpanExporter, logs: LogLines
+) -> None:
+    shop = plan_shop(load_retail(), customers=CUSTOMERS, seed=SEED, now=NOW, run_tag=RUN_TAG)
+    needles = Needles()
+    for shopper in shop.shoppers:
+        for kind in ("email", "cookie", "device", "card", "crm"):
+            identifier = shopper.identifier(kind)
+            if identifier.value:
+                needles.add_identifier(identifier.type, identifier.value)
+    assert len(needles) >= 3 * CUSTOMERS
+    databases = {name: settings.db_url(name) for name in SERVICE_DATABASES}
+    assert rows_naming(databases, needles) == {}
+    logged = "\n".join(logs.lines)
+    assert logs.lines and needles.found_in(logged) == set()
+    exported = [
+        f"{s.name} {dict(s.attributes or {})} {[dict(e.attributes or {}) for e in s.events]}"
+        for s in spans.get_finished_spans()
+    ]
+    assert exported and needles.found_in("\n".join(exported)) == set()
 
 
 def test_steward_demo_runs_against_the_suite(suite: RunningSuite) -> None:
