@@ -189,6 +189,7 @@ class Shopper:
     """A change of theirs failed without an answer: the client's view may be wrong."""
     lost_personalisation: bool = False
     personalised_events: int = 0
+    """Events accepted for personalisation that recommend learns from."""
     next_item: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -251,6 +252,14 @@ def first_grants(rng: random.Random) -> tuple[set[str], set[str]]:
     else:
         granted = set()
     return granted, set(PURPOSES) - granted
+
+
+def makes_interaction(event: T.BehaviourEvent) -> bool:
+    """Whether recommend learns from the event: a search, or a dwell under 30 s, it does not
+    (``services/recommend/interactions.py``)."""
+    if event.type == T.EVENT_TYPE_DWELL:
+        return event.dwell_ms >= 30_000
+    return event.type != T.EVENT_TYPE_SEARCH
 
 
 # Measuring ----------------------------------------------------------------------------------
@@ -605,7 +614,7 @@ class Workload:
                     if event.event_id in self.accepted:
                         self.accepted_twice.append(event.event_id)
                     self.accepted[event.event_id] = shopper
-                    if "personalisation" in result.purposes:
+                    if "personalisation" in result.purposes and makes_interaction(event):
                         shopper.personalised_events += 1
                 else:
                     self.report.drops[C.DropReason.Name(result.drop_reason)] += 1
