@@ -708,6 +708,8 @@ class RecommendService:
             try:
                 started = time.perf_counter()
                 persons = self.people.load()
+                if self._stop.is_set():
+                    return  # stopped meanwhile (outwaited by stop's join): nobody to tell
                 settle_heap()
                 logger.info(
                     "recommend: %d persons in memory in %.1f s",
@@ -715,7 +717,8 @@ class RecommendService:
                     time.perf_counter() - started,
                 )
             except Exception:
-                logger.exception("loading persons into memory failed; reading them singly")
+                if not self._stop.is_set():
+                    logger.exception("loading persons into memory failed; reading them singly")
 
         loader = threading.Thread(target=load, name="recommend-people", daemon=True)
         self._threads.append(loader)
