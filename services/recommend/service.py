@@ -437,7 +437,8 @@ class RecommendService:
 
     def put_items(self, items: Sequence[CatalogueItem], created: Sequence[datetime | None]) -> int:
         """Create or update items (a stub becomes a real item); retrains in the background when
-        models already serve, so new items become recommendable."""
+        models already serve and the catalogue they read changed, so new items become
+        recommendable."""
         now = self.clock()
         rows = [
             {
@@ -473,8 +474,17 @@ class RecommendService:
                 ),
                 rows,
             )
-        if self._snapshot is not None:
-            self.train_in_background([])
+        current = self._snapshot
+        if current is not None:
+            with self.engine.connect() as connection:
+                catalogue = self._catalogue(connection)
+            unchanged = (
+                catalogue.item_ids == current.catalogue.item_ids
+                and catalogue.fingerprint() == current.catalogue.fingerprint()
+                and bool((catalogue.available == current.catalogue.available).all())
+            )
+            if not unchanged:  # the same items put again leave the models as they are
+                self.train_in_background([])
         return len(rows)
 
     def _catalogue(self, connection: Connection) -> Catalogue:
