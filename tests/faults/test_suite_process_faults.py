@@ -43,7 +43,8 @@ def identifiers(email: str) -> list[common_pb2.Identifier]:
     return [common_pb2.Identifier(type=common_pb2.IDENTIFIER_TYPE_EMAIL, value=email)]
 
 
-def grant_everything(target: str) -> None:
+def grant_everything(target: str) -> set[str]:
+    """Every purpose granted to each CONSENTED person; returns their person ids."""
     with grpc.insecure_channel(target) as channel:
         consent = consent_pb2_grpc.ConsentServiceStub(channel)
         purposes = consent.ListPurposes(consent_pb2.ListPurposesRequest(), timeout=10).purposes
@@ -55,8 +56,9 @@ def grant_everything(target: str) -> None:
             )
             for purpose in purposes
         ]
+        persons = set()
         for email in CONSENTED:
-            consent.RecordConsent(
+            answer = consent.RecordConsent(
                 consent_pb2.RecordConsentRequest(
                     subject=common_pb2.PersonRef(identifiers=identifiers(email)),
                     decisions=decisions,
@@ -65,6 +67,8 @@ def grant_everything(target: str) -> None:
                 ),
                 timeout=30,
             )
+            persons.add(answer.person_id)
+        return persons
 
 
 @dataclass
@@ -75,8 +79,8 @@ class CollectLoad:
     batches: int
     batch_size: int = 60
     outcomes: dict[str, str] = field(default_factory=dict)
-    person_of: dict[str, str] = field(default_factory=dict)
     failures: Counter[str] = field(default_factory=Counter)
+    answered_at: list[float] = field(default_factory=list)
     answered: int = 0
     retry_for: float = 120.0
     error: BaseException | None = None
@@ -138,13 +142,11 @@ class CollectLoad:
                     raise
                 time.sleep(0.1)
         for event, result in zip(request.events, response.results, strict=True):
-            if result.accepted:
-                outcome = "accepted"
-                self.person_of[event.event_id] = result.person_id
-            else:
-                outcome = consent_pb2.DropReason.Name(result.drop_reason)
             # A retry answers DUPLICATE only for what an earlier attempt stored.
-            self.outcomes[event.event_id] = outcome
+            self.outcomes[event.event_id] = (
+                "accepted" if result.accepted else consent_pb2.DropReason.Name(result.drop_reason)
+            )
+        self.answered_at.append(time.monotonic())
         self.answered += 1
 
     def stored_by_client_view(self) -> set[str]:
@@ -223,7 +225,7 @@ def test_sigkill_mid_collect_loses_and_duplicates_nothing(
 ) -> None:
     suite = serve_process(**backend)
     first_start = suite.start()
-    grant_everything(suite.target)
+    persons = grant_everything(suite.target)
     load = CollectLoad(suite.target, batches=40)
     load.start()
     assert _wait(lambda: load.answered >= 8 or load.error is not None, 120)
@@ -233,13 +235,57 @@ def test_sigkill_mid_collect_loses_and_duplicates_nothing(
     load.join()
     outage = time.monotonic() - killed_at
     urls = urls_of(backend, suite.data_dir)
+    assert answered_at_kill < load.batches, "the kill came after the load had finished"
 
+    stored, refused = check_exactly_once(load, urls, suite.target, persons)
+    duplicates = Counter(load.outcomes.values())["DROP_REASON_DUPLICATE"]
+    print(
+        f"\nfaults/sigkill [{'postgres' if backend else 'sqlite'}]: first start "
+        f"{first_start:.1f} s, restart to healthy {restart:.1f} s, client outage {outage:.1f} s, "
+        f"{len(stored)} stored ({duplicates} answered DUPLICATE on retry), "
+        f"{len(refused)} refused, failed calls {dict(load.failures)}"
+    )
+
+
+def test_postgres_stopped_under_load_answers_unavailable_and_recovers_by_itself(
+    serve_process: Callable[..., Any], throwaway_postgres: Any
+) -> None:
+    suite = serve_process(STEWARD_DATABASE_URL=throwaway_postgres.url)
+    suite.start()
+    persons = grant_everything(suite.target)
+    load = CollectLoad(suite.target, batches=40, retry_for=180)
+    load.start()
+    assert _wait(lambda: load.answered >= 8 or load.error is not None, 120)
+    throwaway_postgres.stop()
+    stopped_at = time.monotonic()
+    time.sleep(4)
+    throwaway_postgres.start()
+    restarted_at = time.monotonic()
+    load.join()
+
+    assert suite.process.poll() is None, "the process rode out the outage"
+    assert load.failures, "calls failed while the database was down"
+    assert set(load.failures) == {"UNAVAILABLE"}, load.failures
+    urls = urls_of({"STEWARD_DATABASE_URL": throwaway_postgres.url}, suite.data_dir)
+    stored, refused = check_exactly_once(load, urls, suite.target, persons)
+    recovered = next(moment for moment in load.answered_at if moment > restarted_at)
+    print(
+        f"\nfaults/postgres-stop: database down {restarted_at - stopped_at:.1f} s, first Collect "
+        f"answered {recovered - restarted_at:.2f} s after it was back; {len(stored)} stored, "
+        f"{len(refused)} refused, failed calls {dict(load.failures)}"
+    )
+
+
+def check_exactly_once(
+    load: CollectLoad, urls: Urls, target: str, persons: set[str]
+) -> tuple[set[str], set[str]]:
+    """What the client saw accepted is stored once, on consent's log once, and in tagging's and
+    recommend's tables once (each consumer's profile counts it once); nothing refused is."""
     stored = load.stored_by_client_view()
     refused = load.refused()
-    assert len(load.outcomes) == 40 * load.batch_size
+    assert len(load.outcomes) == load.batches * load.batch_size
     assert refused and stored, load.outcomes
     assert all(load.outcomes[event] == "DROP_REASON_NO_CONSENT" for event in refused)
-    assert answered_at_kill < 40, "the kill came after the load had finished"
 
     consent_events = event_ids(urls.consent, "consent_events")
     assert Counter(consent_events) == Counter(stored), "stored: exactly what was accepted, once"
@@ -254,16 +300,9 @@ def test_sigkill_mid_collect_loses_and_duplicates_nothing(
         )
 
     assert _wait(caught_up, 120), "tagging and recommend hold every accepted event"
-    assert behaviour_envelopes(suite.target) == Counter(stored)
-    persons = {load.person_of[event] for event in stored if event in load.person_of}
-    assert profile_event_counts(suite.target, persons) == len(stored)
-    duplicates = Counter(load.outcomes.values())["DROP_REASON_DUPLICATE"]
-    print(
-        f"\nfaults/sigkill [{'postgres' if backend else 'sqlite'}]: first start "
-        f"{first_start:.1f} s, restart to healthy {restart:.1f} s, client outage {outage:.1f} s, "
-        f"{len(stored)} stored ({duplicates} answered DUPLICATE on retry), "
-        f"{len(refused)} refused, failed calls {dict(load.failures)}"
-    )
+    assert behaviour_envelopes(target) == Counter(stored)
+    assert profile_event_counts(target, persons) == len(stored)
+    return stored, refused
 
 
 def _wait(check: Callable[[], bool], timeout: float) -> bool:
