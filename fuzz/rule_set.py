@@ -50,6 +50,7 @@ tags:
     evidence_window: lifetime
 """,
     b"tags:\n  - id: x\n    condition: '\"outdoor\" in p.category_affinity'\n",
+    b"[0%vags]: x\ntags: []\n",  # found by atheris: a list as a key raised TypeError
 ]
 
 

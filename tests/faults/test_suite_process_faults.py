@@ -251,7 +251,7 @@ def test_postgres_stopped_under_load_answers_unavailable_and_recovers_by_itself(
     serve_process: Callable[..., Any], throwaway_postgres: Any
 ) -> None:
     suite = serve_process(STEWARD_DATABASE_URL=throwaway_postgres.url)
-    suite.start()
+    started = suite.start()
     persons = grant_everything(suite.target)
     load = CollectLoad(suite.target, batches=40, retry_for=180)
     load.start()
@@ -270,8 +270,9 @@ def test_postgres_stopped_under_load_answers_unavailable_and_recovers_by_itself(
     stored, refused = check_exactly_once(load, urls, suite.target, persons)
     recovered = next(moment for moment in load.answered_at if moment > restarted_at)
     print(
-        f"\nfaults/postgres-stop: database down {restarted_at - stopped_at:.1f} s, first Collect "
-        f"answered {recovered - restarted_at:.2f} s after it was back; {len(stored)} stored, "
+        f"\nfaults/postgres-stop: started in {started:.1f} s; database down "
+        f"{restarted_at - stopped_at:.1f} s, first Collect answered "
+        f"{recovered - restarted_at:.2f} s after it was back; {len(stored)} stored, "
         f"{len(refused)} refused, failed calls {dict(load.failures)}"
     )
 
@@ -299,7 +300,9 @@ def check_exactly_once(
             )
         )
 
+    began = time.monotonic()
     assert _wait(caught_up, 120), "tagging and recommend hold every accepted event"
+    print(f"\nconsumers caught up {time.monotonic() - began:.1f} s after the load ended")
     assert behaviour_envelopes(target) == Counter(stored)
     assert profile_event_counts(target, persons) == len(stored)
     return stored, refused
