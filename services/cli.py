@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Annotated, Final
+from typing import Annotated, Final, TypeVar
 
 import grpc
 import typer
@@ -70,6 +70,7 @@ app.add_typer(certs_app, name="certs")
 app.add_typer(callers_app, name="callers")
 
 console = Console()
+T = TypeVar("T")
 errors = Console(stderr=True)
 logger = logging.getLogger("steward")
 
@@ -294,8 +295,9 @@ def _identity_stub(
         yield identity_pb2_grpc.IdentityServiceStub(channel)
 
 
-def _call(call: Callable[[], Message]) -> Message:
-    """Run one RPC, turning its error into a readable message and exit code 1."""
+def _call(call: Callable[[], T]) -> T:
+    """Run one RPC (or a run of them), turning an RPC error into a readable message and
+    exit code 1."""
     try:
         return call()
     except grpc.RpcError as error:
@@ -850,6 +852,50 @@ def callers_scopes() -> None:
     for scope_name in sorted(by_scope):
         table.add_row(scope_name, "\n".join(sorted(by_scope[scope_name])))
     console.print(table)
+
+
+# `steward demo`: a shop played against a running suite -------------------------------------------
+
+DEMO_CUSTOMERS = 200
+
+
+@app.command()
+def demo(
+    target: TargetOption = DEFAULT_TARGET,
+    customers: Annotated[
+        int,
+        typer.Option(min=4, max=700, help="UCI customers to play as shoppers (700 bought)."),
+    ] = DEMO_CUSTOMERS,
+    seed: Annotated[int, typer.Option(help="Seed of the shoppers, consents and browsing.")] = 7,
+    token: TokenOption = None,
+) -> None:
+    """Play the UCI Online Retail slice as a shop against a running suite, then print what each
+    service knows: consents, events across channels, merges, GPC, a withdrawal, an erasure,
+    recommendations, and the ledger export verified offline."""
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from services.demo.play import DemoError, play
+    from services.demo.shop import ShopDataError
+    from services.demo.summary import summary_tables
+
+    columns = (
+        TextColumn("{task.description:<12}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    try:
+        with _channel(target, token) as channel, Progress(*columns, console=console) as progress:
+            summary = _call(
+                lambda: play(channel, customers=customers, seed=seed, progress=progress)
+            )
+    except (DemoError, ShopDataError) as error:
+        errors.print(f"[red]demo stopped:[/red] {escape(str(error))}")
+        raise typer.Exit(1) from error
+    console.print(summary_tables(summary))
+    if not summary.ledger_verified:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -35,8 +35,10 @@ from services.common import eventlog
 from services.common.auth import access_interceptors, load_callers
 from services.common.callers import Callers
 from services.common.config import Settings
+from services.common.consumer import GrpcEnvelopeSource
 from services.common.context import ServiceContext, ServiceParts
 from services.common.interceptors import ConcurrencyLimit
+from services.common.jetstream import JetStreamTransport
 from services.common.keyring import Keyring, KeyringError, init_keys, load_keyring
 from services.common.server import BuiltServer, ServiceRegistration, build_server, shutdown
 from services.common.telemetry import Telemetry, server_interceptor, setup_telemetry
@@ -82,6 +84,8 @@ class RunningSuite:
     """The same services for calls from inside this process, on their own worker threads."""
     internal_target: str = ""
     socket_dir: str | None = None
+    jetstream: JetStreamTransport | None = None
+    """With ``STEWARD_TRANSPORT=jetstream``: relays this process's logs, carries its consumers."""
 
     @property
     def target(self) -> str:
@@ -97,6 +101,9 @@ class RunningSuite:
         callers that started the public server themselves."""
         if self.internal is not None:
             self.internal.server.start()
+        if self.jetstream is not None and self.event_log is not None:
+            # Before the consumers, so a producer's stream exists by the time they look for it.
+            self.jetstream.start_relays(self.event_log.logs)
         for parts in self.parts:
             for hook in parts.on_start:
                 hook(self.internal_target or self.target)
@@ -111,10 +118,16 @@ class RunningSuite:
 
     def closed(self) -> None:
         """Run the services' stop hooks, newest first; for callers that stopped the server."""
+        if self.jetstream is not None:
+            self.jetstream.stop_relays()  # before the hooks dispose of the producers' engines
         for parts in reversed(self.parts):
             for hook in reversed(parts.on_stop):
                 hook()
         self.parts = []
+        if self.jetstream is not None:
+            # The consumers are stopped, their last acknowledgements sent.
+            self.jetstream.close()
+            self.jetstream = None
         if self.internal is not None:
             # Its callers (consumers, clients) are stopped by now: nothing is left in flight.
             shutdown(self.internal.server, self.internal.health, 0).wait()
@@ -180,7 +193,21 @@ def build_suite(
     telemetry = setup_telemetry(
         settings, name, span_exporter=span_exporter, metric_reader=metric_reader
     )
-    context = ServiceContext(settings, ensure_keyring(settings), telemetry, chosen)
+    jetstream = None
+    if settings.transport == "jetstream":
+        jetstream = JetStreamTransport(
+            settings.nats_url,
+            settings.jetstream_prefix,
+            name=name,
+            meter=telemetry.meter("steward.eventlog"),
+        )
+    context = ServiceContext(
+        settings,
+        ensure_keyring(settings),
+        telemetry,
+        chosen,
+        envelope_sources=GrpcEnvelopeSource if jetstream is None else jetstream.source,
+    )
     parts = [_server_module(service).build(context) for service in chosen]
     registrations: list[ServiceRegistration[Any]] = [r for p in parts for r in p.registrations]
     logs = {producer: log for p in parts for producer, log in p.logs.items()}
@@ -221,6 +248,7 @@ def build_suite(
         internal=internal,
         internal_target=internal_target,
         socket_dir=socket_dir,
+        jetstream=jetstream,
     )
 
 

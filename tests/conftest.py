@@ -3,6 +3,8 @@ Steward services started in-process on that database.
 
 PostgreSQL and NATS tests run only when STEWARD_TEST_POSTGRES_URL / STEWARD_TEST_NATS_URL are set;
 a URL that is set but unreachable fails the tests instead of skipping them silently.
+STEWARD_TEST_TRANSPORT=jetstream runs every suite started by ``start_services`` on JetStream
+(needs STEWARD_TEST_NATS_URL), each under a prefix of its own whose streams are deleted after.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from sqlalchemy.engine import Engine, make_url
 
 from services.common.config import Settings
 from services.common.db import make_engine
+from services.common.jetstream import delete_streams
 from services.runtime import RunningSuite, start_suite
 
 POSTGRES_URL_ENV = "STEWARD_TEST_POSTGRES_URL"
 NATS_URL_ENV = "STEWARD_TEST_NATS_URL"
+TRANSPORT_ENV = "STEWARD_TEST_TRANSPORT"
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -40,14 +44,20 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         ),
         "event bus: "
         + (f"nats jetstream ({nats})" if nats else f"nats SKIPPED ({NATS_URL_ENV} unset)"),
+        f"start_services transport: {os.environ.get(TRANSPORT_ENV) or 'embedded'}",
     ]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Lets `-m "not nats"` deselect every test that needs NATS, whichever fixture brings it in.
+    # Lets `-m "not nats"` deselect every test that needs NATS, whichever fixture brings it in;
+    # `-m suite` selects every test whose services come from start_services, the ones
+    # STEWARD_TEST_TRANSPORT=jetstream moves onto JetStream.
     for item in items:
-        if "nats_url" in getattr(item, "fixturenames", ()):
+        fixtures = getattr(item, "fixturenames", ())
+        if "nats_url" in fixtures:
             item.add_marker(pytest.mark.nats)
+        if "start_services" in fixtures:
+            item.add_marker(pytest.mark.suite)
 
 
 @pytest.fixture(scope="session")
@@ -132,6 +142,9 @@ def _libpq_url(url: str) -> str:
 
 StartServices = Callable[..., RunningSuite]
 
+PRODUCERS = ("consent", "identity", "tagging")
+"""Every service with an event log, hence a stream on JetStream."""
+
 
 @pytest.fixture
 def start_services(tmp_path: Path, db_url: str) -> Iterator[StartServices]:
@@ -143,6 +156,11 @@ def start_services(tmp_path: Path, db_url: str) -> Iterator[StartServices]:
     ``span_exporter``) pass through.
     """
     started: list[RunningSuite] = []
+    jetstream_prefixes: list[str] = []
+    transport = os.environ.get(TRANSPORT_ENV) or "embedded"
+    nats_url = os.environ.get(NATS_URL_ENV, "")
+    if transport == "jetstream" and not nats_url:
+        pytest.fail(f"{TRANSPORT_ENV}=jetstream needs {NATS_URL_ENV}", pytrace=False)
 
     def start(
         *services: str, environ: dict[str, str] | None = None, **overrides: object
@@ -150,10 +168,20 @@ def start_services(tmp_path: Path, db_url: str) -> Iterator[StartServices]:
         suite_options = {
             k: overrides.pop(k) for k in ("metric_reader", "span_exporter") if k in overrides
         }
+        chosen_transport: dict[str, str] = {}
+        if transport == "jetstream" and "STEWARD_TRANSPORT" not in (environ or {}):
+            prefix = f"t{uuid.uuid4().hex[:12]}"
+            jetstream_prefixes.append(prefix)
+            chosen_transport = {
+                "STEWARD_TRANSPORT": "jetstream",
+                "STEWARD_NATS_URL": nats_url,
+                "STEWARD_JETSTREAM_PREFIX": prefix,
+            }
         settings = Settings.from_env(
             {
                 "STEWARD_DATA_DIR": str(tmp_path / "data"),
                 "STEWARD_DATABASE_URL": db_url,
+                **chosen_transport,
                 **(environ or {}),
             }
         )
@@ -165,3 +193,5 @@ def start_services(tmp_path: Path, db_url: str) -> Iterator[StartServices]:
     yield start
     for running in reversed(started):
         running.stop(0)
+    for prefix in jetstream_prefixes:
+        delete_streams(nats_url, prefix, PRODUCERS)

@@ -34,8 +34,8 @@ SECRETS_DIR = "deploy/secrets/"
 SECRETS_MOUNT = "/run/secrets/"
 STEWARD_IMAGE_USER = "10001"
 
-AWAITED_VARIABLES = frozenset({"STEWARD_JETSTREAM_PREFIX"})
-"""Variables compose.yaml already passes that the mTLS and JetStream work (issue #8) adds to
+AWAITED_VARIABLES: frozenset[str] = frozenset()
+"""Variables compose.yaml already passes that work in progress (issue #8) adds to
 ``Settings.from_env``; drop each from here once the settings read it."""
 
 

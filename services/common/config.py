@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,9 @@ class Settings:
     otlp_endpoint: str | None = None
     transport: Transport = "embedded"
     nats_url: str = "nats://127.0.0.1:4222"
+    jetstream_prefix: str = "steward"
+    """Names the JetStream streams (``<PREFIX>_<PRODUCER>``) and subjects (``<prefix>.…``), so
+    deployments or tests sharing one NATS server keep their logs apart."""
     phone_default_region: str = "GB"
     callers_file: Path | None = None
     """YAML list of callers, their scopes and credentials; set, it turns authentication on."""
@@ -171,6 +175,9 @@ class Settings:
             otlp_endpoint=values.get("OTEL_EXPORTER_OTLP_ENDPOINT"),
             transport=read("transport", "STEWARD_TRANSPORT", _choice(Transport)),
             nats_url=read("nats_url", "STEWARD_NATS_URL", _parse_text),
+            jetstream_prefix=read(
+                "jetstream_prefix", "STEWARD_JETSTREAM_PREFIX", _parse_subject_token
+            ),
             phone_default_region=read(
                 "phone_default_region", "STEWARD_PHONE_REGION", _parse_region
             ),
@@ -332,6 +339,16 @@ def _parse_log_level(variable: str, raw: str) -> str:
     if level not in _LOG_LEVELS:
         raise ConfigError(f"{variable} must be one of {', '.join(_LOG_LEVELS)}, got {raw!r}")
     return level
+
+
+def _parse_subject_token(variable: str, raw: str) -> str:
+    # A dot or wildcard would change what every subject built from it matches.
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", raw):
+        raise ConfigError(
+            f"{variable} may hold only letters, digits, '_' and '-' (one NATS subject token), "
+            f"got {raw!r}"
+        )
+    return raw
 
 
 def _parse_region(variable: str, raw: str) -> str:

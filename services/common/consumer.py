@@ -6,10 +6,10 @@ crash therefore loses nothing and applies nothing twice: after a restart the con
 everything after its cursor, and whatever is delivered again (seq <= cursor) is skipped.
 
 Envelopes arrive through an :class:`EnvelopeSource`. :class:`GrpcEnvelopeSource` reads the
-producer's own ``EventLogService.Subscribe`` stream (the embedded default); a JetStream source
-can implement the same protocol. Acknowledgements to the producer only report progress (for
-the auditor, and so consent can tell a withdrawal has propagated); they are best effort and are
-never what makes delivery reliable.
+producer's own ``EventLogService.Subscribe`` stream (the embedded default);
+``services.common.jetstream.JetStreamEnvelopeSource`` reads a JetStream durable consumer.
+Acknowledgements to the producer only report progress (for the auditor, and so consent can tell a
+withdrawal has propagated); they are best effort and are never what makes delivery reliable.
 
 Typical use in a consumer::
 
@@ -68,6 +68,10 @@ EndBatch = Callable[[Connection, Sequence[Envelope]], None]
 """Finishes a batch: called once per transaction, after ``apply`` has run for each of the
 envelopes given (those applied in it, in seq order) and before the cursor moves; must not
 commit. Whatever it writes commits, or rolls back, with the batch and the cursor."""
+
+SourceFactory = Callable[[grpc.Channel, str, str], "EnvelopeSource"]
+"""``(channel to the producer, producer, consumer)`` to the source a consumer reads: the
+transport is chosen where the process is composed, and the channel always carries the Acks."""
 
 AfterCommit = Callable[[Sequence[Envelope]], None]
 """Called with the envelopes a transaction applied, once it has committed; must not raise."""
@@ -688,15 +692,17 @@ def start_log_consumers(
     end_batch: EndBatch | None = None,
     after_commit: AfterCommit | None = None,
     batch_size: int = BATCH_SIZE,
+    sources: SourceFactory = GrpcEnvelopeSource,
 ) -> list[Consumer]:
     """One started consumer ``name`` per (producer, apply) feed, each reading its producer's
-    log on ``channel_to(producer)``; stop them with :meth:`Consumer.stop`."""
+    log through ``sources`` (its Subscribe stream on ``channel_to(producer)`` by default, or
+    JetStream: see ``ServiceContext.envelope_sources``); stop them with :meth:`Consumer.stop`."""
     consumers = []
     for producer, apply in feeds:
         consumer = Consumer(
             name,
             producer,
-            GrpcEnvelopeSource(channel_to(producer), producer, name),
+            sources(channel_to(producer), producer, name),
             engine,
             apply,
             tables=tables,

@@ -16,6 +16,7 @@ import grpc
 
 from services.common.channels import open_channel
 from services.common.config import Settings
+from services.common.consumer import GrpcEnvelopeSource, SourceFactory
 from services.common.eventlog import ProducerLog
 from services.common.keyring import Keyring
 from services.common.server import ServiceRegistration
@@ -31,6 +32,9 @@ class ServiceContext:
     telemetry: Telemetry
     hosted: tuple[str, ...] = ()
     """The services this process hosts."""
+    envelope_sources: SourceFactory = GrpcEnvelopeSource
+    """How this process's consumers read the logs: the producers' Subscribe streams, or
+    JetStream when ``STEWARD_TRANSPORT=jetstream`` (pass it to ``start_log_consumers``)."""
 
     def deployed(self, service: str) -> bool:
         """Whether ``service`` runs anywhere this process knows of: here, or at a configured

@@ -903,6 +903,7 @@ def build(context: ServiceContext) -> ServiceParts:
                 # Links changed: CheckConsent's cache lets go of everyone, once they are stored.
                 after_commit=lambda _envelopes: store.checks.changed(),
                 tracer_provider=context.telemetry.tracer_provider,
+                sources=context.envelope_sources,
             )
         )
 

@@ -426,6 +426,7 @@ def build(context: ServiceContext) -> ServiceParts:
                 engine,
                 tables=CONSUMER_TABLES,
                 tracer_provider=context.telemetry.tracer_provider,
+                sources=context.envelope_sources,
             )
         )
         service.start()

@@ -270,6 +270,7 @@ def build(context: ServiceContext) -> ServiceParts:
                 end_batch=service.end_batch,
                 batch_size=CONSUMER_BATCH_SIZE,
                 tracer_provider=context.telemetry.tracer_provider,
+                sources=context.envelope_sources,
             )
         )
 

@@ -1,10 +1,12 @@
 """A consumer in a process of its own, for the crash test in test_consumer.py.
 
-    python consumer_child.py TARGET CONSUMER_DB_URL BATCH_SIZE
+    python consumer_child.py TARGET CONSUMER_DB_URL BATCH_SIZE [NATS_URL JETSTREAM_PREFIX]
 
-Follows the `consent` log at TARGET and applies each envelope by inserting its id into
-``applied`` (UNIQUE, so applying one twice would fail) and bumping ``apply_counter``; at the end
-of each batch it adds the batch's size to ``apply_counter.ended``. Runs until SIGTERM, or until
+Follows the `consent` log at TARGET (or, given NATS_URL, its JetStream stream under
+JETSTREAM_PREFIX, acknowledging to TARGET; for test_jetstream.py) and applies each envelope by
+inserting its id into ``applied`` (UNIQUE, so applying one twice would fail) and bumping
+``apply_counter``; at the end of each batch it adds the batch's size to
+``apply_counter.ended``. Runs until SIGTERM, or until
 the test SIGKILLs it.
 """
 
@@ -17,18 +19,35 @@ import threading
 from collections.abc import Sequence
 
 import grpc
-from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, insert, update
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.engine import Connection
 from steward.events.v1 import events_pb2
 
-from services.common.consumer import Consumer, GrpcEnvelopeSource, consumer_tables
+from services.common.consumer import (
+    Consumer,
+    EnvelopeSource,
+    GrpcEnvelopeSource,
+    consumer_tables,
+)
 from services.common.db import for_writes, make_engine
+from services.common.jetstream import JetStreamConnection, JetStreamEnvelopeSource
 
 CONSUMER = "crash-test"
 
 
-def main(target: str, db_url: str, batch_size: int) -> None:
+def main(
+    target: str, db_url: str, batch_size: int, nats_url: str | None, prefix: str | None
+) -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     engine = make_engine(db_url)
     metadata = MetaData()
@@ -48,9 +67,9 @@ def main(target: str, db_url: str, batch_size: int) -> None:
     )
     metadata.create_all(engine)
     with for_writes(engine).begin() as connection:
-        connection.execute(
-            sqlite_insert(counter).values(id=1, applies=0, ended=0).on_conflict_do_nothing()
-        )
+        # Any backend (the JetStream crash test runs this on PostgreSQL too); one child at a time.
+        if connection.execute(select(counter.c.id)).first() is None:
+            connection.execute(insert(counter).values(id=1, applies=0, ended=0))
 
     def apply(connection: Connection, envelope: events_pb2.Envelope) -> None:
         connection.execute(insert(applied).values(envelope_id=envelope.id, seq=envelope.seq))
@@ -60,7 +79,13 @@ def main(target: str, db_url: str, batch_size: int) -> None:
         connection.execute(update(counter).values(ended=counter.c.ended + len(envelopes)))
 
     channel = grpc.insecure_channel(target)
-    source = GrpcEnvelopeSource(channel, "consent", CONSUMER, timeout=5)
+    source: EnvelopeSource = GrpcEnvelopeSource(channel, "consent", CONSUMER, timeout=5)
+    connection = None
+    if nats_url is not None and prefix is not None:
+        connection = JetStreamConnection(nats_url, name=CONSUMER)
+        source = JetStreamEnvelopeSource(
+            connection, "consent", CONSUMER, prefix=prefix, producer_log=source
+        )
     consumer = Consumer(
         CONSUMER,
         "consent",
@@ -78,9 +103,12 @@ def main(target: str, db_url: str, batch_size: int) -> None:
     consumer.start()
     stopping.wait()
     consumer.stop()
+    if connection is not None:
+        connection.close()
     channel.close()
     engine.dispose()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    jetstream = sys.argv[4:6] if len(sys.argv) >= 6 else [None, None]
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), jetstream[0], jetstream[1])

@@ -1,12 +1,13 @@
 """The suite as one system: a withdrawal, an erasure and an export each reach every service.
 
 Each test runs the whole suite through the ``services.testing`` harness, on SQLite with the
-embedded event log and on PostgreSQL.
+embedded event log, on SQLite with the log on NATS JetStream, and on PostgreSQL.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -21,6 +22,7 @@ from steward.tagging.v1 import tagging_pb2
 
 from services.common.config import SERVICE_DATABASES
 from services.common.db import make_engine
+from services.common.jetstream import delete_streams
 from services.testing import StewardSuite, steward_suite
 
 T = common_pb2
@@ -52,15 +54,33 @@ PURPOSES = ("analytics", "personalisation", "profiling", "marketing")
 
 @pytest.fixture(
     params=[
-        pytest.param("sqlite", id="sqlite-embedded"),
-        pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
+        pytest.param(("sqlite", "embedded"), id="sqlite-embedded"),
+        pytest.param(("postgres", "embedded"), id="postgres-embedded", marks=pytest.mark.postgres),
+        pytest.param(
+            ("postgres", "jetstream"),
+            id="postgres-jetstream",
+            marks=[pytest.mark.postgres, pytest.mark.nats],
+        ),
     ]
 )
-def steward(request: pytest.FixtureRequest, tmp_path: object) -> Iterator[StewardSuite]:
+def steward(request: pytest.FixtureRequest) -> Iterator[StewardSuite]:
+    database, transport = request.param
     database_url = None
-    if request.param == "postgres":
+    environ: dict[str, str] = {}
+    if database == "postgres":
         database_url = request.getfixturevalue("postgres_schema_url")
-    with steward_suite(database_url=database_url) as suite:
+    if transport == "jetstream":
+        nats_url: str = request.getfixturevalue("nats_url")
+        prefix = f"t{uuid.uuid4().hex[:12]}"
+        environ = {
+            "STEWARD_TRANSPORT": "jetstream",
+            "STEWARD_NATS_URL": nats_url,
+            "STEWARD_JETSTREAM_PREFIX": prefix,
+        }
+        request.addfinalizer(
+            lambda: delete_streams(nats_url, prefix, ("consent", "identity", "tagging"))
+        )
+    with steward_suite(database_url=database_url, environ=environ) as suite:
         suite.tagging.PutRuleSet(tagging_pb2.PutRuleSetRequest(yaml=RULES), timeout=10)
         suite.recommend.PutItems(
             recommend_pb2.PutItemsRequest(

@@ -26,7 +26,7 @@ from services.common.config import Settings
 from services.common.db import for_writes, make_engine
 from services.common.migrations import upgrade
 from services.common.outbox import Outbox
-from services.runtime import RunningSuite, start_suite
+from services.runtime import RunningSuite
 from services.tagging.service import TaggingService
 from services.tagging.store import OUTBOX_TABLES, PRODUCER
 
@@ -77,10 +77,9 @@ def settings(tmp_path: Path, db_url: str) -> Settings:
 
 
 @pytest.fixture
-def suite(settings: Settings) -> Iterator[RunningSuite]:
-    running = start_suite(settings, ["consent", "identity", "tagging"])
-    yield running
-    running.stop(0)
+def suite(start_services: Callable[..., RunningSuite]) -> RunningSuite:
+    # start_services, not start_suite: `-m suite` runs these cascades on JetStream as well.
+    return start_services("consent", "identity", "tagging")
 
 
 @pytest.fixture
