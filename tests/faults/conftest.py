@@ -216,3 +216,59 @@ def throwaway_postgres() -> Iterator[ThrowawayPostgres]:
         with contextlib.suppress(subprocess.CalledProcessError):
             cluster.stop()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@dataclass
+class PrivateNats:
+    """A nats-server with JetStream of the test's own (never the shared one: this one is
+    killed), storing its streams in a directory that outlives each restart."""
+
+    binary: str
+    port: int
+    store: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        arguments = ["-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store)]
+        log = (self.store.parent / "nats.log").open("ab")
+        self.process = subprocess.Popen(
+            [self.binary, *arguments], stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+        assert wait_until(self._listening, timeout=30), "nats-server did not start"
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+    def _listening(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+
+@pytest.fixture
+def private_nats(tmp_path: Path) -> Iterator[PrivateNats]:
+    binary = shutil.which("nats-server") or "/usr/sbin/nats-server"
+    if not Path(binary).exists():
+        pytest.skip("nats-server is not installed (apt-get install nats-server)")
+    store = tmp_path / "jetstream"
+    store.mkdir()
+    server = PrivateNats(binary, free_port(), store)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

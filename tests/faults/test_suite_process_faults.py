@@ -277,6 +277,34 @@ def test_postgres_stopped_under_load_answers_unavailable_and_recovers_by_itself(
     )
 
 
+def test_nats_killed_and_restarted_under_load_loses_and_duplicates_nothing(
+    serve_process: Callable[..., Any], private_nats: Any
+) -> None:
+    suite = serve_process(STEWARD_TRANSPORT="jetstream", STEWARD_NATS_URL=private_nats.url)
+    suite.start()
+    persons = grant_everything(suite.target)
+    load = CollectLoad(suite.target, batches=40)
+    load.start()
+    assert _wait(lambda: load.answered >= 8 or load.error is not None, 120)
+    private_nats.kill()
+    killed_at = time.monotonic()
+    time.sleep(3)
+    private_nats.start()
+    restarted_at = time.monotonic()
+    load.join()
+
+    # Collect writes the outbox in its own transaction: NATS being away costs it nothing.
+    assert not load.failures, load.failures
+    assert load.answered_at[-1] > killed_at, "the load went on through the outage"
+    # The envelopes did travel through this server: consent's stream is in its store.
+    assert any(private_nats.store.rglob("STEWARD_CONSENT")), "no consent stream on this NATS"
+    stored, refused = check_exactly_once(load, urls_of({}, suite.data_dir), suite.target, persons)
+    print(
+        f"\nfaults/nats-kill: NATS down {restarted_at - killed_at:.1f} s; {len(stored)} stored, "
+        f"{len(refused)} refused, no call failed"
+    )
+
+
 def check_exactly_once(
     load: CollectLoad, urls: Urls, target: str, persons: set[str]
 ) -> tuple[set[str], set[str]]:
