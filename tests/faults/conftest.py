@@ -60,6 +60,9 @@ class ServeProcess:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    def command(self, *arguments: str) -> list[str]:
+        return steward_command(*arguments)
+
     def env(self) -> dict[str, str]:
         return {
             **os.environ,
