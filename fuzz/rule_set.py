@@ -77,5 +77,5 @@ def check(data: bytes) -> None:
 if __name__ == "__main__":
     from _harness import main
 
-    main(check, SEEDS)
+    main(__file__, ("services", "yaml", "lark", "celpy"))
     sys.exit(0)
