@@ -52,3 +52,20 @@ $(BENCH_QUALITY_INSTALLED): pyproject.toml $(INSTALLED)
 ## Pairwise precision/recall/F1 of identity resolution on the FEBRL data sets (figures only).
 bench-identity-quality: $(BENCH_QUALITY_INSTALLED)
 	$(PY) bench/identity_quality.py
+
+FUZZ_INSTALLED := $(VENV)/.installed-fuzz
+FUZZ_TARGETS := tcf identifiers rule_set cel_condition ledger_export
+FUZZ_SECONDS ?= 300
+
+$(FUZZ_INSTALLED): pyproject.toml $(INSTALLED)
+	$(PY) -m pip install --quiet -e '.[fuzz]'
+	touch $@
+
+.PHONY: fuzz
+## Each parser under atheris, coverage-guided, FUZZ_SECONDS each (crashes land in .fuzz/).
+fuzz: $(FUZZ_INSTALLED)
+	mkdir -p .fuzz
+	for target in $(FUZZ_TARGETS); do \
+		$(PY) fuzz/$$target.py -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=.fuzz/$$target- \
+			|| exit 1; \
+	done

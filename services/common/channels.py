@@ -15,8 +15,8 @@ from typing import Any
 import grpc
 
 from services.common.auth import AUTHORIZATION_METADATA_KEY
+from services.common.call_metadata import AddedMetadata
 from services.common.config import Settings
-from services.common.telemetry import _CallDetails
 from services.common.tls import TlsMaterial
 
 ChannelOptions = Sequence[tuple[str, Any]]
@@ -35,12 +35,7 @@ def open_channel(target: str, settings: Settings, options: ChannelOptions = ()) 
     return channel
 
 
-class BearerToken(
-    grpc.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
-    grpc.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
-    grpc.StreamUnaryClientInterceptor,  # type: ignore[type-arg]
-    grpc.StreamStreamClientInterceptor,  # type: ignore[type-arg]
-):
+class BearerToken(AddedMetadata):
     """Adds ``authorization: Bearer <token>`` to every call's metadata."""
 
     def __init__(self, token: str) -> None:
@@ -49,17 +44,5 @@ class BearerToken(
     def __repr__(self) -> str:
         return "BearerToken(<hidden>)"
 
-    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
-        return _CallDetails(details, (*(details.metadata or ()), self._entry))
-
-    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._details(details), request)
-
-    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._details(details), request)
-
-    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return continuation(self._details(details), requests)
-
-    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return continuation(self._details(details), requests)
+    def entries(self) -> tuple[tuple[str, str]]:
+        return (self._entry,)

@@ -2,7 +2,8 @@
 
 Domain modules raise :class:`StewardError` subclasses and never touch gRPC. Servers built by
 ``services.common.server.build_server`` install :class:`ErrorInterceptor`, which turns those into
-the matching status with details and any other exception into a bare INTERNAL (logged, not sent).
+the matching status with details, a database that cannot be reached into UNAVAILABLE, and any
+other exception into a bare INTERNAL (logged, not sent).
 Servicer code that must answer with a status directly calls the ``abort_*`` helpers. Clients read
 the details back with :func:`read_error_details`.
 """
@@ -10,11 +11,14 @@ the details back with :func:`read_error_details`.
 from __future__ import annotations
 
 import logging
+import sqlite3
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeAlias, cast
 
 import grpc
+import sqlalchemy.exc
 from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
@@ -203,8 +207,9 @@ def abort_for(context: grpc.ServicerContext, exc: StewardError) -> NoReturn:
 
 
 class ErrorInterceptor(BehaviourInterceptor):
-    """Maps exceptions escaping a handler onto statuses: a StewardError to its code, anything
-    else to INTERNAL (logged, its message not sent)."""
+    """Maps exceptions escaping a handler onto statuses: a StewardError to its code, a database
+    that cannot serve now to UNAVAILABLE, anything else to INTERNAL (logged, its message not
+    sent)."""
 
     def wrap_unary(self, behaviour: UnaryBehaviour, method: str) -> UnaryBehaviour:
         def mapped(request: Any, context: grpc.ServicerContext) -> Any:
@@ -292,8 +297,30 @@ def _abort_for_exception(context: grpc.ServicerContext, exc: Exception, method: 
     # well as anything raised once the call is already over (client gone, deadline passed).
     if _already_aborted(context) or not context.is_active():
         raise exc
+    if database_unavailable(exc):
+        # The class only: a driver's message can quote the statement's parameters.
+        logger.warning("the database is unavailable in %s (%s)", method, type(exc).__name__)
+        abort(context, grpc.StatusCode.UNAVAILABLE, "the database is unavailable; retry later")
     logger.exception("unexpected error in %s", method)
     abort(context, grpc.StatusCode.INTERNAL, "internal error")
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database cannot serve now (down, restarting, unreachable, its
+    connections cut, the pool exhausted, SQLite locked), so the caller may retry: UNAVAILABLE,
+    not INTERNAL. A transaction that failed this way was rolled back: nothing is half-written.
+    """
+    if isinstance(exc, sqlalchemy.exc.DisconnectionError | sqlalchemy.exc.TimeoutError):
+        return True
+    if isinstance(exc, sqlalchemy.exc.DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        if isinstance(exc.orig, sqlite3.OperationalError):
+            return "locked" in str(exc.orig)  # not "no such table": that one is a bug
+        return isinstance(exc, sqlalchemy.exc.OperationalError)
+    # psycopg raised outside SQLAlchemy (raw connections); only loaded when PostgreSQL is used.
+    psycopg = sys.modules.get("psycopg")
+    return psycopg is not None and isinstance(exc, psycopg.OperationalError)
 
 
 def _already_aborted(context: grpc.ServicerContext) -> bool:

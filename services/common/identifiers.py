@@ -128,16 +128,27 @@ def normalise(identifier_type: IdentifierType, value: str, *, phone_region: str 
     if len(text) > MAX_VALUE_LENGTH:
         raise IdentifierError("value", f"longer than {MAX_VALUE_LENGTH} characters")
     if identifier_type == common_pb2.IDENTIFIER_TYPE_EMAIL:
-        return _normalise_email(text)
+        return _within_limit(_normalise_email(text))
     if identifier_type == common_pb2.IDENTIFIER_TYPE_PHONE:
         return _normalise_phone(text, phone_region)
     if identifier_type == common_pb2.IDENTIFIER_TYPE_LOYALTY_CARD:
         text = re.sub(r"[\s-]+", "", text)
+        if not text:
+            # Only separators: hashing "" would link every such card to one person.
+            raise IdentifierError("value", "has no characters besides spaces and dashes")
     if identifier_type in _CASE_FOLDED:
-        return text.casefold()
+        return _within_limit(text.casefold())
     if identifier_type in _IDENTIFIER_TYPES:
         return text
     raise IdentifierError("type", "must be a known identifier type")
+
+
+def _within_limit(normalised: str) -> str:
+    # Case folding can lengthen a value ("ß" becomes "ss"): the canonical form must itself be a
+    # valid value, or normalising it again (a stored value, a re-sent one) would refuse it.
+    if len(normalised) > MAX_VALUE_LENGTH:
+        raise IdentifierError("value", f"longer than {MAX_VALUE_LENGTH} characters once normalised")
+    return normalised
 
 
 def _normalise_email(text: str) -> str:

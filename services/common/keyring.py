@@ -44,7 +44,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
@@ -433,6 +433,8 @@ def _load_public_key(public_key_pem: str) -> Ed25519PublicKey:
         key = serialization.load_pem_public_key(public_key_pem.encode("ascii"))
     except (ValueError, UnicodeEncodeError):
         raise KeyringError("not a PEM public key") from None
+    except UnsupportedAlgorithm:  # a well-formed PEM naming an algorithm cryptography lacks
+        raise KeyringError("public key is not an Ed25519 key") from None
     if not isinstance(key, Ed25519PublicKey):
         raise KeyringError("public key is not an Ed25519 key")
     return key

@@ -41,6 +41,7 @@ from opentelemetry.trace import Link, Status
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import Attributes, AttributeValue
 
+from services.common.call_metadata import AddedMetadata
 from services.common.interceptors import BehaviourInterceptor, StreamBehaviour, UnaryBehaviour
 from services.common.redaction import is_identifier, names_identifier, redact_text
 
@@ -231,49 +232,16 @@ def instrument_channel(channel: grpc.Channel, telemetry: Telemetry) -> grpc.Chan
     return cast(grpc.Channel, intercepted)
 
 
-class _CallDetails(grpc.ClientCallDetails):
-    """A call's details with other metadata (grpc's own class cannot be built outside it)."""
-
-    def __init__(
-        self, details: grpc.ClientCallDetails, metadata: tuple[tuple[str, str | bytes], ...]
-    ) -> None:
-        self.method = details.method
-        self.timeout = details.timeout
-        self.metadata = metadata
-        self.credentials = details.credentials
-        self.wait_for_ready = getattr(details, "wait_for_ready", None)
-        self.compression = getattr(details, "compression", None)
-
-
-class TraceContextClientInterceptor(
-    grpc.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
-    grpc.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
-    grpc.StreamUnaryClientInterceptor,  # type: ignore[type-arg]
-    grpc.StreamStreamClientInterceptor,  # type: ignore[type-arg]
-):
+class TraceContextClientInterceptor(AddedMetadata):
     """Adds the current trace context (W3C ``traceparent``) to every call's metadata."""
 
     def __init__(self) -> None:
         self._propagator = TraceContextTextMapPropagator()
 
-    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+    def entries(self) -> list[tuple[str, str]]:
         carrier: dict[str, str] = {}
         self._propagator.inject(carrier)
-        if not carrier:
-            return details
-        return _CallDetails(details, (*(details.metadata or ()), *carrier.items()))
-
-    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._details(details), request)
-
-    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._details(details), request)
-
-    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return continuation(self._details(details), requests)
-
-    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return continuation(self._details(details), requests)
+        return list(carrier.items())
 
 
 class RedactingSpanProcessor(SpanProcessor):

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeAlias
+from typing import Any, Final, TypeAlias
 
 from opentelemetry import metrics
 from sqlalchemy.engine import Connection
@@ -532,7 +532,8 @@ class ConsentService:
         return second, self.tree.consistency_proof(first, second)
 
     def export(self, from_seq: int, to_seq: int) -> Iterator[audit_pb2.ExportLedgerResponse]:
-        """Header, entries in seq order, then the checkpoints covering them."""
+        """Header, entries in seq order, then the checkpoints up to ``to_seq`` (every one when
+        it is 0), also those beyond the newest entry the table holds."""
         with self.store.reading() as connection:
             size = self.store.ledger_size(connection)
         last = min(to_seq or size, size)
@@ -552,11 +553,16 @@ class ConsentService:
                 yield audit_pb2.ExportLedgerResponse(entry=entry_message(row))
             seq = rows[-1].seq + 1
         with self.store.reading() as connection:
-            checkpoints = self.store.checkpoints(connection, last)
+            # Up to the seq asked for, not to the table's last row: a checkpoint beyond the last
+            # row is what shows an auditor that rows were cut off the end of the table.
+            checkpoints = self.store.checkpoints(connection, to_seq or _ALL_SEQS)
         for checkpoint in checkpoints:
             yield audit_pb2.ExportLedgerResponse(
                 checkpoint=ledger.to_checkpoint_message(checkpoint)
             )
+
+
+_ALL_SEQS: Final = 2**63 - 1
 
 
 def record_from_row(row: Any) -> ledger.LedgerRecord:

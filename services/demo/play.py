@@ -49,8 +49,8 @@ CONNECT_TIMEOUT: Final = 10.0
 BATCH: Final = 500
 CONSENT_THREADS: Final = 8
 CATCH_UP_TIMEOUT: Final = 60.0
-ERASURE_TIMEOUT: Final = 30.0
-PROPAGATION_TIMEOUT: Final = 30.0
+ERASURE_TIMEOUT: Final = 90.0
+PROPAGATION_TIMEOUT: Final = 90.0
 POLL_SECONDS: Final = 0.2
 SIGNALS_AT: Final = 2 / 3
 """How far through the timeline the GPC signal and the withdrawal happen."""

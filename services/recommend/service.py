@@ -437,7 +437,8 @@ class RecommendService:
 
     def put_items(self, items: Sequence[CatalogueItem], created: Sequence[datetime | None]) -> int:
         """Create or update items (a stub becomes a real item); retrains in the background when
-        models already serve, so new items become recommendable."""
+        models already serve and the catalogue they read changed, so new items become
+        recommendable."""
         now = self.clock()
         rows = [
             {
@@ -473,8 +474,17 @@ class RecommendService:
                 ),
                 rows,
             )
-        if self._snapshot is not None:
-            self.train_in_background([])
+        current = self._snapshot
+        if current is not None:
+            with self.engine.connect() as connection:
+                catalogue = self._catalogue(connection)
+            unchanged = (
+                catalogue.item_ids == current.catalogue.item_ids
+                and catalogue.fingerprint() == current.catalogue.fingerprint()
+                and bool((catalogue.available == current.catalogue.available).all())
+            )
+            if not unchanged:  # the same items put again leave the models as they are
+                self.train_in_background([])
         return len(rows)
 
     def _catalogue(self, connection: Connection) -> Catalogue:
@@ -708,6 +718,8 @@ class RecommendService:
             try:
                 started = time.perf_counter()
                 persons = self.people.load()
+                if self._stop.is_set():
+                    return  # stopped meanwhile (outwaited by stop's join): nobody to tell
                 settle_heap()
                 logger.info(
                     "recommend: %d persons in memory in %.1f s",
@@ -715,7 +727,8 @@ class RecommendService:
                     time.perf_counter() - started,
                 )
             except Exception:
-                logger.exception("loading persons into memory failed; reading them singly")
+                if not self._stop.is_set():
+                    logger.exception("loading persons into memory failed; reading them singly")
 
         loader = threading.Thread(target=load, name="recommend-people", daemon=True)
         self._threads.append(loader)

@@ -70,6 +70,9 @@ MIN_TTL: Final = timedelta(hours=1)
 MAX_TTL: Final = timedelta(days=365)
 MAX_MIN_EVIDENCE: Final = 1_000_000
 MAX_PRIORITY: Final = 1_000_000
+MAX_YAML_DEPTH: Final = 32
+"""Nesting a rule set never needs more than four levels; PyYAML composes recursively, so a
+deeper document (``[[[[…``) would otherwise end in RecursionError instead of a problem."""
 
 _SNAKE: Final = re.compile(r"[a-z][a-z0-9]*(?:_[a-z0-9]+)*")
 _DURATION: Final = re.compile(r"(\d{1,6})([dh])")
@@ -165,7 +168,10 @@ _QUOTING_HINT: Final = (
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """Safe YAML without aliases (no billion laughs) and without silently repeated keys."""
+    """Safe YAML without aliases (no billion laughs), without silently repeated keys, and no
+    deeper than :data:`MAX_YAML_DEPTH`."""
+
+    _depth = 0
 
     def compose_node(self, parent: yaml.nodes.Node | None, index: Any) -> yaml.nodes.Node | None:
         if self.check_event(yaml.AliasEvent):
@@ -173,13 +179,24 @@ class _StrictLoader(yaml.SafeLoader):
             raise yaml.composer.ComposerError(
                 None, None, "aliases (*name) are not allowed", event.start_mark
             )
-        return super().compose_node(parent, index)  # type: ignore[no-any-return]
+        if self._depth >= MAX_YAML_DEPTH:
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(
+                None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", event.start_mark
+            )
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)  # type: ignore[no-any-return]
+        finally:
+            self._depth -= 1
 
     def construct_mapping(self, node: yaml.nodes.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _value in node.value:
             key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
-            if isinstance(key, (str, int, float, bool)) and key in seen:
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # a list or mapping as a key: PyYAML's own check refuses it below
+            if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} appears twice", key_node.start_mark
                 )

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import logging
+import socket
+import sqlite3
 from collections.abc import Callable, Iterator
 from typing import NoReturn
 
 import grpc
 import pytest
+import sqlalchemy
+import sqlalchemy.exc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -251,6 +255,57 @@ def test_unexpected_exception_is_internal_without_leaking_details(
     logged = [record for record in caplog.records if record.exc_info]
     assert logged, "the real cause must reach the server log"
     assert "/test.Errors/Fail" in logged[0].getMessage()
+
+
+def _unreachable_postgres(context: grpc.ServicerContext) -> NoReturn:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    engine = sqlalchemy.create_engine(f"postgresql+psycopg://postgres@127.0.0.1:{port}/steward")
+    with engine.connect():
+        raise AssertionError("nothing listens there")
+
+
+def _sqlite_statement(statement: str) -> Callable[[grpc.ServicerContext], NoReturn]:
+    def run(context: grpc.ServicerContext) -> NoReturn:
+        engine = sqlalchemy.create_engine("sqlite://")
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text(statement))
+        raise AssertionError(f"{statement} ran")
+
+    return run
+
+
+def _sqlite_locked(context: grpc.ServicerContext) -> NoReturn:
+    raise sqlalchemy.exc.OperationalError(
+        "INSERT INTO t VALUES (?)", ("x",), sqlite3.OperationalError("database is locked")
+    )
+
+
+SCENARIOS.update(
+    {
+        "postgres_unreachable": _unreachable_postgres,
+        "sqlite_locked": _sqlite_locked,
+        "sqlite_missing_table": _sqlite_statement("SELECT * FROM no_such_table"),
+    }
+)
+
+
+@pytest.mark.parametrize(
+    ("scenario", "code"),
+    [
+        ("postgres_unreachable", grpc.StatusCode.UNAVAILABLE),
+        ("sqlite_locked", grpc.StatusCode.UNAVAILABLE),
+        # A schema that lacks a table is a bug to fix, not a condition to retry through.
+        ("sqlite_missing_table", grpc.StatusCode.INTERNAL),
+    ],
+)
+def test_a_database_that_cannot_serve_now_is_unavailable_not_internal(
+    channel: grpc.Channel, scenario: str, code: grpc.StatusCode
+) -> None:
+    failure = call_failing(channel, scenario)
+    assert failure.code() == code
+    assert "127.0.0.1" not in (failure.details() or "")
 
 
 def test_streaming_handlers_map_domain_errors_too(channel: grpc.Channel) -> None:

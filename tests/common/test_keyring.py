@@ -198,6 +198,25 @@ def test_verifying_with_a_malformed_key_is_an_error() -> None:
         verify_signature("garbage", b"data", b"sig")
 
 
+def test_a_pem_key_of_an_algorithm_cryptography_lacks_is_a_keyring_error() -> None:
+    # Found by fuzz/ledger_export.py: one changed digit in an export header's key turned the
+    # Ed25519 OID 1.3.101.112 into 1.3.117.112, and UnsupportedAlgorithm escaped verification.
+    der = base64.b64decode("".join(KEYRING.public_key_pem().splitlines()[1:-1]))
+    assert b"\x06\x03\x2b\x65\x70" in der
+    unknown = der.replace(b"\x06\x03\x2b\x65\x70", b"\x06\x03\x2b\x75\x70")
+    pem = "\n".join(
+        [
+            "-----BEGIN PUBLIC KEY-----",
+            base64.b64encode(unknown).decode(),
+            "-----END PUBLIC KEY-----",
+        ]
+    )
+    with pytest.raises(KeyringError, match="not an Ed25519 key"):
+        key_id_for_public_key(pem)
+    with pytest.raises(KeyringError, match="not an Ed25519 key"):
+        verify_signature(pem, b"data", b"sig")
+
+
 def test_data_keys_wrap_and_unwrap() -> None:
     data_key, wrapped = KEYRING.new_data_key()
 

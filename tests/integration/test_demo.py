@@ -143,7 +143,7 @@ def test_gpc_withdrawal_and_erasure_take_effect(summary: DemoSummary) -> None:
     assert summary.erasure is not None
     assert summary.withdrawal_propagated
     assert summary.withdrawal_acknowledged_by == ["recommend", "tagging"]
-    assert summary.erasure.state == "DONE"
+    assert summary.erasure.state == "DONE", summary.erasure
     assert summary.erasure.services == dict.fromkeys(
         ("consent", "identity", "tagging", "recommend"), "DONE"
     )

@@ -9,8 +9,10 @@ request (INVALID_ARGUMENT, NOT_FOUND, …) shows the call got through.
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -521,3 +523,148 @@ def _consumed_seq(settings: Settings, producer: str) -> int:
     finally:
         engine.dispose()
     return seq
+
+
+# The access matrix -------------------------------------------------------------------------------
+
+
+MATRIX_CALLERS = """\
+# As an operator writes it (README, "The callers file"): one entry per system that calls.
+callers:
+  - name: shop-backend
+    scopes: [events:write, consent:write, consent:read]
+    token_sha256: <shop-backend>
+  - name: crm
+    scopes: [consent:read, identity:resolve, identity:read, tags:read, audience:read]
+    token_sha256: <crm>
+  - name: recommender-frontend
+    scopes: [recommend:read, recommend:write]
+    token_sha256: <recommender-frontend>
+  - name: privacy-office
+    scopes: [subject:erase, subject:export, audit:read, consent:read]
+    token_sha256: <privacy-office>
+  - name: data-steward
+    scopes: [identity:admin, tags:admin, tags:write, recommend:admin, consent:admin]
+    token_sha256: <data-steward>
+  - name: tagging                   # a consumer run apart, reading the logs
+    scopes: [events:read]
+    token_sha256: <tagging>
+  - name: auditor                   # by certificate only: its token-less calls are unknown
+    scopes: [audit:read]
+    certificate_subject: auditor
+"""
+
+
+def test_each_caller_of_a_callers_file_reaches_exactly_the_rpcs_of_its_scopes(
+    start_services: StartServices, tmp_path: Path
+) -> None:
+    text = MATRIX_CALLERS
+    token_of = {}
+    for name in re.findall(r"<([a-z-]+)>", MATRIX_CALLERS):
+        token_of[name] = new_token()
+        text = text.replace(f"<{name}>", hash_token(token_of[name]))
+    path = tmp_path / "callers.yaml"
+    path.write_text(text)
+    # The file, read back, is the reference the answers are checked against.
+    callers = Callers.load(path, known_scopes())
+    suite = start_services(*SERVICES, environ={"STEWARD_CALLERS_FILE": str(path)})
+    methods = rpc_methods()
+    covered = set().union(*(caller.scopes for caller in callers))
+    assert {method.scope for method in methods.values()} <= covered | {None}, "a scope unused"
+
+    mismatches = []
+    admitted: Counter[str] = Counter()
+    with grpc.insecure_channel(suite.target) as channel:
+        for caller in callers:
+            token = token_of.get(caller.name)
+            for path_name, method in methods.items():
+                answered = call(channel, method, token, timeout=3)
+                if token is None:
+                    expected_ok = False
+                    wrong = answered != grpc.StatusCode.UNAUTHENTICATED
+                elif method.scope in caller.scopes:
+                    expected_ok = True
+                    wrong = answered in (*AUTH_CODES, grpc.StatusCode.UNIMPLEMENTED)
+                else:
+                    expected_ok = False
+                    wrong = answered != grpc.StatusCode.PERMISSION_DENIED
+                if wrong:
+                    mismatches.append((caller.name, path_name, expected_ok, answered.name))
+                elif expected_ok:
+                    admitted[caller.name] += 1
+    assert not mismatches, mismatches
+    expected = Counter(
+        caller.name
+        for caller in callers
+        if caller.name in token_of
+        for method in methods.values()
+        if method.scope in caller.scopes
+    )
+    assert admitted == expected and set(expected) == set(token_of), admitted
+
+
+def test_a_client_certificate_from_another_ca_is_refused(
+    start_services: StartServices, pki: IssuedPki, tmp_path: Path
+) -> None:
+    # The same caller name under a CA the suite does not trust: a stranger, not alice.
+    other = init_certificates(tmp_path / "other-ca", services=["consent"], callers=["alice"])
+    callers = write_callers(
+        tmp_path / "callers.yaml",
+        Caller("alice", frozenset({"consent:read"}), certificate_subject="alice"),
+    )
+    suite = start_services(
+        "consent",
+        "identity",
+        environ={**tls_environ(pki, "consent"), "STEWARD_CALLERS_FILE": str(callers)},
+    )
+    request = consent_pb2.ListPurposesRequest()
+    impostor = other.callers[0]
+    foreign = grpc.ssl_channel_credentials(
+        root_certificates=pki.ca.certificate.read_bytes(),  # it does trust the suite's server
+        private_key=impostor.private_key.read_bytes(),
+        certificate_chain=impostor.certificate.read_bytes(),
+    )
+    with grpc.secure_channel(suite.target, foreign) as channel, pytest.raises(grpc.RpcError) as no:
+        consent_pb2_grpc.ConsentServiceStub(channel).ListPurposes(request, timeout=5)
+    assert no.value.code() == grpc.StatusCode.UNAVAILABLE  # the TLS handshake fails
+
+    # A server certificate from the other CA does not fool a client of this one either.
+    other_consent = next(files for files in other.services if files.name == "consent")
+    impersonator = start_services(
+        "consent",
+        "identity",
+        environ={
+            "STEWARD_TLS_CERT": str(other_consent.certificate),
+            "STEWARD_TLS_KEY": str(other_consent.private_key),
+            "STEWARD_TLS_CA": str(other.ca.certificate),
+            "STEWARD_CALLERS_FILE": str(callers),
+        },
+    )
+    credentials = client_credentials(pki, with_certificate=True)
+    with (
+        grpc.secure_channel(impersonator.target, credentials) as channel,
+        pytest.raises(grpc.RpcError) as no,
+    ):
+        consent_pb2_grpc.ConsentServiceStub(channel).ListPurposes(request, timeout=5)
+    assert no.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    # Alice's genuine certificate still gets through the first suite.
+    with grpc.secure_channel(suite.target, credentials) as channel:
+        assert consent_pb2_grpc.ConsentServiceStub(channel).ListPurposes(request, timeout=10)
+
+
+def test_a_certificate_of_the_right_ca_for_an_unlisted_name_is_unauthenticated(
+    start_services: StartServices, pki: IssuedPki, tmp_path: Path
+) -> None:
+    callers = write_callers(
+        tmp_path / "callers.yaml",
+        Caller("bob", frozenset({"consent:read"}), certificate_subject="bob"),
+    )
+    suite = start_services(
+        "consent",
+        "identity",
+        environ={**tls_environ(pki, "consent"), "STEWARD_CALLERS_FILE": str(callers)},
+    )
+    with grpc.secure_channel(suite.target, client_credentials(pki, True)) as channel:
+        list_purposes = rpc_methods()["/steward.consent.v1.ConsentService/ListPurposes"]
+        assert call(channel, list_purposes) == grpc.StatusCode.UNAUTHENTICATED

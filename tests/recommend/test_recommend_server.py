@@ -344,6 +344,35 @@ def test_a_forget_past_its_deadline_rebuilds_the_models(db_url: str) -> None:
         engine.dispose()
 
 
+def test_putting_the_same_items_again_leaves_the_models_and_a_change_retrains_them(
+    db_url: str,
+) -> None:
+    engine = make_engine(db_url)
+    try:
+        upgrade(engine, "recommend")
+        service = RecommendService(engine, RecommendSettings(evaluation_persons=0))
+        items = [CatalogueItem("k1", "Kettle", "kitchen"), CatalogueItem("t1", "Tent", "outdoor")]
+        service.put_items(items, [None, None])
+        service.train([])
+
+        def versions() -> dict[str, str]:
+            return {
+                m.name: m.model.report.version  # type: ignore[union-attr]
+                for m in service.model_info([]).models
+                if m.model is not None
+            }
+
+        trained = versions()
+        service.put_items(items, [None, None])
+        time.sleep(0.5)
+        assert versions() == trained  # nothing to learn: no retraining
+        service.put_items([CatalogueItem("k1", "Kettle", "kitchen", price=25.0)], [None])
+        eventually(lambda: all(versions()[name] != trained[name] for name in trained))
+    finally:
+        service.stop()
+        engine.dispose()
+
+
 # Merges, erasure and forgetting through the logs ------------------------------------------------
 
 

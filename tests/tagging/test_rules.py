@@ -140,6 +140,11 @@ def test_rule_set_error_is_an_invalid_argument_with_field_violations() -> None:
         ("tags: [", "at line"),
         ("a: &x [1]\ntags: *x\n", "aliases (*name) are not allowed at line 2"),
         ("tags: []\ntags: []\n", "key 'tags' appears twice at line 2"),
+        # found by fuzz/rule_set.py: PyYAML composes recursively, RecursionError escaped
+        ("tags: " + "[" * 3000, "nested deeper than 32 levels at line 1"),
+        ("tags:\n" + "".join("  " * depth + "- \n" for depth in range(40)), "nested deeper"),
+        # found by atheris (fuzz/rule_set.py): a list as a key raised TypeError
+        ("[0%vags]: x\ntags: []\n", "found unhashable key at line 1"),
     ],
 )
 def test_malformed_yaml_is_refused(text: str, message: str) -> None:
