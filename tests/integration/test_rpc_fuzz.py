@@ -126,13 +126,17 @@ KNOWN: dict[str, str] = {}
 # Strategies ----------------------------------------------------------------------------------
 
 
-def _junk_text() -> st.SearchStrategy[str]:
-    return st.one_of(
+def _junk_text(small: bool = False) -> st.SearchStrategy[str]:
+    """Junk strings; ``small`` leaves out the huge ones (for elements repeated a thousand times,
+    which would otherwise build requests of hundreds of megabytes)."""
+    junk = [
         st.text(max_size=24),
         st.just(""),
         st.sampled_from(["\x00", "💥" * 3, "é" * 70, " padded ", "../../etc/passwd", "%s%n"]),
-        st.integers(min_value=1025, max_value=70_000).map(lambda n: "x" * n),
-    )
+    ]
+    if not small:
+        junk.append(st.integers(min_value=1025, max_value=70_000).map(lambda n: "x" * n))
+    return st.one_of(*junk)
 
 
 def _mutated(text: str) -> st.SearchStrategy[str]:
@@ -150,7 +154,7 @@ def _mutated(text: str) -> st.SearchStrategy[str]:
     return mutate()
 
 
-def _string(field: FieldDescriptor) -> st.SearchStrategy[str]:
+def _string(field: FieldDescriptor, small: bool = False) -> st.SearchStrategy[str]:
     name = field.name
     domain: list[st.SearchStrategy[str]] = []
     if "person_id" in name:
@@ -172,7 +176,7 @@ def _string(field: FieldDescriptor) -> st.SearchStrategy[str]:
         domain.append(st.sampled_from(["2026-01", "1999-01", ""]))
     if name.endswith("page_token"):
         domain.append(st.sampled_from(["", "eyJ4Ijo", "!!!", "MTAw"]))
-    return st.one_of(*domain, _junk_text()) if domain else _junk_text()
+    return st.one_of(*domain, _junk_text(small)) if domain else _junk_text(small)
 
 
 TIMESTAMP_SECONDS = [
@@ -187,10 +191,10 @@ TIMESTAMP_SECONDS = [
 ]
 
 
-def _scalar(field: FieldDescriptor) -> st.SearchStrategy[Any]:
+def _scalar(field: FieldDescriptor, small: bool = False) -> st.SearchStrategy[Any]:
     kind = field.type
     if kind == FieldDescriptor.TYPE_STRING:
-        return _string(field)
+        return _string(field, small)
     if kind == FieldDescriptor.TYPE_BYTES:
         return st.binary(max_size=48)
     if kind == FieldDescriptor.TYPE_BOOL:
@@ -222,7 +226,9 @@ def _scalar(field: FieldDescriptor) -> st.SearchStrategy[Any]:
     return st.one_of(st.integers(-(2**63), 2**63 - 1), st.sampled_from([0, -1, 1, 2**53]))
 
 
-def _message(descriptor: Descriptor, depth: int = 0) -> st.SearchStrategy[Message]:
+def _message(
+    descriptor: Descriptor, depth: int = 0, small: bool = False
+) -> st.SearchStrategy[Message]:
     cls = message_factory.GetMessageClass(descriptor)
     if descriptor.full_name == "google.protobuf.Timestamp":
         return st.builds(
@@ -232,7 +238,7 @@ def _message(descriptor: Descriptor, depth: int = 0) -> st.SearchStrategy[Messag
         )
     optional: dict[str, st.SearchStrategy[Any]] = {}
     for field in descriptor.fields:
-        strategy = _field(field, depth)
+        strategy = _field(field, depth, small)
         if strategy is not None:
             optional[field.name] = strategy
 
@@ -265,29 +271,33 @@ def _is_map(field: FieldDescriptor) -> bool:
     return field.message_type is not None and field.message_type.GetOptions().map_entry
 
 
-def _field(field: FieldDescriptor, depth: int) -> st.SearchStrategy[Any] | None:
+def _field(field: FieldDescriptor, depth: int, small: bool) -> st.SearchStrategy[Any] | None:
     if _is_map(field):
-        key = _scalar(field.message_type.fields_by_name["key"])
+        key = _scalar(field.message_type.fields_by_name["key"], small)
         value_field = field.message_type.fields_by_name["value"]
         if value_field.message_type is not None:
             if depth >= 2:
                 return None
-            value = _message(value_field.message_type, depth + 1)
+            value = _message(value_field.message_type, depth + 1, small)
         else:
-            value = _scalar(value_field)
+            value = _scalar(value_field, small)
         return st.dictionaries(key, value, max_size=3)
     if field.message_type is not None:
         if depth >= 3:
             return None
-        element = _message(field.message_type, depth + 1)
+        element = _message(field.message_type, depth + 1, small)
+        many = _message(field.message_type, depth + 1, small=True)
     else:
-        element = _scalar(field)
+        element = _scalar(field, small)
+        many = _scalar(field, small=True)
     if not field.is_repeated:
         return element
-    # Past the limits too: one element repeated past the largest batch any RPC takes.
+    if small:  # inside an element repeated a thousand times: no thousands within thousands
+        return st.lists(element, max_size=3)
+    # Past the limits too: one small element repeated past the largest batch any RPC takes.
     return st.one_of(
         st.lists(element, max_size=3),
-        st.tuples(element, st.sampled_from([65, 1001, 2000])).map(lambda pair: [pair[0]] * pair[1]),
+        st.tuples(many, st.sampled_from([65, 1001, 2000])).map(lambda pair: [pair[0]] * pair[1]),
     )
 
 
