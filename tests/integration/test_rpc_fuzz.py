@@ -361,9 +361,12 @@ class StoredData:
                         hasher.update(row.encode())
         return hasher.hexdigest()
 
-    def settle(self, *, quiet: float = 0.1, limit: float = 10.0) -> str:
+    def settle(self, *, quiet: float = 0.35, limit: float = 10.0) -> str:
         """The digest once the suite has stopped writing (consumers catching up with a call
-        that changed something); cheap when nothing has changed since the last settle."""
+        that changed something); cheap when nothing has changed since the last settle.
+
+        ``quiet`` outlasts a consumer's wait for more envelopes (0.2 s) before it acknowledges
+        what it applied: the acknowledgement writes too (an erasure or withdrawal completes)."""
         if self.settled is not None:
             return self.settled
         deadline = time.monotonic() + limit
