@@ -140,6 +140,38 @@ def _libpq_url(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
+def jetstream_environ(nats_url: str, prefix: str) -> dict[str, str]:
+    """The settings that carry a suite's event logs on JetStream, under streams of ``prefix``
+    (delete them afterwards with ``delete_streams(nats_url, prefix, PRODUCERS)``)."""
+    return {
+        "STEWARD_TRANSPORT": "jetstream",
+        "STEWARD_NATS_URL": nats_url,
+        "STEWARD_JETSTREAM_PREFIX": prefix,
+    }
+
+
+OUTDOOR_RULES = """
+tag_budget: 5
+k_floor: 10
+tags:
+  - id: outdoor_fan
+    category: affinity
+    description: Mostly browses outdoor gear
+    condition: p.category_affinity["outdoor"] > 0.5
+    ttl: 30d
+    priority: 5
+  - id: offer_reminder
+    category: engagement
+    description: Reminded of offers in the categories browsed
+    purpose: marketing
+    condition: p.events_30d >= 1
+    ttl: 14d
+    priority: 1
+"""
+"""A rule set for suites of shoppers buying outdoor gear: one tag on profiling alone, one
+gated on marketing."""
+
+
 StartServices = Callable[..., RunningSuite]
 
 PRODUCERS = ("consent", "identity", "tagging")
@@ -172,11 +204,7 @@ def start_services(tmp_path: Path, db_url: str) -> Iterator[StartServices]:
         if transport == "jetstream" and "STEWARD_TRANSPORT" not in (environ or {}):
             prefix = f"t{uuid.uuid4().hex[:12]}"
             jetstream_prefixes.append(prefix)
-            chosen_transport = {
-                "STEWARD_TRANSPORT": "jetstream",
-                "STEWARD_NATS_URL": nats_url,
-                "STEWARD_JETSTREAM_PREFIX": prefix,
-            }
+            chosen_transport = jetstream_environ(nats_url, prefix)
         settings = Settings.from_env(
             {
                 "STEWARD_DATA_DIR": str(tmp_path / "data"),

@@ -23,6 +23,7 @@ from services.common.config import SERVICE_DATABASES
 from services.common.jetstream import delete_streams
 from services.testing import StewardSuite, leaks, steward_suite
 from services.testing.leaks import Needles
+from tests.conftest import OUTDOOR_RULES, jetstream_environ
 
 T = common_pb2
 C = consent_pb2
@@ -30,24 +31,6 @@ A = audit_pb2
 NOW = datetime.now(UTC)
 POLICY = "2026-01"
 
-RULES = """
-tag_budget: 5
-k_floor: 10
-tags:
-  - id: outdoor_fan
-    category: affinity
-    description: Mostly browses outdoor gear
-    condition: p.category_affinity["outdoor"] > 0.5
-    ttl: 30d
-    priority: 5
-  - id: offer_reminder
-    category: engagement
-    description: Reminded of offers in the categories browsed
-    purpose: marketing
-    condition: p.events_30d >= 1
-    ttl: 14d
-    priority: 1
-"""
 PURPOSES = ("analytics", "personalisation", "profiling", "marketing")
 
 
@@ -71,16 +54,12 @@ def steward(request: pytest.FixtureRequest) -> Iterator[StewardSuite]:
     if transport == "jetstream":
         nats_url: str = request.getfixturevalue("nats_url")
         prefix = f"t{uuid.uuid4().hex[:12]}"
-        environ = {
-            "STEWARD_TRANSPORT": "jetstream",
-            "STEWARD_NATS_URL": nats_url,
-            "STEWARD_JETSTREAM_PREFIX": prefix,
-        }
+        environ = jetstream_environ(nats_url, prefix)
         request.addfinalizer(
             lambda: delete_streams(nats_url, prefix, ("consent", "identity", "tagging"))
         )
     with steward_suite(database_url=database_url, environ=environ) as suite:
-        suite.tagging.PutRuleSet(tagging_pb2.PutRuleSetRequest(yaml=RULES), timeout=10)
+        suite.tagging.PutRuleSet(tagging_pb2.PutRuleSetRequest(yaml=OUTDOOR_RULES), timeout=10)
         suite.recommend.PutItems(
             recommend_pb2.PutItemsRequest(
                 items=[

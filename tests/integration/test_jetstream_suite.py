@@ -29,6 +29,7 @@ from services.common.outbox import Outbox
 from services.consent.store import OUTBOX_TABLES
 from services.runtime import RunningSuite, start_suite
 from services.tagging.store import CONSUMER_TABLES
+from tests.conftest import OUTDOOR_RULES, jetstream_environ
 
 T = common_pb2
 C = consent_pb2
@@ -36,24 +37,6 @@ G = tagging_pb2
 R = recommend_pb2
 NOW = datetime.now(UTC)
 
-RULES = """
-tag_budget: 5
-k_floor: 10
-tags:
-  - id: outdoor_fan
-    category: affinity
-    description: Mostly browses outdoor gear
-    condition: p.category_affinity["outdoor"] > 0.5
-    ttl: 30d
-    priority: 5
-  - id: offer_reminder
-    category: engagement
-    description: Reminded of offers in the categories browsed
-    purpose: marketing
-    condition: p.events_30d >= 1
-    ttl: 14d
-    priority: 1
-"""
 
 PRODUCERS = ("consent", "identity", "tagging")
 
@@ -68,20 +51,14 @@ def prefix(nats_url: str) -> Iterator[str]:
 
 @pytest.fixture
 def suite(prefix: str, nats_url: str, start_services: Callable[..., RunningSuite]) -> RunningSuite:
-    return start_services(
-        environ={
-            "STEWARD_TRANSPORT": "jetstream",
-            "STEWARD_NATS_URL": nats_url,
-            "STEWARD_JETSTREAM_PREFIX": prefix,
-        }
-    )
+    return start_services(environ=jetstream_environ(nats_url, prefix))
 
 
 @pytest.fixture
 def channel(suite: RunningSuite) -> Iterator[grpc.Channel]:
     with grpc.insecure_channel(suite.target) as channel:
         tagging_pb2_grpc.TaggingServiceStub(channel).PutRuleSet(
-            G.PutRuleSetRequest(yaml=RULES), timeout=10
+            G.PutRuleSetRequest(yaml=OUTDOOR_RULES), timeout=10
         )
         recommend_pb2_grpc.RecommendServiceStub(channel).PutItems(
             R.PutItemsRequest(
@@ -272,9 +249,7 @@ def test_services_apart_read_each_others_logs_through_jetstream_and_ack_where_th
         base = Settings.from_env(
             {
                 "STEWARD_DATA_DIR": str(tmp_path / name),
-                "STEWARD_TRANSPORT": "jetstream",
-                "STEWARD_NATS_URL": nats_url,
-                "STEWARD_JETSTREAM_PREFIX": prefix,
+                **jetstream_environ(nats_url, prefix),
             }
         )
         return dataclasses.replace(base, port=0, **targets)  # type: ignore[arg-type]
